@@ -1,0 +1,63 @@
+# Entry points, kubebuilder-style. Everything heavy is cached outside the checkout
+# (under $(GFT_CACHE)), so a second run on the same machine is fast.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+GFT_CACHE ?= $(HOME)/.cache/gemma-finetune
+export GFT_CACHE
+export UV_CACHE_DIR := $(GFT_CACHE)/uv-cache
+UV_VERSION := 0.13.9
+UV := $(GFT_CACHE)/uv-$(UV_VERSION)/bin/uv
+VENV := .venv
+# The venv is rebuilt whenever the lock or the project's metadata changes.
+VENV_STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+PY := $(VENV)/bin/python
+PG := $(PY) -m proving_ground
+export PYTHONPATH := $(CURDIR)/tests
+
+.PHONY: help venv lock lint test test-fast demo cluster-up cluster-down tools
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(UV):
+	$(PYTHON) -m venv $(GFT_CACHE)/uv-$(UV_VERSION)
+	$(GFT_CACHE)/uv-$(UV_VERSION)/bin/pip install -q uv==$(UV_VERSION)
+
+$(VENV_STAMP): requirements.lock pyproject.toml | $(UV)
+	rm -rf $(VENV)
+	$(UV) venv -q --python $(PYTHON) $(VENV)
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q -r requirements.lock
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV_STAMP) ## the Python environment (operator, trainer, dev tools)
+
+lock: | $(UV) ## re-resolve requirements.lock from pyproject.toml
+	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
+		--python-version 3.11 -o requirements.lock
+
+tools: venv ## build (once, cached) the control plane, etcd and KWOK
+	$(PG) build
+
+lint: venv ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: venv tools ## set up everything and run the whole suite (what CI runs)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest
+
+test-fast: venv ## the suite without the slow end-to-end tests
+	$(VENV)/bin/pytest -m "not slow"
+
+cluster-up: venv tools ## start the proving ground; the last line printed is the kubeconfig path
+	$(PG) up
+
+cluster-down: venv ## stop the proving ground and remove its state
+	$(PG) down
+
+demo: venv tools ## bring up the proving ground and show how to use it
+	$(PG) demo

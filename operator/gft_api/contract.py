@@ -1,0 +1,270 @@
+"""The contract between the operator and the trainer: one config file in, exit code and summary out.
+
+The operator renders a ``TrainerConfig`` into a ConfigMap; the trainer reads it with
+``TrainerConfig.load``. When the trainer exits, its exit code says what happened (``ExitCode``) and
+its termination message (``TrainerSummary``, JSON under 4 KiB) says the rest. The Job's
+podFailurePolicy is built from ``NON_RETRYABLE_EXIT_CODES`` and ``ExitCode.STOPPED``.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import IntEnum, StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from gft_api.base import ApiModel
+from gft_api.training import Attention, DataShaping, DatasetFormat, Hyperparameters, Method
+
+CONFIG_FILE_NAME = "config.yaml"
+SUMMARY_FILE_NAME = "summary.json"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TERMINATION_MESSAGE_LIMIT = 4096  # bytes; the kubelet truncates longer messages
+HF_TOKEN_ENV = "HF_TOKEN"
+
+
+class ExitCode(IntEnum):
+    """What the trainer's exit code means. Values follow sysexits.h where one fits.
+
+    0 is success. STOPPED is a clean stop on a signal after a checkpoint was saved: the Job must
+    not read it as complete, and a new attempt resumes from that checkpoint. The non-retryable
+    codes fail the Job at once: trying again cannot help until the user changes something.
+    Any other non-zero code (1 included) is a retryable failure.
+    """
+
+    SUCCESS = 0
+    RETRYABLE = 1
+    DATA_ERROR = 65  # EX_DATAERR: the dataset is malformed (file and line in the message)
+    MODEL_NOT_FOUND = 66  # EX_NOINPUT: no such model id or folder
+    UNSUPPORTED = 69  # EX_UNAVAILABLE: asked for what this hardware cannot do (QLoRA without CUDA)
+    STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint
+    NOT_PERMITTED = 77  # EX_NOPERM: gated model: licence not accepted or token wrong
+    CONFIG_ERROR = 78  # EX_CONFIG: the config file is invalid (field named in the message)
+
+
+NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(
+    sorted(
+        int(c)
+        for c in (
+            ExitCode.DATA_ERROR,
+            ExitCode.MODEL_NOT_FOUND,
+            ExitCode.UNSUPPORTED,
+            ExitCode.NOT_PERMITTED,
+            ExitCode.CONFIG_ERROR,
+        )
+    )
+)
+
+
+def describe_exit_code(code: int) -> str:
+    """A CamelCase reason for a trainer exit code, for conditions and events."""
+    reasons = {
+        ExitCode.SUCCESS: "Completed",
+        ExitCode.DATA_ERROR: "InvalidDataset",
+        ExitCode.MODEL_NOT_FOUND: "ModelNotFound",
+        ExitCode.UNSUPPORTED: "UnsupportedHardware",
+        ExitCode.STOPPED: "StoppedAfterCheckpoint",
+        ExitCode.NOT_PERMITTED: "ModelAccessDenied",
+        ExitCode.CONFIG_ERROR: "InvalidConfig",
+    }
+    try:
+        return reasons.get(ExitCode(code), "TrainerFailed")
+    except ValueError:
+        return "TrainerFailed"
+
+
+class ModelSource(ApiModel):
+    """The base model, as the trainer sees it: a hub id or a local folder."""
+
+    name_or_path: Annotated[str, Field(min_length=1, max_length=1024)]
+    """A hub id (``google/gemma-3-1b-it``) or a folder holding config.json and weights."""
+
+    revision: Annotated[str, Field(max_length=256)] | None = None
+    """Hub revision (branch, tag or commit)."""
+
+    cache_dir: Annotated[str, Field(max_length=1024)] | None = None
+    """Where hub downloads are cached; on the output volume so a retry does not fetch again."""
+
+    attn_implementation: Attention = "auto"
+    """Attention kernel. ``auto`` picks per family: Gemma 2 needs eager or FlashAttention >= 2.6
+    for its logit soft-capping."""
+
+
+class DataSource(ApiModel):
+    """Where the trainer reads examples: local files or a hub dataset."""
+
+    train_files: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=256)] = (
+        Field(default_factory=list)
+    )
+    """JSONL, JSON or Parquet files (or folders of them) with the training records."""
+
+    eval_files: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=256)] = (
+        Field(default_factory=list)
+    )
+    """Separate evaluation records; when empty, ``evalFraction`` of the training records."""
+
+    hub_id: Annotated[str, Field(max_length=256)] | None = None
+    """A hub dataset id, instead of files."""
+
+    hub_config: Annotated[str, Field(max_length=256)] | None = None
+    hub_train_split: Annotated[str, Field(max_length=64)] = "train"
+    hub_eval_split: Annotated[str, Field(max_length=64)] | None = None
+
+
+class OutputSettings(ApiModel):
+    """Where results go and how checkpoints are kept."""
+
+    dir: Annotated[str, Field(min_length=1, max_length=1024)]
+    """Output folder: checkpoints, the adapter or model, TensorBoard events, summary.json."""
+
+    checkpoint_every_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 200
+    """Save a checkpoint every N optimizer steps (0: only on stop and at the end)."""
+
+    keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
+    """How many of the newest checkpoints to keep."""
+
+
+class Observability(ApiModel):
+    """Where the trainer reports while it runs."""
+
+    tensorboard_dir: Annotated[str, Field(max_length=1024)] | None = None
+    """TensorBoard event files (default: ``<output>/tensorboard``)."""
+
+    metrics_bind_address: Annotated[str, Field(max_length=64)] = "0.0.0.0"
+    """Address of the Prometheus endpoint."""
+
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9090
+    """Port of the Prometheus endpoint; 0 turns it off."""
+
+    termination_message_path: Annotated[str, Field(max_length=1024)] = TERMINATION_MESSAGE_PATH
+    """Where the final summary is written on exit (the container's terminationMessagePath)."""
+
+
+class TrainerConfig(ApiModel):
+    """The trainer's whole configuration: the one file the operator renders."""
+
+    run_name: Annotated[str, Field(min_length=1, max_length=253)] = "gemma-finetune"
+    """Labels metrics and logs; the operator sets ``<namespace>/<name>``."""
+
+    model: ModelSource
+    dataset: DataSource
+    data: DataShaping = Field(default_factory=DataShaping)
+    method: Method = Field(default_factory=Method)
+    training: Hyperparameters
+    output: OutputSettings
+    observability: Observability = Field(default_factory=Observability)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainerConfig:
+        """Read a YAML or JSON config file; errors name the file and the field."""
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as e:
+            raise ConfigError(f"{path}: no such config file") from e
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top, got {type(raw).__name__}")
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise ConfigError(f"{path}: {format_validation_error(e)}") from e
+
+    def dump(self) -> str:
+        """The config file's text (YAML, camelCase keys)."""
+        return yaml.safe_dump(self.to_wire(), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """The config file is unusable; the message names the file and the field."""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """``field.path: what is wrong`` for each problem, on one line each."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        lines.append(f"{where}: {problem['msg']}")
+    return "; ".join(lines)
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "Succeeded"
+    STOPPED = "Stopped"
+    FAILED = "Failed"
+
+
+class TrainerSummary(ApiModel):
+    """The final summary: written to ``summary.json`` and, trimmed, to the termination message."""
+
+    outcome: Outcome
+    exit_code: int
+    reason: Annotated[str, Field(max_length=64)]
+    """CamelCase, as in a Kubernetes condition."""
+
+    message: Annotated[str, Field(max_length=2048)] = ""
+    """For a human: what happened and, on failure, what to do next."""
+
+    global_step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_token_accuracy: float | None = None
+    train_tokens: int | None = None
+    tokens_per_second: float | None = None
+    runtime_seconds: float | None = None
+    last_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
+    last_checkpoint_step: int | None = None
+    artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(default_factory=dict)
+    """What was saved, e.g. ``{"adapter": "/output/adapter"}``."""
+
+    def to_termination_message(self) -> str:
+        """JSON that fits the kubelet's 4 KiB limit, cutting the message first if it must."""
+        data = self.to_wire()
+        text = json.dumps(data, separators=(",", ":"))
+        overflow = len(text.encode()) - TERMINATION_MESSAGE_LIMIT
+        if overflow > 0:
+            msg = data.get("message", "")
+            data["message"] = msg[: max(0, len(msg) - overflow - 16)] + "..."
+            text = json.dumps(data, separators=(",", ":"))
+        return text
+
+    @classmethod
+    def from_termination_message(cls, text: str) -> TrainerSummary | None:
+        """Parse what the trainer wrote; ``None`` for anything else (a crash's stack trace)."""
+        try:
+            raw: Any = json.loads(text)
+            return cls.model_validate(raw)
+        except (ValueError, ValidationError):
+            return None
+
+
+__all__ = [
+    "CONFIG_FILE_NAME",
+    "HF_TOKEN_ENV",
+    "NON_RETRYABLE_EXIT_CODES",
+    "SUMMARY_FILE_NAME",
+    "TERMINATION_MESSAGE_LIMIT",
+    "TERMINATION_MESSAGE_PATH",
+    "ConfigError",
+    "DataShaping",
+    "DataSource",
+    "DatasetFormat",
+    "ExitCode",
+    "Hyperparameters",
+    "Method",
+    "ModelSource",
+    "Observability",
+    "Outcome",
+    "OutputSettings",
+    "TrainerConfig",
+    "TrainerSummary",
+    "describe_exit_code",
+]

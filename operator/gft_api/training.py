@@ -1,0 +1,158 @@
+"""The ML sections of a fine-tune: how to shape the data, which method, which hyperparameters.
+
+These types appear in two places: inside ``GemmaFineTune.spec`` (the CRD is generated
+from them) and inside the trainer's config file. Defining them once keeps the two from drifting.
+Field docstrings become the CRD's descriptions, so ``kubectl explain`` shows them.
+"""
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from gft_api.base import ApiModel
+
+# Bounded strings keep CEL rules cheap enough for the API server's cost check.
+ShortString = Annotated[str, Field(min_length=1, max_length=253)]
+ModuleName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class DatasetFormat(StrEnum):
+    """How the examples are shaped. ``auto`` looks at the first record's keys."""
+
+    AUTO = "auto"
+    CHAT = "chat"
+    TEXT = "text"
+    ALPACA = "alpaca"
+    PROMPT_COMPLETION = "prompt-completion"
+
+
+class DataShaping(ApiModel):
+    """How examples are read, cut and batched; where they come from is said elsewhere."""
+
+    format: DatasetFormat = DatasetFormat.AUTO
+    """Record shape: chat (``messages`` list), text (``text``), alpaca (``instruction``,
+    optional ``input``, ``output``), prompt-completion (``prompt``, ``completion``), or auto."""
+
+    text_field: Annotated[str, Field(min_length=1, max_length=64)] = "text"
+    """For the text format: which field holds the text."""
+
+    eval_fraction: Annotated[float, Field(ge=0.0, le=0.5)] = 0.05
+    """Share of the training records held out for evaluation when no eval source is given.
+    0 turns evaluation off."""
+
+    max_seq_length: Annotated[int, Field(ge=16, le=131072)] = 1024
+    """Longest sequence in tokens; longer examples are truncated."""
+
+    packing: bool = True
+    """Pack several short examples into one sequence. Attention never crosses example
+    boundaries (position ids restart per example, flash-attention style varlen masking)."""
+
+
+class LoraParams(ApiModel):
+    """Low-rank adapter settings for the ``lora`` and ``qlora`` methods."""
+
+    r: Annotated[int, Field(ge=1, le=1024)] = 16
+    """Rank of the adapter matrices."""
+
+    alpha: Annotated[int, Field(ge=1, le=4096)] = 16
+    """Scaling numerator: the adapter's output is multiplied by alpha / r."""
+
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05
+    """Dropout on the adapter's input."""
+
+    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=64)] = Field(
+        default_factory=lambda: ["all-linear"]
+    )
+    """Module names to adapt; ``all-linear`` means every linear layer of the language model
+    (never the vision tower or the output head)."""
+
+
+class MethodType(StrEnum):
+    LORA = "lora"
+    QLORA = "qlora"
+    FULL = "full"
+
+
+class Method(ApiModel):
+    """Which weights are trained."""
+
+    type: MethodType = MethodType.LORA
+    """``lora`` trains an adapter on frozen weights; ``qlora`` the same on 4-bit NF4 weights
+    (needs a CUDA GPU); ``full`` trains every weight."""
+
+    lora: LoraParams = Field(default_factory=LoraParams)
+    """Adapter settings, used by ``lora`` and ``qlora``."""
+
+    merge_adapter: bool = False
+    """After training, also save the base model with the adapter merged in."""
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class LrScheduler(StrEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constant_with_warmup"
+
+
+class Hyperparameters(ApiModel):
+    """The optimisation settings. Give exactly one of ``epochs`` and ``maxSteps``."""
+
+    epochs: Annotated[float, Field(gt=0, le=1000)] | None = None
+    """Passes over the training data (fractions allowed)."""
+
+    max_steps: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    """Optimizer steps to run, instead of epochs."""
+
+    learning_rate: Annotated[float, Field(gt=0, le=1.0)] = 2e-4
+    """Peak learning rate."""
+
+    lr_scheduler: LrScheduler = LrScheduler.LINEAR
+    """Shape of the learning-rate curve after warmup."""
+
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=0.5)] = 0.03
+    """Share of the steps spent warming the learning rate up from zero."""
+
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """AdamW weight decay."""
+
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Sequences per device per micro-batch."""
+
+    gradient_accumulation_steps: Annotated[int, Field(ge=1, le=4096)] = 4
+    """Micro-batches per optimizer step."""
+
+    max_grad_norm: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
+    """Gradient clipping threshold; 0 turns clipping off."""
+
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+
+    precision: Precision = Precision.AUTO
+    """``auto`` picks bf16 on GPUs that have it, fp32 on CPU. fp16 is refused for Gemma 3
+    and newer, whose activations overflow it."""
+
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 42
+    """Seed for weights init of the adapter, data order and dropout."""
+
+    eval_every_steps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    """Evaluate every N steps (0: at the end of each epoch and of the run)."""
+
+    logging_every_steps: Annotated[int, Field(ge=1, le=100_000)] = 10
+    """Log and export metrics every N steps."""
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "Hyperparameters":
+        if (self.epochs is None) == (self.max_steps is None):
+            raise ValueError("give exactly one of epochs and maxSteps")
+        return self
+
+
+Attention = Literal["auto", "eager", "sdpa", "flash_attention_2"]
