@@ -1,0 +1,206 @@
+"""Build the proving ground's binaries from the Go module proxy, once, and cache them.
+
+kube-apiserver, kube-controller-manager, kube-scheduler and kubectl come from one ``go build`` of a
+small wrapper module that requires ``k8s.io/kubernetes`` and replaces every staging module with the
+matching ``v0.X.Y`` (``go install k8s.io/kubernetes/...@v`` cannot work: its go.mod points the
+staging modules at local folders). etcd is built the same way; KWOK with ``go install``.
+
+Binaries land in ``$GFT_CACHE/bin/<versions>/`` only when their build succeeded, so an interrupted
+build never leaves a half-written binary behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+K8S_VERSION = "1.35.4"
+ETCD_VERSION = "3.6.5"
+KWOK_VERSION = "0.7.0"
+# k8s.io/kubernetes 1.35 declares `go 1.25.0`.
+MIN_GO = (1, 25)
+
+K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+ALL_BINARIES = (*K8S_COMMANDS, "etcd", "kwok")
+
+
+class BuildError(RuntimeError):
+    """A build step failed; the message names the command and where its full log is."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GFT_CACHE", Path.home() / ".cache" / "gemma-finetune"))
+
+
+def bin_dir() -> Path:
+    return cache_root() / "bin" / f"k8s-{K8S_VERSION}_etcd-{ETCD_VERSION}_kwok-{KWOK_VERSION}"
+
+
+def missing_binaries() -> list[str]:
+    return [b for b in ALL_BINARIES if not (bin_dir() / b).is_file()]
+
+
+@dataclass(frozen=True)
+class GoToolchain:
+    go: str
+    version: tuple[int, int]
+
+
+def parse_go_version(text: str) -> tuple[int, int] | None:
+    """``go version go1.26.8 linux/amd64`` -> (1, 26)."""
+    match = re.search(r"go(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def find_go() -> GoToolchain:
+    go = shutil.which("go")
+    if go is None:
+        raise BuildError(
+            "Go was not found on PATH. Install Go >= %d.%d (https://go.dev/doc/install) and "
+            "run again; the proving ground builds Kubernetes from source." % MIN_GO
+        )
+    out = subprocess.run([go, "version"], capture_output=True, text=True, check=False).stdout
+    version = parse_go_version(out)
+    if version is None or version < MIN_GO:
+        raise BuildError(
+            f"{go} reports {out.strip()!r}; Kubernetes {K8S_VERSION} needs Go >= "
+            f"{MIN_GO[0]}.{MIN_GO[1]}. Install a newer Go and run again."
+        )
+    return GoToolchain(go, version)
+
+
+def _run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str]) -> None:
+    """Run one build step, appending to ``log``; on failure say which command and where the log is."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as out:
+        out.write(f"\n$ (cd {cwd} && {' '.join(cmd)})\n")
+        out.flush()
+        result = subprocess.run(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if result.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise BuildError(
+            f"build step failed (exit {result.returncode}): {' '.join(cmd)}\n"
+            f"  in {cwd}\n  full log: {log}\n--- last lines ---\n{tail}"
+        )
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CGO_ENABLED="0", GOFLAGS="-mod=mod -buildvcs=false")
+    return env
+
+
+def _staging_replaces(go: str, version: str, work: Path, log: Path) -> list[str]:
+    """The ``=> ./staging/...`` modules of k8s.io/kubernetes@version, from its own go.mod."""
+    env = _go_env()
+    out = work / "download.json"
+    with out.open("w") as f:
+        result = subprocess.run(
+            [go, "mod", "download", "-json", f"k8s.io/kubernetes@v{version}"],
+            cwd=work, stdout=f, stderr=subprocess.PIPE, text=True, env=env,
+        )
+    if result.returncode != 0:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(result.stderr)
+        raise BuildError(f"go mod download k8s.io/kubernetes@v{version} failed; log: {log}\n"
+                         f"{result.stderr[-2000:]}")
+    gomod = Path(json.loads(out.read_text())["GoMod"]).read_text()
+    return re.findall(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", gomod, re.MULTILINE)
+
+
+def _wrapper_module(work: Path, name: str, require: str, replaces: dict[str, str],
+                    imports: list[str]) -> None:
+    lines = [f"module gft.local/{name}", "", "go 1.25.0", "", f"require {require}", ""]
+    if replaces:
+        lines.append("replace (")
+        lines += [f"\t{mod} => {target}" for mod, target in sorted(replaces.items())]
+        lines.append(")")
+    (work / "go.mod").write_text("\n".join(lines) + "\n")
+    body = "\n".join(f'\t_ "{imp}"' for imp in imports)
+    (work / "tools.go").write_text(
+        f"//go:build tools\n\npackage tools\n\nimport (\n{body}\n)\n"
+    )
+
+
+def build_kubernetes(go: str, out_dir: Path, log: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix="gft-k8s-"))
+    try:
+        minor = K8S_VERSION.split(".")[1]
+        staging = _staging_replaces(go, K8S_VERSION, work, log)
+        replaces = {mod: f"{mod} v0.{K8S_VERSION.split('.', 1)[1]}" for mod in staging}
+        _wrapper_module(
+            work, "k8s", f"k8s.io/kubernetes v{K8S_VERSION}", replaces,
+            [f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS],
+        )
+        env = _go_env()
+        _run([go, "mod", "tidy"], work, log, env)
+        ldflags = " ".join([
+            "-s -w",
+            f"-X k8s.io/component-base/version.gitVersion=v{K8S_VERSION}",
+            "-X k8s.io/component-base/version.gitMajor=1",
+            f"-X k8s.io/component-base/version.gitMinor={minor}",
+            "-X k8s.io/component-base/version.gitTreeState=clean",
+        ])
+        _run([go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(out_dir) + "/",
+              *[f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS]], work, log, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_etcd(go: str, out_dir: Path, log: Path) -> None:
+    work = Path(tempfile.mkdtemp(prefix="gft-etcd-"))
+    try:
+        _wrapper_module(work, "etcd", f"go.etcd.io/etcd/server/v3 v{ETCD_VERSION}", {},
+                        ["go.etcd.io/etcd/server/v3"])
+        env = _go_env()
+        _run([go, "mod", "tidy"], work, log, env)
+        _run([go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out_dir / "etcd"),
+              "go.etcd.io/etcd/server/v3"], work, log, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_kwok(go: str, out_dir: Path, log: Path) -> None:
+    env = _go_env()
+    env["GOBIN"] = str(out_dir)
+    env["GOFLAGS"] = "-buildvcs=false"
+    _run([go, "install", "-trimpath", "-ldflags", "-s -w",
+          f"sigs.k8s.io/kwok/cmd/kwok@v{KWOK_VERSION}"], out_dir, log, env)
+
+
+def build(say=print) -> Path:
+    """Build whatever is missing; return the folder holding all the binaries."""
+    target = bin_dir()
+    missing = missing_binaries()
+    if not missing:
+        return target
+    toolchain = find_go()
+    target.mkdir(parents=True, exist_ok=True)
+    logs = cache_root() / "logs"
+    steps = [
+        ("Kubernetes v" + K8S_VERSION, K8S_COMMANDS, build_kubernetes),
+        ("etcd v" + ETCD_VERSION, ("etcd",), build_etcd),
+        ("KWOK v" + KWOK_VERSION, ("kwok",), build_kwok),
+    ]
+    for label, produced, step in steps:
+        if not any(b in missing for b in produced):
+            continue
+        log = logs / f"build-{produced[0]}.log"
+        log.unlink(missing_ok=True)
+        say(f"building {label} with {toolchain.go} (first time only; log: {log})")
+        staging = Path(tempfile.mkdtemp(prefix="gft-bin-", dir=target.parent))
+        try:
+            step(toolchain.go, staging, log)
+            for name in produced:
+                if not (staging / name).is_file():
+                    raise BuildError(f"{label}: the build produced no {name}; log: {log}")
+                os.replace(staging / name, target / name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

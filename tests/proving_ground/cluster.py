@@ -1,0 +1,658 @@
+"""Start and stop a real control plane on this machine: the proving ground.
+
+What runs, each a local process logging to ``<state>/logs/<name>.log``:
+
+- etcd (built from source; Debian's 3.4 is too old for current API servers),
+- kube-apiserver with TLS, client-certificate users, ``Node,RBAC`` authorization, ServiceAccount
+  tokens (TokenRequest works) and the default admission chain with PodSecurity,
+- kube-controller-manager (garbage collector, Job controller, the in-tree host-path provisioner
+  behind a default StorageClass ``standard``, ServiceAccount tokens, CSR signing),
+- kube-scheduler,
+- KWOK, managing only nodes annotated ``kwok.x-k8s.io/node=fake``: ``kwok-cpu-*`` and
+  ``kwok-gpu-*`` (``nvidia.com/gpu: 8``), where pods "run" and finish instantly; a pod annotated
+  ``gft.dev/kwok-exit-code: "N"`` (and optionally ``gft.dev/kwok-reason``) fails with that code,
+- the runner (``proving_ground.runner``), playing the kubelet for node ``gft-runner`` so pods
+  bound there really run here, each in a network namespace on a bridge of its own.
+
+Ports are picked free at start; state lives in one folder; ``stop`` leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from proving_ground import build, pki
+
+RUNNER_NODE = "gft-runner"
+KWOK_CPU_NODES = ("kwok-cpu-0", "kwok-cpu-1")
+KWOK_GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
+SERVICE_CIDR = "10.96.0.0/16"
+# Fake pod IPs for KWOK's pods: strings in the API, never a traffic target.
+KWOK_POD_CIDR = "10.255.0.0/16"
+POD_CIDR_CANDIDATES = tuple(f"10.{n}.0.0/16" for n in range(244, 254)) + ("172.30.0.0/16",)
+STOP_ORDER = ("runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
+              "etcd")
+
+
+class ClusterError(RuntimeError):
+    """The proving ground could not start; the message says why and what to do."""
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("GFT_CLUSTER_DIR", "/tmp/gft-proving-ground"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure decisions
+
+
+def choose_pod_cidr(route_lines: list[str], taken: list[str] = ()) -> ipaddress.IPv4Network:
+    """The first candidate range that no route of this machine (but the default) overlaps."""
+    used = []
+    for line in route_lines:
+        dest = line.split()[0] if line.strip() else ""
+        if not dest or dest == "default":
+            continue
+        with contextlib.suppress(ValueError):
+            used.append(ipaddress.ip_network(dest if "/" in dest else f"{dest}/32", strict=False))
+    used += [ipaddress.ip_network(t) for t in taken]
+    for candidate in POD_CIDR_CANDIDATES:
+        net = ipaddress.ip_network(candidate)
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise ClusterError(
+        "every candidate pod range overlaps a route of this machine "
+        f"({', '.join(POD_CIDR_CANDIDATES)}); remove a stale bridge (ip link show type bridge) "
+        "or free one of those ranges"
+    )
+
+
+def bridge_name(state_dir: Path) -> str:
+    """A Linux interface name (at most 15 characters) unique to this state folder."""
+    return "gftbr" + hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    except OSError as e:
+        raise ClusterError(
+            f"no free TCP port on {host} ({e}); the machine's ephemeral ports are exhausted. "
+            "Stop stray servers (ss -ltnp) and try again"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# The running cluster, as tests and tools see it
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    bin_dir: Path
+    server: str
+    node_ip: str
+    pod_cidr: str
+    bridge: str
+    ports: dict[str, int]
+    pids: dict[str, int] = field(default_factory=dict)
+    runner_node: str = RUNNER_NODE
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.state_dir / "kubeconfig"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
+                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
+        result = subprocess.run(cmd, input=input, capture_output=True, text=True,
+                                timeout=timeout, env=self.env)
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, cmd, result.stdout,
+                                                result.stderr)
+        return result
+
+    def kubectl_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl(*args, "-o", "json").stdout)
+
+    def save(self) -> None:
+        data = asdict(self)
+        data["state_dir"] = str(self.state_dir)
+        data["bin_dir"] = str(self.bin_dir)
+        (self.state_dir / "cluster.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path) -> Cluster | None:
+        path = state_dir / "cluster.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        data["state_dir"] = Path(data["state_dir"])
+        data["bin_dir"] = Path(data["bin_dir"])
+        return cls(**data)
+
+    def alive(self) -> dict[str, bool]:
+        return {name: _pid_alive(pid) for name, pid in self.pids.items()}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting
+
+
+def _spawn(cluster: Cluster, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
+    logs = cluster.state_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    log = (logs / f"{name}.log").open("ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True, env=env or _clean_env(), cwd=cluster.state_dir)
+    log.close()
+    cluster.pids[name] = proc.pid
+    cluster.save()
+
+
+def _clean_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("KUBECONFIG", None)
+    return env
+
+
+def _wait(what: str, check, timeout: float, cluster: Cluster, log_name: str | None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if log_name and not _pid_alive(cluster.pids.get(log_name, 0)):
+            break
+        time.sleep(0.2)
+    hint = ""
+    if log_name:
+        log = cluster.state_dir / "logs" / f"{log_name}.log"
+        tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
+        hint = f"\n  log: {log}\n--- last lines ---\n" + "\n".join(tail)
+    raise ClusterError(f"{what} did not become ready within {timeout:.0f}s{hint}")
+
+
+def _https_ok(cluster: Cluster, path: str) -> bool:
+    ctx = ssl.create_default_context(cafile=str(cluster.pki_dir / "ca.crt"))
+    ctx.load_cert_chain(str(cluster.pki_dir / "admin.crt"), str(cluster.pki_dir / "admin.key"))
+    try:
+        with urllib.request.urlopen(cluster.server + path, context=ctx, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _routes() -> list[str]:
+    try:
+        out = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
+                             text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise ClusterError(f"cannot read this machine's routes with `ip -4 route` ({e}); "
+                           "install iproute2") from e
+    return out.splitlines()
+
+
+def _check_netns_permitted() -> None:
+    probe = f"gftprobe{os.getpid()}"
+    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ClusterError(
+            "network namespaces are not permitted here (`ip netns add` said: "
+            f"{result.stderr.strip()}). The runner needs root (or CAP_NET_ADMIN and "
+            "CAP_SYS_ADMIN) to give pods addresses the API server can reach"
+        )
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+
+
+def _apiserver_cmd(c: Cluster) -> list[str]:
+    p = c.pki_dir
+    return [
+        str(c.bin_dir / "kube-apiserver"),
+        f"--etcd-servers=http://127.0.0.1:{c.ports['etcd']}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        # A loopback advertise address would be refused as an endpoint of `kubernetes`.
+        "--endpoint-reconciler-type=none",
+        f"--secure-port={c.ports['apiserver']}",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+        f"--client-ca-file={p / 'ca.crt'}",
+        f"--tls-cert-file={p / 'apiserver.crt'}",
+        f"--tls-private-key-file={p / 'apiserver.key'}",
+        f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+        f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
+        "--kubelet-preferred-address-types=InternalIP,Hostname",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={p / 'sa.pub'}",
+        f"--service-account-signing-key-file={p / 'sa.key'}",
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction,PodSecurity,DefaultStorageClass,"
+        "ResourceQuota,Priority,ServiceAccount,NamespaceLifecycle,LimitRanger",
+        "--allow-privileged=true",
+        "--profiling=false",
+        f"--audit-log-path={c.state_dir / 'logs' / 'audit.log'}",
+        f"--audit-policy-file={c.state_dir / 'audit-policy.yaml'}",
+        "--audit-log-maxsize=200",
+        "--audit-log-maxbackup=1",
+    ]
+
+
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    # Metadata for writes only: enough to count who changed what, cheap enough to keep on.
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {"level": "None", "verbs": ["get", "list", "watch"]},
+        {"level": "None", "resources": [{"group": "coordination.k8s.io", "resources": ["leases"]}]},
+        {"level": "Metadata"},
+    ],
+}
+
+
+def _fake_nodes() -> list[dict]:
+    nodes = []
+    for name in (*KWOK_CPU_NODES, *KWOK_GPU_NODES):
+        gpu = name in KWOK_GPU_NODES
+        labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64", "type": "kwok"}
+        capacity = {"cpu": "32", "memory": "256Gi", "pods": "110",
+                    "ephemeral-storage": "500Gi"}
+        if gpu:
+            labels |= {"nvidia.com/gpu.present": "true",
+                       "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                       "nvidia.com/gpu.count": "8"}
+            capacity["nvidia.com/gpu"] = "8"
+        nodes.append({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels,
+                         "annotations": {"kwok.x-k8s.io/node": "fake",
+                                         "node.alpha.kubernetes.io/ttl": "0"}},
+            "spec": {},
+            "status": {"capacity": capacity, "allocatable": capacity},
+        })
+    return nodes
+
+
+BOOTSTRAP_OBJECTS: list[dict] = [
+    {
+        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+        "metadata": {"name": "standard",
+                     "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+        "provisioner": "kubernetes.io/host-path",
+        "reclaimPolicy": "Delete",
+        "volumeBindingMode": "Immediate",
+    },
+]
+
+
+def _kwok_stages() -> list[dict]:
+    """KWOK's pod lifecycle, plus one stage that fails a pod on purpose.
+
+    A pod annotated ``gft.dev/kwok-exit-code`` ends Failed with that exit code (and the reason
+    in ``gft.dev/kwok-reason``, default Error) instead of Succeeded.
+    """
+    now = "{{ $now := Now }}"
+    ready = now + """
+conditions:
+- {type: Initialized, status: "True", lastTransitionTime: {{ $now | Quote }}}
+- {type: Ready, status: "True", lastTransitionTime: {{ $now | Quote }}}
+- {type: ContainersReady, status: "True", lastTransitionTime: {{ $now | Quote }}}
+containerStatuses:
+{{ range .spec.containers }}
+- {name: {{ .name | Quote }}, image: {{ .image | Quote }}, ready: true, restartCount: 0,
+   started: true, state: {running: {startedAt: {{ $now | Quote }}}}}
+{{ end }}
+initContainerStatuses:
+{{ range .spec.initContainers }}
+{{ if eq (or .restartPolicy "") "Always" }}
+- {name: {{ .name | Quote }}, image: {{ .image | Quote }}, ready: true, restartCount: 0,
+   started: true, state: {running: {startedAt: {{ $now | Quote }}}}}
+{{ else }}
+- {name: {{ .name | Quote }}, image: {{ .image | Quote }}, ready: true, restartCount: 0,
+   state: {terminated: {exitCode: 0, reason: Completed, startedAt: {{ $now | Quote }},
+   finishedAt: {{ $now | Quote }}}}}
+{{ end }}
+{{ end }}
+hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
+podIP: {{ PodIPWith .spec.nodeName false .metadata.uid .metadata.name .metadata.namespace | Quote }}
+phase: Running
+startTime: {{ $now | Quote }}
+"""
+
+    def finished(exit_code: str, reason: str, phase: str) -> str:
+        return now + f"""
+conditions:
+- {{type: Ready, status: "False", reason: PodCompleted, lastTransitionTime: {{{{ $now | Quote }}}}}}
+- {{type: ContainersReady, status: "False", reason: PodCompleted,
+   lastTransitionTime: {{{{ $now | Quote }}}}}}
+containerStatuses:
+{{{{ range .spec.containers }}}}
+- {{name: {{{{ .name | Quote }}}}, image: {{{{ .image | Quote }}}}, ready: false, restartCount: 0,
+   started: false, state: {{terminated: {{exitCode: {exit_code}, reason: {reason},
+   startedAt: {{{{ $now | Quote }}}}, finishedAt: {{{{ $now | Quote }}}}}}}}}}
+{{{{ end }}}}
+phase: {phase}
+"""
+
+    def stage(name: str, expressions: list[dict], nxt: dict, delay_ms: int = 0) -> dict:
+        spec: dict[str, Any] = {
+            "resourceRef": {"apiGroup": "v1", "kind": "Pod"},
+            "selector": {"matchExpressions": expressions},
+            "next": nxt,
+        }
+        if delay_ms:
+            spec["delay"] = {"durationMilliseconds": delay_ms}
+        return {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage",
+                "metadata": {"name": name}, "spec": spec}
+
+    alive = {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"}
+    running = {"key": ".status.phase", "operator": "In", "values": ["Running"]}
+    job_owned = {"key": ".metadata.ownerReferences.[].kind", "operator": "In", "values": ["Job"]}
+    fail_code = '.metadata.annotations["gft.dev/kwok-exit-code"]'
+    exit_expr = '{{ index $.metadata.annotations "gft.dev/kwok-exit-code" }}'
+    reason_expr = '{{ or (index $.metadata.annotations "gft.dev/kwok-reason") "Error" }}'
+    return [
+        stage("pod-ready", [alive, {"key": ".status.podIP", "operator": "DoesNotExist"}],
+              {"statusTemplate": ready}),
+        stage("pod-fail-on-purpose",
+              [alive, running, {"key": fail_code, "operator": "Exists"}],
+              {"statusTemplate": finished(exit_expr, reason_expr, "Failed")},
+              delay_ms=500),
+        stage("pod-complete", [alive, running, job_owned,
+                               {"key": fail_code, "operator": "DoesNotExist"}],
+              {"statusTemplate": finished("0", "Completed", "Succeeded")}, delay_ms=500),
+        stage("pod-delete", [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}],
+              {"finalizers": {"empty": True}, "delete": True}),
+    ]
+
+
+def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Cluster:
+    """Bring the proving ground up; raise ClusterError (with a log excerpt) if it cannot."""
+    state_dir = (state_dir or default_state_dir()).resolve()
+    existing = Cluster.load(state_dir)
+    if existing is not None:
+        alive = [n for n, up in existing.alive().items() if up]
+        if alive:
+            raise ClusterError(
+                f"a proving ground is already running from {state_dir} "
+                f"({', '.join(alive)} alive); use it (KUBECONFIG={existing.kubeconfig}) "
+                "or stop it first with `make cluster-down`"
+            )
+        stop(state_dir, say=lambda *_: None)
+
+    t0 = time.monotonic()
+    bin_dir = build.build(say=say)
+    _check_netns_permitted()
+    pod_net = choose_pod_cidr(_routes())
+    node_ip = str(next(pod_net.hosts()))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / "logs").mkdir(exist_ok=True)
+    ports = {name: free_port() for name in
+             ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
+    cluster = Cluster(state_dir=state_dir, bin_dir=bin_dir,
+                      server=f"https://127.0.0.1:{ports['apiserver']}", node_ip=node_ip,
+                      pod_cidr=str(pod_net), bridge=bridge_name(state_dir), ports=ports)
+    cluster.save()
+    try:
+        _start_processes(cluster, runner)
+    except BaseException:
+        stop(state_dir, say=lambda *_: None)
+        raise
+    say(f"proving ground up in {time.monotonic() - t0:.1f}s: {cluster.server}, "
+        f"runner node {RUNNER_NODE} on {cluster.pod_cidr}")
+    return cluster
+
+
+def _start_processes(c: Cluster, runner: bool) -> None:
+    pki_dir = c.pki_dir
+    pki.make_pki(pki_dir, ["127.0.0.1", c.node_ip])
+    (c.state_dir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
+    pki.write_kubeconfig(c.kubeconfig, c.server, pki_dir, "admin", "kubernetes-admin")
+    for component in ("controller-manager", "scheduler"):
+        pki.write_kubeconfig(c.state_dir / f"{component}.kubeconfig", c.server, pki_dir,
+                             component, f"system:kube-{component}")
+
+    _spawn(c, "etcd", [
+        str(c.bin_dir / "etcd"), "--name=gft", f"--data-dir={c.state_dir / 'etcd'}",
+        f"--listen-client-urls=http://127.0.0.1:{c.ports['etcd']}",
+        f"--advertise-client-urls=http://127.0.0.1:{c.ports['etcd']}",
+        f"--listen-peer-urls=http://127.0.0.1:{c.ports['etcd-peer']}",
+        f"--initial-advertise-peer-urls=http://127.0.0.1:{c.ports['etcd-peer']}",
+        f"--initial-cluster=gft=http://127.0.0.1:{c.ports['etcd-peer']}",
+        # A throwaway cluster: durability is not worth an fsync per write.
+        "--unsafe-no-fsync", "--log-level=warn",
+    ])
+    _wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{c.ports['etcd']}/health"), 30, c, "etcd")
+    _spawn(c, "kube-apiserver", _apiserver_cmd(c))
+    _wait("kube-apiserver", lambda: _https_ok(c, "/readyz"), 90, c, "kube-apiserver")
+
+    common = [f"--authentication-kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
+              f"--authorization-kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
+              "--bind-address=127.0.0.1", "--leader-elect=false"]
+    _spawn(c, "kube-controller-manager", [
+        str(c.bin_dir / "kube-controller-manager"),
+        f"--kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}", *common,
+        f"--secure-port={c.ports['controller-manager']}",
+        f"--service-account-private-key-file={pki_dir / 'sa.key'}",
+        f"--root-ca-file={pki_dir / 'ca.crt'}",
+        f"--cluster-signing-cert-file={pki_dir / 'ca.crt'}",
+        f"--cluster-signing-key-file={pki_dir / 'ca.key'}",
+        "--use-service-account-credentials=true",
+        "--controllers=*,bootstrapsigner,tokencleaner",
+        "--enable-hostpath-provisioner=true",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
+    ])
+    sched_common = [a.replace("controller-manager.kubeconfig", "scheduler.kubeconfig")
+                    for a in common]
+    _spawn(c, "kube-scheduler", [
+        str(c.bin_dir / "kube-scheduler"),
+        f"--kubeconfig={c.state_dir / 'scheduler.kubeconfig'}", *sched_common,
+        f"--secure-port={c.ports['scheduler']}",
+    ])
+
+    stages = c.state_dir / "kwok.yaml"
+    kwok_config = {
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
+        "options": {"manageAllNodes": False,
+                    "manageNodesWithAnnotationSelector": "kwok.x-k8s.io/node=fake",
+                    "cidr": KWOK_POD_CIDR, "nodeIP": "10.255.255.254",
+                    "serverAddress": f"127.0.0.1:{c.ports['kwok']}",
+                    "nodeLeaseDurationSeconds": 40},
+    }
+    stages.write_text(yaml.safe_dump_all([kwok_config, *_kwok_stages()], sort_keys=False))
+    _spawn(c, "kwok", [str(c.bin_dir / "kwok"), f"--kubeconfig={c.kubeconfig}",
+                       f"--config={stages}"])
+
+    if runner:
+        runner_env = _clean_env()
+        runner_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        _spawn(c, "runner", [
+            sys.executable, "-m", "proving_ground.runner", "--kubeconfig", str(c.kubeconfig),
+            "--node-name", RUNNER_NODE, "--node-ip", c.node_ip, "--pod-cidr", c.pod_cidr,
+            "--bridge", c.bridge, "--state-dir", str(c.state_dir / "runner"),
+        ], env=runner_env)
+
+    objects = [*BOOTSTRAP_OBJECTS, *_fake_nodes()]
+    c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
+
+    def settled() -> bool:
+        try:
+            nodes = c.kubectl_json("get", "nodes")["items"]
+        except (subprocess.SubprocessError, ValueError):
+            return False
+        ready = {n["metadata"]["name"] for n in nodes
+                 if any(cond["type"] == "Ready" and cond["status"] == "True"
+                        for cond in n.get("status", {}).get("conditions", []))}
+        want = {*KWOK_CPU_NODES, *KWOK_GPU_NODES} | ({RUNNER_NODE} if runner else set())
+        sa = c.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
+        return want <= ready and sa.returncode == 0
+
+    _wait("nodes Ready and the default ServiceAccount", settled, 60, c, None)
+    for name in ("kube-controller-manager", "kube-scheduler", "kwok", "runner"):
+        if name in c.pids and not _pid_alive(c.pids[name]):
+            _wait(name, lambda: False, 0, c, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping
+
+
+def _terminate(pid: int, grace: float) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _pid_alive(pid):
+        time.sleep(0.05)
+
+
+def _hostpath_volumes(c: Cluster) -> list[Path]:
+    """Folders the host-path provisioner made for this cluster's volumes (under /tmp)."""
+    try:
+        pvs = c.kubectl_json("get", "pv")["items"]
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return []
+    paths = [Path(pv["spec"].get("hostPath", {}).get("path", "")) for pv in pvs]
+    return [p for p in paths if str(p).startswith("/tmp/hostpath_pv/")]
+
+
+def stop(state_dir: Path | None = None, say=print) -> None:
+    """Stop every process of this proving ground and remove its state; safe to repeat."""
+    state_dir = (state_dir or default_state_dir()).resolve()
+    cluster = Cluster.load(state_dir)
+    if cluster is None:
+        if state_dir.exists():
+            shutil.rmtree(state_dir, ignore_errors=True)
+        say(f"no proving ground at {state_dir}")
+        return
+    volumes = _hostpath_volumes(cluster) if cluster.alive().get("kube-apiserver") else []
+    for name in STOP_ORDER:
+        pid = cluster.pids.get(name)
+        if pid and _pid_alive(pid):
+            # The runner stops its pods (each with its grace period) before it exits.
+            _terminate(pid, grace=30 if name == "runner" else 10)
+    for path in volumes:
+        shutil.rmtree(path, ignore_errors=True)
+    _remove_network_leftovers(cluster)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    say(f"proving ground at {state_dir} stopped")
+
+
+def _remove_network_leftovers(c: Cluster) -> None:
+    """The runner removes its bridge and namespaces on exit; this catches a crashed runner."""
+    subprocess.run(["ip", "link", "del", c.bridge], capture_output=True)
+    marker = c.state_dir / "runner" / "netns.txt"
+    if marker.exists():
+        for ns in marker.read_text().split():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def cli(command: str) -> int:
+    state_dir = default_state_dir()
+    try:
+        if command == "up":
+            cluster = start(state_dir)
+            print(f"kubectl: {cluster.bin_dir / 'kubectl'}")
+            print(f"logs:    {cluster.state_dir / 'logs'}")
+            print(cluster.kubeconfig)
+        elif command == "down":
+            stop(state_dir)
+        elif command == "status":
+            cluster = Cluster.load(state_dir)
+            if cluster is None:
+                print(f"no proving ground at {state_dir}")
+                return 1
+            for name, up in cluster.alive().items():
+                print(f"{name:24s} {'running' if up else 'STOPPED'} (pid {cluster.pids[name]})")
+            print(cluster.kubeconfig)
+        elif command == "demo":
+            return demo(state_dir)
+    except ClusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def demo(state_dir: Path) -> int:
+    cluster = Cluster.load(state_dir)
+    if cluster is None or not all(cluster.alive().values()):
+        cluster = start(state_dir)
+    print(cluster.kubectl("get", "nodes", "-o", "wide").stdout)
+    kubectl = cluster.bin_dir / "kubectl"
+    print(f"""The proving ground is up. Use it the way you would use any cluster:
+
+  export KUBECONFIG={cluster.kubeconfig}
+  export PATH={cluster.bin_dir}:$PATH
+  kubectl get nodes                          # {RUNNER_NODE} runs pods for real; kwok-* are fake
+  kubectl get --raw /version
+
+Pods meant to really run here select the runner and tolerate its taint:
+  nodeSelector: {{gft.dev/runner: "true"}}
+  tolerations: [{{key: gft.dev/runner, operator: Exists, effect: NoSchedule}}]
+
+Stop it with `make cluster-down`. ({kubectl})""")
+    return 0
