@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from proving_ground import cluster as pg
 
 REPO = Path(__file__).resolve().parent.parent

@@ -62,8 +62,9 @@ def find_go() -> GoToolchain:
     go = shutil.which("go")
     if go is None:
         raise BuildError(
-            "Go was not found on PATH. Install Go >= %d.%d (https://go.dev/doc/install) and "
-            "run again; the proving ground builds Kubernetes from source." % MIN_GO
+            f"Go was not found on PATH. Install Go >= {MIN_GO[0]}.{MIN_GO[1]} "
+            "(https://go.dev/doc/install) and run again; the proving ground builds Kubernetes "
+            "from source."
         )
     out = subprocess.run([go, "version"], capture_output=True, text=True, check=False).stdout
     version = parse_go_version(out)
@@ -76,7 +77,7 @@ def find_go() -> GoToolchain:
 
 
 def _run(cmd: list[str], cwd: Path, log: Path, env: dict[str, str]) -> None:
-    """Run one build step, appending to ``log``; on failure say which command and where the log is."""
+    """Run one build step, appending to ``log``; on failure name the command and the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         out.write(f"\n$ (cd {cwd} && {' '.join(cmd)})\n")

@@ -46,7 +46,7 @@ KWOK_GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
 SERVICE_CIDR = "10.96.0.0/16"
 # Fake pod IPs for KWOK's pods: strings in the API, never a traffic target.
 KWOK_POD_CIDR = "10.255.0.0/16"
-POD_CIDR_CANDIDATES = tuple(f"10.{n}.0.0/16" for n in range(244, 254)) + ("172.30.0.0/16",)
+POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
 STOP_ORDER = ("runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
               "etcd")
 
@@ -543,7 +543,9 @@ def _start_processes(c: Cluster, runner: bool) -> None:
         sa = c.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
         return want <= ready and sa.returncode == 0
 
-    _wait("nodes Ready and the default ServiceAccount", settled, 60, c, None)
+    # If the runner dies (say, its range was taken meanwhile), its log is what explains it.
+    _wait("nodes Ready and the default ServiceAccount", settled, 60, c,
+          "runner" if runner else None)
     for name in ("kube-controller-manager", "kube-scheduler", "kwok", "runner"):
         if name in c.pids and not _pid_alive(c.pids[name]):
             _wait(name, lambda: False, 0, c, name)

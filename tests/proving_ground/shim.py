@@ -1,0 +1,81 @@
+"""The runner's container shim: run as ``python -I shim.py SPEC.json`` inside the pod's network
+namespace and a fresh, private mount (and UTS) namespace of its own. It sets the hostname,
+mounts the container's volumes at their mount paths (creating missing mount points on the
+host's file system), mounts the termination-message file, changes directory and then execs the
+container's command, so the command's process keeps the shim's pid.
+
+Standard library only; it must not import the runner.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+MOUNT = next((p for p in ("/usr/bin/mount", "/bin/mount") if os.path.exists(p)), "mount")
+
+
+def mount(*args: str) -> None:
+    result = subprocess.run([MOUNT, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"mount {' '.join(args)}: {result.stderr.strip()}")
+
+
+def ensure_target(target: str, is_dir: bool) -> None:
+    if os.path.lexists(target):
+        return
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target) or "/", exist_ok=True)
+        open(target, "a").close()
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        spec = json.load(f)
+    fail_file = spec["startFailFile"]
+    try:
+        if spec.get("hostname"):
+            socket.sethostname(spec["hostname"])
+        for m in sorted(spec["mounts"], key=lambda m: m["target"].rstrip("/").count("/")):
+            target = m["target"]
+            if m["kind"] == "tmpfs":
+                ensure_target(target, True)
+                mount("-t", "tmpfs", "-o", m.get("options") or "mode=1777", "tmpfs", target)
+            else:
+                ensure_target(target, os.path.isdir(m["source"]))
+                mount("--bind", m["source"], target)
+            if m.get("readOnly"):
+                mount("-o", "remount,bind,ro", target)
+        term = spec.get("termination")
+        if term:
+            ensure_target(term["target"], False)
+            mount("--bind", term["source"], term["target"])
+        workdir = spec.get("workingDir")
+        if workdir:
+            os.makedirs(workdir, exist_ok=True)
+            os.chdir(workdir)
+        else:
+            os.chdir(spec["home"])
+    except OSError as e:
+        with open(fail_file, "w") as f:
+            f.write(f"failed to set up the container: {e}")
+        sys.exit(128)
+    argv = spec["argv"]
+    env = spec["env"]
+    try:
+        os.execvpe(argv[0], argv, env)
+    except OSError as e:
+        with open(fail_file, "w") as f:
+            path = env.get("PATH", "")
+            f.write(
+                f'exec: "{argv[0]}": {e.strerror} (the runner runs commands of this '
+                f"machine; PATH={path})"
+            )
+        sys.exit(128)
+
+
+if __name__ == "__main__":
+    main()
