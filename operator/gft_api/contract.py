@@ -17,13 +17,16 @@ import yaml
 from pydantic import Field, ValidationError
 
 from gft_api.base import ApiModel
-from gft_api.training import Attention, DataShaping, DatasetFormat, Hyperparameters, Method
+from gft_api.training import Attention, DatasetFormat, DataShaping, Hyperparameters, Method
 
 CONFIG_FILE_NAME = "config.yaml"
 SUMMARY_FILE_NAME = "summary.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes; the kubelet truncates longer messages
 HF_TOKEN_ENV = "HF_TOKEN"
+CONFIG_DIR = "/etc/gft"  # where the operator mounts the rendered config
+TRAINER_COMMAND: tuple[str, ...] = ("gft-train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE_NAME}")
+"""How the operator starts the trainer in the training pod."""
 
 
 class ExitCode(IntEnum):
@@ -204,7 +207,11 @@ class TrainerSummary(ApiModel):
     """The final summary: written to ``summary.json`` and, trimmed, to the termination message."""
 
     outcome: Outcome
+    """Succeeded, Stopped (after a checkpoint, on a signal) or Failed."""
+
     exit_code: int
+    """The trainer's exit code (see ``ExitCode``)."""
+
     reason: Annotated[str, Field(max_length=64)]
     """CamelCase, as in a Kubernetes condition."""
 
@@ -212,17 +219,41 @@ class TrainerSummary(ApiModel):
     """For a human: what happened and, on failure, what to do next."""
 
     global_step: int = 0
+    """Optimizer steps done when the trainer exited."""
+
     total_steps: int | None = None
+    """Optimizer steps planned."""
+
     epoch: float | None = None
+    """Epochs done (fractional)."""
+
     train_loss: float | None = None
+    """Mean training loss of the run."""
+
     eval_loss: float | None = None
+    """Final evaluation loss."""
+
     eval_token_accuracy: float | None = None
+    """Final share of next tokens predicted right on evaluation records."""
+
     train_tokens: int | None = None
+    """Tokens trained on."""
+
     tokens_per_second: float | None = None
+    """Mean training throughput."""
+
     runtime_seconds: float | None = None
+    """Wall time of the run (this attempt)."""
+
     last_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
+    """Path of the newest checkpoint."""
+
     last_checkpoint_step: int | None = None
-    artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(default_factory=dict)
+    """Optimizer step of the newest checkpoint."""
+
+    artifacts: Annotated[
+        dict[str, Annotated[str, Field(max_length=1024)]], Field(max_length=32)
+    ] = Field(default_factory=dict)
     """What was saved, e.g. ``{"adapter": "/output/adapter"}``."""
 
     def to_termination_message(self) -> str:

@@ -148,6 +148,9 @@ class Hyperparameters(ApiModel):
     logging_every_steps: Annotated[int, Field(ge=1, le=100_000)] = 10
     """Log and export metrics every N steps."""
 
+    eval_on_start: bool = False
+    """Also evaluate before the first step, so the run reports where it started from."""
+
     @model_validator(mode="after")
     def _one_length(self) -> "Hyperparameters":
         if (self.epochs is None) == (self.max_steps is None):

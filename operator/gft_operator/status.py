@@ -1,0 +1,439 @@
+"""From what the operator observes (the Job, its pods, their events) to the GemmaFineTune's
+status: phase, conditions with reasons a user can act on, attempts, times, the trainer's result.
+
+Pure: ``decide`` takes plain dicts and returns the new status and, when the phase or its reason
+changed, the Event to record. The handlers read and write; all judgement is here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from gft_api.contract import ExitCode, TrainerSummary, describe_exit_code
+from gft_api.v1alpha1 import TERMINAL_PHASES, Phase
+
+from gft_operator.children import TRAINER
+
+Manifest = dict[str, Any]
+
+CONDITION_TYPES = ("Ready", "Suspended", "Complete", "Failed")
+
+# Phases that are a problem for the user to look at; their events are Warnings.
+_WARNING_REASONS = frozenset(
+    {
+        "Unschedulable",
+        "PersistentVolumeClaimNotBound",
+        "ImagePullFailed",
+        "SecretNotFound",
+        "ConfigMapNotFound",
+        "CreateContainerConfigError",
+        "VolumeMountFailed",
+        "PodSecurityViolation",
+        "QuotaExceeded",
+        "FailedCreate",
+        "OOMKilled",
+        "AttemptFailed",
+        "JobConflict",
+    }
+)
+
+
+@dataclass
+class Observed:
+    """Everything the status is computed from."""
+
+    generation: int
+    suspend: bool
+    queue_name: str | None
+    old_status: Manifest
+    job: Manifest | None
+    pods: list[Manifest] = field(default_factory=list)
+    events: list[Manifest] = field(default_factory=list)
+    """Warning events about the Job and its pods (FailedCreate, FailedScheduling, FailedMount)."""
+    job_conflict: str | None = None
+    """Set when a Job of that name exists but belongs to something else."""
+
+
+@dataclass
+class Transition:
+    """An Event to record: the phase or its reason changed."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: Manifest
+    transition: Transition | None
+
+
+@dataclass
+class _Verdict:
+    phase: Phase
+    reason: str
+    message: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the Job and pods
+# ---------------------------------------------------------------------------------------------
+def job_finished(job: Manifest) -> bool:
+    """The Job completed or failed (no new pods, no more changes but its TTL)."""
+    return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
+
+
+def _job_condition(job: Manifest, type_: str) -> Manifest | None:
+    for cond in job.get("status", {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def _trainer_status(pod: Manifest) -> Manifest | None:
+    for cs in pod.get("status", {}).get("containerStatuses") or []:
+        if cs.get("name") == TRAINER:
+            return cs
+    return None
+
+
+def _terminated(pod: Manifest) -> Manifest | None:
+    cs = _trainer_status(pod)
+    return (cs or {}).get("state", {}).get("terminated")
+
+
+def _created(pod: Manifest) -> str:
+    return pod.get("metadata", {}).get("creationTimestamp") or ""
+
+
+def newest_pod(pods: list[Manifest]) -> Manifest | None:
+    return max(pods, key=lambda p: (_created(p), p["metadata"].get("name", "")), default=None)
+
+
+def _disruption(pod: Manifest) -> Manifest | None:
+    for cond in pod.get("status", {}).get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def summary_of(pod: Manifest) -> TrainerSummary | None:
+    """The trainer's final summary from its termination message, if it wrote one."""
+    term = _terminated(pod)
+    if not term or not term.get("message"):
+        return None
+    return TrainerSummary.from_termination_message(term["message"])
+
+
+def _tail(text: str, limit: int = 600) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def describe_failure(pod: Manifest) -> tuple[str, str]:
+    """(reason, message) for a failed training pod."""
+    disruption = _disruption(pod)
+    if disruption is not None:
+        return (
+            disruption.get("reason") or "Disrupted",
+            f"pod {pod['metadata']['name']} was disrupted ({disruption.get('message', '')}); "
+            "not counted as a failure, the next attempt resumes from the last checkpoint",
+        )
+    term = _terminated(pod)
+    if term is None:
+        reason = pod.get("status", {}).get("reason") or "PodFailed"
+        return reason, pod.get("status", {}).get(
+            "message"
+        ) or f"pod {pod['metadata']['name']} failed"
+    code = int(term.get("exitCode", 0))
+    if term.get("reason") == "OOMKilled":
+        return (
+            "OOMKilled",
+            "the trainer ran out of memory (OOMKilled): raise resources.memory, or lower "
+            "training.batchSize or dataset.maxSeqLength",
+        )
+    summary = summary_of(pod)
+    if summary is not None:
+        return summary.reason or describe_exit_code(code), summary.message or f"exit code {code}"
+    reason = describe_exit_code(code)
+    detail = _tail(term.get("message") or "")
+    message = f"the trainer exited with code {code}"
+    if code in (137, 143):
+        message += f" (killed by signal {code - 128})"
+    if detail:
+        message += f": {detail}"
+    return reason, message
+
+
+def _missing_ref(message: str) -> str | None:
+    """SecretNotFound or ConfigMapNotFound when a kubelet message says one is missing."""
+    found = re.search(r'(secret|configmap) "[^"]+" not found', message, re.IGNORECASE)
+    if found is None:
+        return None
+    return "SecretNotFound" if found.group(1).lower() == "secret" else "ConfigMapNotFound"
+
+
+def _problem_of_pending(pod: Manifest, events: list[Manifest]) -> tuple[str, str] | None:
+    """Why a pod that is not running yet is stuck, if it is."""
+    name = pod["metadata"]["name"]
+    status = pod.get("status", {})
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            message = cond.get("message") or ""
+            if "unbound" in message and "PersistentVolumeClaim" in message:
+                return "PersistentVolumeClaimNotBound", message
+            return (cond.get("reason") or "Unschedulable"), message
+    all_statuses = (status.get("initContainerStatuses") or []) + (
+        status.get("containerStatuses") or []
+    )
+    for cs in all_statuses:
+        waiting = cs.get("state", {}).get("waiting") or {}
+        reason = waiting.get("reason") or ""
+        message = waiting.get("message") or ""
+        if reason in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"):
+            return "ImagePullFailed", f"{cs.get('name')}: {reason}: {message}".rstrip(": ")
+        if reason == "CreateContainerConfigError":
+            return _missing_ref(
+                message
+            ) or "CreateContainerConfigError", f"{cs.get('name')}: {message}"
+    for ev in events:
+        if ev.get("involvedObject", {}).get("name") != name:
+            continue
+        if ev.get("reason") == "FailedMount":
+            message = ev.get("message") or ""
+            return _missing_ref(message) or "VolumeMountFailed", message
+        if ev.get("reason") == "FailedScheduling":
+            return "Unschedulable", ev.get("message") or ""
+    return None
+
+
+def _failed_create(job: Manifest, events: list[Manifest]) -> tuple[str, str] | None:
+    """The newest FailedCreate event of the Job: PodSecurity or quota refused its pods."""
+    name = job["metadata"]["name"]
+    relevant = [
+        e
+        for e in events
+        if e.get("reason") == "FailedCreate"
+        and e.get("involvedObject", {}).get("kind") == "Job"
+        and e.get("involvedObject", {}).get("name") == name
+        and e.get("involvedObject", {}).get("uid") in (None, job["metadata"].get("uid"))
+    ]
+    if not relevant:
+        return None
+    ev = max(relevant, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    message = ev.get("message") or ""
+    if "PodSecurity" in message:
+        return "PodSecurityViolation", message
+    if "quota" in message.lower():
+        return "QuotaExceeded", message
+    return "FailedCreate", message
+
+
+# ---------------------------------------------------------------------------------------------
+# The verdict
+# ---------------------------------------------------------------------------------------------
+def _verdict(obs: Observed) -> _Verdict:
+    old_phase = obs.old_status.get("phase")
+    if obs.job_conflict:
+        return _Verdict(Phase.PENDING, "JobConflict", obs.job_conflict)
+    job = obs.job
+    if job is None:
+        return _Verdict(Phase.PENDING, "CreatingJob", "creating the training Job")
+
+    pods = obs.pods
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        pod = newest_pod([p for p in pods if _terminated(p)])
+        summary = summary_of(pod) if pod else None
+        message = (summary.message if summary and summary.message else "") or "training finished"
+        return _Verdict(Phase.SUCCEEDED, "Completed", message)
+
+    failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    if failed:
+        reason = failed.get("reason") or "Failed"
+        message = failed.get("message") or ""
+        failed_pods = [p for p in pods if p.get("status", {}).get("phase") == "Failed"]
+        last = newest_pod(failed_pods)
+        if reason == "PodFailurePolicy" and last is not None:
+            return _Verdict(Phase.FAILED, *describe_failure(last))
+        if reason == "BackoffLimitExceeded" and last is not None:
+            why, detail = describe_failure(last)
+            return _Verdict(
+                Phase.FAILED,
+                "BackoffLimitExceeded",
+                f"{message or 'too many failed attempts'}; the last one: {why}: {detail}",
+            )
+        if reason == "DeadlineExceeded":
+            message = message or "the fine-tune ran longer than spec.activeDeadlineSeconds"
+        return _Verdict(Phase.FAILED, reason, message)
+
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")]
+    if job.get("spec", {}).get("suspend"):
+        if obs.queue_name and not obs.suspend:
+            return _Verdict(
+                Phase.QUEUED,
+                "WaitingForAdmission",
+                f"waiting for Kueue to admit the Job in queue {obs.queue_name}",
+            )
+        if live or terminating:
+            return _Verdict(
+                Phase.SUSPENDED,
+                "Suspending",
+                "the trainer is saving a checkpoint and stopping",
+            )
+        return _Verdict(
+            Phase.SUSPENDED,
+            "Suspended",
+            "suspended; set spec.suspend to false to resume from the last checkpoint",
+        )
+
+    current = newest_pod(live)
+    if current is not None:
+        phase = current.get("status", {}).get("phase")
+        trainer = _trainer_status(current) or {}
+        if phase == "Running" and "running" in (trainer.get("state") or {}):
+            return _Verdict(Phase.RUNNING, "TrainerRunning", f"pod {current['metadata']['name']}")
+        term = _terminated(current)
+        if term is not None and int(term.get("exitCode", 0)) == 0:
+            return _Verdict(
+                Phase.RUNNING, "TrainerFinished", "the trainer finished; the Job is completing"
+            )
+        if term is not None or phase == "Failed":
+            return _between_attempts(current)
+        if phase in (None, "Pending", "Running"):
+            problem = _problem_of_pending(current, obs.events)
+            if problem:
+                return _Verdict(Phase.PENDING, *problem)
+            return _Verdict(
+                Phase.PENDING, "PodStarting", f"pod {current['metadata']['name']} is starting"
+            )
+    # No live pod: between attempts, or the Job cannot create its pods.
+    problem = _failed_create(job, obs.events)
+    if problem:
+        return _Verdict(Phase.PENDING, *problem)
+    finished = newest_pod([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
+    if finished is not None:
+        return _between_attempts(finished)
+    if old_phase == Phase.RUNNING:
+        return _Verdict(Phase.PENDING, "WaitingForPod", "waiting for the next training pod")
+    return _Verdict(Phase.PENDING, "WaitingForPod", "waiting for the Job to create its pod")
+
+
+def _between_attempts(pod: Manifest) -> _Verdict:
+    """The last attempt ended and the Job will start another. A disruption or a clean stop
+    after a checkpoint keeps its own reason (not counted); any other end is AttemptFailed."""
+    why, detail = describe_failure(pod)
+    term = _terminated(pod) or {}
+    clean_stop = int(term.get("exitCode", -1)) == int(ExitCode.STOPPED)
+    if _disruption(pod) or clean_stop:
+        return _Verdict(Phase.PENDING, why, f"{detail}; the next attempt resumes from it")
+    return _Verdict(
+        Phase.PENDING,
+        "AttemptFailed",
+        f"{why}: {detail}; the Job starts a new attempt after a back-off",
+    )
+
+
+def _conditions(
+    old: list[Manifest], verdict: _Verdict, generation: int, now: str
+) -> list[Manifest]:
+    truth = {
+        "Ready": verdict.phase == Phase.RUNNING,
+        "Suspended": verdict.phase == Phase.SUSPENDED,
+        "Complete": verdict.phase == Phase.SUCCEEDED,
+        "Failed": verdict.phase == Phase.FAILED,
+    }
+    previous = {c.get("type"): c for c in old}
+    out = []
+    for type_ in CONDITION_TYPES:
+        status = "True" if truth[type_] else "False"
+        prev = previous.get(type_)
+        if truth[type_] or type_ == "Ready":
+            reason, message = verdict.reason, verdict.message
+        else:
+            reason, message = f"Not{type_}", ""
+        changed = prev is None or prev.get("status") != status
+        out.append(
+            {
+                "type": type_,
+                "status": status,
+                "reason": reason,
+                "message": message[:32768],
+                "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
+                "observedGeneration": generation,
+            }
+        )
+    return out
+
+
+def _attempts(obs: Observed) -> int:
+    old = int(obs.old_status.get("attempts") or 0)
+    job_status = (obs.job or {}).get("status", {})
+    counted = sum(int(job_status.get(k) or 0) for k in ("failed", "succeeded", "active"))
+    attempts = max(old, counted, len(obs.pods))
+    old_pod = obs.old_status.get("podName")
+    current = newest_pod(obs.pods)
+    gone = old_pod and old_pod not in {p["metadata"]["name"] for p in obs.pods}
+    if gone and current is not None:
+        attempts = max(attempts, old + 1)  # the previous pod is gone: this one is a new attempt
+    return attempts
+
+
+def decide(obs: Observed, now: str) -> Decision:
+    """The new status and, on a change of phase or reason, the Event to record."""
+    old = obs.old_status
+    old_phase = old.get("phase")
+    if old_phase in TERMINAL_PHASES and (obs.job is None or obs.job_conflict):
+        # A finished fine-tune whose Job is gone (TTL, deleted by hand) stays finished.
+        return Decision(dict(old), None)
+
+    verdict = _verdict(obs)
+    status: Manifest = {
+        k: v
+        for k, v in old.items()
+        if k not in ("phase", "reason", "message", "conditions", "observedGeneration")
+    }
+    status.update(
+        phase=verdict.phase.value,
+        reason=verdict.reason,
+        message=verdict.message[:32768],
+        observedGeneration=obs.generation,
+        conditions=_conditions(old.get("conditions") or [], verdict, obs.generation, now),
+    )
+    job = obs.job
+    if job is not None:
+        job_status = job.get("status", {})
+        status["jobName"] = job["metadata"]["name"]
+        if job_status.get("startTime") and not status.get("startTime"):
+            status["startTime"] = job_status["startTime"]
+        if verdict.phase in TERMINAL_PHASES and not status.get("completionTime"):
+            status["completionTime"] = job_status.get("completionTime") or now
+        status["attempts"] = _attempts(obs)
+        status["failedAttempts"] = max(
+            int(old.get("failedAttempts") or 0), int(job_status.get("failed") or 0)
+        )
+        current = newest_pod(obs.pods)
+        if current is not None:
+            status["podName"] = current["metadata"]["name"]
+        finished = newest_pod([p for p in obs.pods if _terminated(p)])
+        summary = summary_of(finished) if finished is not None else None
+        if summary is not None:
+            status["result"] = summary.to_wire()
+            if summary.last_checkpoint_step is not None:
+                status["lastCheckpoint"] = {
+                    "step": summary.last_checkpoint_step,
+                    **({"path": summary.last_checkpoint} if summary.last_checkpoint else {}),
+                }
+
+    transition = None
+    if verdict.phase.value != old_phase or verdict.reason != old.get("reason"):
+        warning = verdict.phase == Phase.FAILED or verdict.reason in _WARNING_REASONS
+        transition = Transition(
+            type="Warning" if warning else "Normal",
+            reason=verdict.reason,
+            message=f"{verdict.phase.value}: {verdict.message}"[:1024],
+        )
+    return Decision(status, transition)

@@ -1,0 +1,197 @@
+"""The operator as the tests run it: a real ``gft-operator`` process, out of cluster, with the
+RBAC of manifests/rbac.yaml (it authenticates as the gft-operator service account).
+
+The fixtures here are imported by the test modules that use them (module scope: each module
+starts its own operator and stops it at its end). They are not in a conftest.py because a
+second module named ``conftest`` would hide the suite's own (``from conftest import wait_for``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFESTS = REPO / "manifests"
+
+
+def install(cluster) -> None:
+    """The CRD, the operator's namespace and its RBAC, as a user installs them."""
+    cluster.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "crd.yaml"))
+    cluster.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
+    cluster.kubectl("apply", "-f", str(MANIFESTS / "rbac.yaml"))
+    cluster.kubectl(
+        "wait",
+        "--for",
+        "condition=Established",
+        "crd/gemmafinetunes.finetune.gemma.dev",
+        "--timeout=60s",
+    )
+    # kubectl's discovery cache learns the new resource (and its short name) a moment later.
+    deadline = time.monotonic() + 60
+    while cluster.kubectl("explain", "gft", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("kubectl does not know the gft resource a minute after install")
+        time.sleep(0.5)
+
+
+def service_account_kubeconfig(cluster, path: Path) -> Path:
+    """A kubeconfig that logs in as the operator's service account."""
+    token = cluster.kubectl(
+        "create", "token", "gft-operator", "-n", "gft-system", "--duration=24h"
+    ).stdout.strip()
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    cluster_entry = admin["clusters"][0]
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "pg", "cluster": cluster_entry["cluster"]}],
+        "users": [{"name": "gft-operator", "user": {"token": token}}],
+        "contexts": [{"name": "op", "context": {"cluster": "pg", "user": "gft-operator"}}],
+        "current-context": "op",
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OperatorProcess:
+    """Start, kill and restart ``gft-operator``; its log is kept for the assertions."""
+
+    def __init__(self, cluster, kubeconfig: Path, log_path: Path, *extra: str) -> None:
+        self.cluster = cluster
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self.port = _free_port()
+
+    def start(self) -> None:
+        env = {**os.environ, **self.cluster.env, "KUBECONFIG": str(self.kubeconfig)}
+        exe = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "gft-operator"
+        if not exe.exists():
+            exe = REPO / ".venv" / "bin" / "gft-operator"
+        log = self.log_path.open("a")
+        self.proc = subprocess.Popen(
+            [
+                str(exe),
+                "--health-address",
+                f"127.0.0.1:{self.port}",
+                "--resync-seconds",
+                "3",
+                *self.extra,
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gft-operator exited: {self.log()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"gft-operator did not become healthy: {self.log()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# kubectl helpers
+# ---------------------------------------------------------------------------------------------
+def apply(cluster, namespace: str, manifest: dict, check: bool = True):
+    return cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(manifest), check=check
+    )
+
+
+def get_gft(cluster, namespace: str, name: str) -> dict:
+    return cluster.kubectl_json("get", "gft", name, "-n", namespace)
+
+
+def wait_phase(cluster, namespace, name, phase, reason=None, timeout=60) -> dict:
+    from conftest import wait_for
+
+    def check():
+        status = get_gft(cluster, namespace, name).get("status") or {}
+        if status.get("phase") == phase and (reason is None or status.get("reason") == reason):
+            return status
+        return None
+
+    return wait_for(f"{name} to be {phase}/{reason or '*'}", check, timeout=timeout)
+
+
+def events_of(cluster, namespace, name) -> list[dict]:
+    items = cluster.kubectl_json(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=GemmaFineTune,involvedObject.name={name}",
+    )["items"]
+    return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def installed(cluster):
+    install(cluster)
+    return cluster
+
+
+@pytest.fixture(scope="module")
+def operator(installed, tmp_path_factory):
+    """``gft-operator`` out of cluster, logged in as its service account."""
+    kubeconfig = service_account_kubeconfig(
+        installed, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
+    )
+    op = OperatorProcess(installed, kubeconfig, tmp_path_factory.mktemp("oplog") / "operator.log")
+    op.start()
+    yield op
+    op.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def running_operator(operator):
+    """The operator, started again if a test left it stopped."""
+    if operator.proc is None or operator.proc.poll() is not None:
+        operator.start()
+    return operator
+
+
+@pytest.fixture(scope="module")
+def scratch(installed):
+    """A namespace for manifests that are refused (nothing gets created in it)."""
+    name = f"t-refused-{uuid.uuid4().hex[:5]}"
+    installed.kubectl("create", "namespace", name)
+    yield name
+    installed.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,217 @@
+"""The children builders: spec -> ConfigMap, Job, Service, Ingress, PVC (pure, no cluster)."""
+
+from __future__ import annotations
+
+import yaml
+from gft_api.contract import (
+    HF_TOKEN_ENV,
+    NON_RETRYABLE_EXIT_CODES,
+    ExitCode,
+    TrainerConfig,
+)
+from gft_api.v1alpha1 import GemmaFineTuneSpec
+from gft_operator import children
+from operator_samples import finetune
+
+OWNER = children.Owner(name="demo", namespace="ml", uid="1234-uid")
+
+
+def _spec(**overrides) -> GemmaFineTuneSpec:
+    return GemmaFineTuneSpec.model_validate(finetune(**overrides)["spec"])
+
+
+def _by_kind(objs):
+    return {o["kind"]: o for o in objs}
+
+
+def _pod(job):
+    return job["spec"]["template"]["spec"]
+
+
+def test_children_and_ownership():
+    objs = _by_kind(children.desired_children(OWNER, _spec()))
+    assert set(objs) == {"PersistentVolumeClaim", "ConfigMap", "Service", "Job"}
+    for kind in ("ConfigMap", "Service", "Job"):
+        (ref,) = objs[kind]["metadata"]["ownerReferences"]
+        assert ref["uid"] == OWNER.uid and ref["controller"] is True
+        assert ref["kind"] == "GemmaFineTune"
+    # Retained by default: garbage collection would delete an owned PVC with its owner.
+    assert "ownerReferences" not in objs["PersistentVolumeClaim"]["metadata"]
+    assert children.desired_children(OWNER, _spec())[-1]["kind"] == "Job"
+
+
+def test_output_pvc_delete_policy_is_owned_and_existing_claim_is_not_created():
+    pvc = children.output_pvc(
+        OWNER, _spec(output={"pvc": {"size": "10Gi", "reclaimPolicy": "Delete"}})
+    )
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    spec = _spec(output={"existingClaim": "my-claim"})
+    assert children.output_pvc(OWNER, spec) is None
+    job = children.job(OWNER, spec)
+    volumes = {v["name"]: v for v in _pod(job)["volumes"]}
+    assert volumes["output"]["persistentVolumeClaim"]["claimName"] == "my-claim"
+
+
+def test_config_map_renders_a_valid_trainer_config_without_secrets(tmp_path):
+    spec = _spec()
+    cm = children.config_map(OWNER, spec)
+    text = cm["data"]["config.yaml"]
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    config = TrainerConfig.load(path)
+    assert config.model.name_or_path == "google/gemma-3-270m"
+    assert config.dataset.hub_id == "HuggingFaceH4/no_robots"
+    assert config.training.max_steps == 20
+    assert config.method.lora.r == 8
+    assert config.output.dir == children.OUTPUT_DIR
+    assert config.run_name == "ml/demo"
+    assert "secret" not in text.lower() and HF_TOKEN_ENV not in text
+    assert set(yaml.safe_load(text)["model"]) == {"nameOrPath", "cacheDir", "attnImplementation"}
+
+
+def test_config_paths_follow_the_mounts():
+    spec = _spec(
+        model={"name": "gemma", "volume": {"claimName": "models", "path": "gemma-3-1b"}},
+        dataset={"volume": {"claimName": "data", "path": "train.jsonl", "evalPath": "eval.jsonl"}},
+    )
+    config = children.trainer_config(OWNER, spec)
+    assert config.model.name_or_path == "/mnt/model/gemma-3-1b"
+    assert config.dataset.train_files == ["/mnt/dataset/train.jsonl"]
+    assert config.dataset.eval_files == ["/mnt/dataset/eval.jsonl"]
+    mounts = {
+        m["name"]: m for m in _pod(children.job(OWNER, spec))["containers"][0]["volumeMounts"]
+    }
+    assert mounts["model"]["mountPath"] == "/mnt/model" and mounts["model"]["readOnly"]
+    assert mounts["dataset"]["mountPath"] == "/mnt/dataset"
+
+    spec = _spec(dataset={"configMap": {"name": "records", "key": "train.jsonl"}, "format": "text"})
+    config = children.trainer_config(OWNER, spec)
+    assert config.dataset.train_files == ["/mnt/dataset-configmap/train.jsonl"]
+    assert config.data.format == "text"
+
+
+def test_job_pod_failure_policy():
+    job = children.job(OWNER, _spec())
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    fail = rules[1]
+    assert fail["action"] == "FailJob"
+    assert fail["onExitCodes"]["containerName"] == "trainer"
+    assert fail["onExitCodes"]["values"] == list(NON_RETRYABLE_EXIT_CODES)
+    assert rules[2]["action"] == "Ignore"
+    assert rules[2]["onExitCodes"]["values"] == [ExitCode.STOPPED]
+    assert all(r["onExitCodes"]["containerName"] == "trainer" for r in rules[1:])
+    assert _pod(job)["restartPolicy"] == "Never"
+    assert job["spec"]["podReplacementPolicy"] == "Failed"
+
+
+def test_job_pod_is_restricted_and_gets_the_token_only_from_the_secret():
+    job = children.job(OWNER, _spec())
+    pod = _pod(job)
+    assert pod["automountServiceAccountToken"] is False
+    sc = pod["securityContext"]
+    assert sc["runAsNonRoot"] is True and isinstance(sc["runAsUser"], int) and sc["runAsUser"] > 0
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    for c in pod["containers"] + pod["initContainers"]:
+        csc = c["securityContext"]
+        assert csc["allowPrivilegeEscalation"] is False
+        assert csc["capabilities"] == {"drop": ["ALL"]}
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env[HF_TOKEN_ENV] == {
+        "name": HF_TOKEN_ENV,
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
+    }
+    assert pod["terminationGracePeriodSeconds"] == 600
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_tensorboard_is_a_native_sidecar_over_the_output_volume():
+    pod = _pod(children.job(OWNER, _spec()))
+    (tb,) = pod["initContainers"]
+    assert tb["restartPolicy"] == "Always"
+    assert tb["command"][:3] == ["tensorboard", "--logdir", children.TENSORBOARD_DIR]
+    assert "--bind_all" in tb["command"]
+    assert tb["volumeMounts"] == [{"name": "output", "mountPath": "/output", "readOnly": True}]
+    pod = _pod(children.job(OWNER, _spec(tensorboard={"enabled": False})))
+    assert "initContainers" not in pod
+    svc = children.service(OWNER, _spec(tensorboard={"enabled": False}))
+    assert [p["name"] for p in svc["spec"]["ports"]] == ["metrics"]
+
+
+def test_gpus_placement_and_priority_pass_through():
+    spec = _spec(
+        resources={
+            "gpus": 2,
+            "cpu": 8,
+            "memory": "64Gi",
+            "nodeSelector": {"gft.dev/runner": "true"},
+            "tolerations": [
+                {"key": "gft.dev/runner", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "priorityClassName": "training",
+        }
+    )
+    pod = _pod(children.job(OWNER, spec))
+    res = pod["containers"][0]["resources"]
+    assert res["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
+    assert res["requests"] == res["limits"]
+    assert pod["nodeSelector"] == {"gft.dev/runner": "true"}
+    assert pod["tolerations"] == [
+        {"key": "gft.dev/runner", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["priorityClassName"] == "training"
+    cpu_only = _pod(children.job(OWNER, _spec(resources={"gpus": 0})))
+    assert cpu_only["containers"][0]["resources"] == {}
+
+
+def test_kueue_queue_creates_the_job_suspended_and_never_patches_suspend():
+    spec = _spec(queueName="gpu-queue")
+    job = children.job(OWNER, spec)
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    live = {"spec": {"suspend": False}}  # Kueue admitted it
+    assert children.job_patch(spec, live, finished=False) is None
+    live = {"spec": {"suspend": True}}
+    assert children.job_patch(_spec(queueName="gpu-queue", suspend=False), live, False) is None
+
+
+def test_job_patch_touches_only_suspend_and_ttl():
+    live = children.job(OWNER, _spec())
+    assert children.job_patch(_spec(), live, finished=False) is None
+    patch = children.job_patch(_spec(suspend=True, ttlSecondsAfterFinished=60), live, False)
+    assert patch == {"spec": {"suspend": True, "ttlSecondsAfterFinished": 60}}
+    patch = children.job_patch(_spec(suspend=True, ttlSecondsAfterFinished=60), live, True)
+    assert patch == {"spec": {"ttlSecondsAfterFinished": 60}}  # a finished Job is not suspended
+
+
+def test_ingress_when_asked_and_tensorboard_url():
+    spec = _spec(tensorboard={"ingress": {"host": "tb.example.com", "tlsSecretName": "tls"}})
+    ing = children.ingress(OWNER, spec)
+    rule = ing["spec"]["rules"][0]
+    assert rule["host"] == "tb.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"] == {
+        "name": "demo",
+        "port": {"name": "tensorboard"},
+    }
+    assert children.tensorboard_url(OWNER, spec) == "https://tb.example.com/"
+    assert children.ingress(OWNER, _spec()) is None
+    assert children.tensorboard_url(OWNER, _spec()) == "http://demo.ml.svc:6006/"
+
+
+def test_pod_annotations_extra_env_and_image():
+    spec = _spec(
+        podAnnotations={"gft.dev/kwok-exit-code": "78"},
+        env=[{"name": "FOO", "value": "bar"}],
+        image="example.com/trainer:dev",
+    )
+    job = children.job(OWNER, spec)
+    assert job["spec"]["template"]["metadata"]["annotations"] == {"gft.dev/kwok-exit-code": "78"}
+    trainer = _pod(job)["containers"][0]
+    assert {"name": "FOO", "value": "bar"} in trainer["env"]
+    assert trainer["image"] == "example.com/trainer:dev"
+    assert trainer["command"][0] == "gft-train"

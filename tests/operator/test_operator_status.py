@@ -1,0 +1,347 @@
+"""The status logic: observed Job, pods and events -> phase, conditions, attempts, result."""
+
+from __future__ import annotations
+
+from gft_api.contract import ExitCode, Outcome, TrainerSummary
+from gft_operator.status import Observed, decide
+
+NOW = "2026-01-01T00:10:00Z"
+
+
+def job(*conditions, suspend=False, **status):
+    return {
+        "metadata": {"name": "demo", "uid": "job-uid"},
+        "spec": {"suspend": suspend},
+        "status": {
+            "conditions": [
+                {"type": t, "status": "True", "reason": r, "message": m, "lastTransitionTime": NOW}
+                for t, r, m in conditions
+            ],
+            **status,
+        },
+    }
+
+
+def pod(
+    name,
+    phase="Running",
+    created="2026-01-01T00:00:00Z",
+    trainer=None,
+    conditions=(),
+    deleting=False,
+    init=None,
+    reason=None,
+):
+    meta = {"name": name, "creationTimestamp": created}
+    if deleting:
+        meta["deletionTimestamp"] = NOW
+    status = {"phase": phase, "conditions": list(conditions)}
+    if trainer is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": trainer}]
+    if init is not None:
+        status["initContainerStatuses"] = init
+    if reason:
+        status["reason"] = reason
+    return {"metadata": meta, "status": status}
+
+
+def observe(job_=None, pods=(), events=(), old=None, suspend=False, queue=None, conflict=None):
+    return Observed(
+        generation=3,
+        suspend=suspend,
+        queue_name=queue,
+        old_status=old or {},
+        job=job_,
+        pods=list(pods),
+        events=list(events),
+        job_conflict=conflict,
+    )
+
+
+def summary_message(code, reason, message, step=0, outcome=Outcome.FAILED):
+    return TrainerSummary(
+        outcome=outcome,
+        exit_code=code,
+        reason=reason,
+        message=message,
+        global_step=step,
+        last_checkpoint_step=step or None,
+        last_checkpoint=f"/output/checkpoint-{step}" if step else None,
+    ).to_termination_message()
+
+
+def conditions(status):
+    return {c["type"]: c for c in status["conditions"]}
+
+
+def test_no_job_yet_is_pending():
+    d = decide(observe(), NOW)
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "CreatingJob"
+    assert d.transition is not None
+
+
+def test_running_sets_ready_and_records_one_event():
+    running = pod("demo-a", trainer={"running": {"startedAt": NOW}})
+    d = decide(observe(job(active=1, startTime=NOW), [running]), NOW)
+    s = d.status
+    assert s["phase"] == "Running"
+    assert s["startTime"] == NOW and s["jobName"] == "demo" and s["attempts"] == 1
+    c = conditions(s)
+    assert c["Ready"]["status"] == "True" and c["Ready"]["observedGeneration"] == 3
+    assert c["Failed"]["status"] == "False"
+    assert d.transition.type == "Normal"
+    # the same observation again: no transition, conditions keep their transition time
+    again = decide(observe(job(active=1, startTime=NOW), [running], old=s), "2026-01-01T01:00:00Z")
+    assert again.transition is None
+    assert conditions(again.status)["Ready"]["lastTransitionTime"] == NOW
+
+
+def test_succeeded_keeps_result_and_completion_time():
+    done = pod(
+        "demo-a",
+        phase="Succeeded",
+        trainer={
+            "terminated": {
+                "exitCode": 0,
+                "message": summary_message(
+                    0, "Completed", "saved the adapter", step=20, outcome=Outcome.SUCCEEDED
+                ),
+            }
+        },
+    )
+    j = job(("Complete", "", ""), succeeded=1, completionTime="2026-01-01T00:09:00Z")
+    s = decide(observe(j, [done]), NOW).status
+    assert s["phase"] == "Succeeded"
+    assert s["completionTime"] == "2026-01-01T00:09:00Z"
+    assert s["result"]["outcome"] == "Succeeded"
+    assert s["lastCheckpoint"] == {"step": 20, "path": "/output/checkpoint-20"}
+    assert conditions(s)["Complete"]["status"] == "True"
+    # the Job is gone (TTL): the fine-tune stays Succeeded, no new transition
+    after = decide(observe(None, [], old=s), "2026-01-02T00:00:00Z")
+    assert after.status == s and after.transition is None
+
+
+def test_non_retryable_exit_fails_with_the_trainers_message():
+    msg = summary_message(
+        ExitCode.CONFIG_ERROR, "InvalidConfig", "config.yaml: training.learningRate: must be > 0"
+    )
+    failed = pod(
+        "demo-a",
+        phase="Failed",
+        trainer={"terminated": {"exitCode": int(ExitCode.CONFIG_ERROR), "message": msg}},
+    )
+    j = job(("Failed", "PodFailurePolicy", "Container trainer ... exit code 78"), failed=1)
+    d = decide(observe(j, [failed]), NOW)
+    assert d.status["phase"] == "Failed"
+    assert d.status["reason"] == "InvalidConfig"
+    assert "training.learningRate" in d.status["message"]
+    assert d.transition.type == "Warning"
+    assert d.status["completionTime"] == NOW
+
+
+def test_non_retryable_exit_without_summary_uses_the_exit_code():
+    failed = pod(
+        "demo-a",
+        phase="Failed",
+        trainer={
+            "terminated": {"exitCode": 66, "message": "Traceback ...\nOSError: no such model"}
+        },
+    )
+    j = job(("FailureTarget", "PodFailurePolicy", ""), failed=1)
+    s = decide(observe(j, [failed]), NOW).status
+    assert s["phase"] == "Failed" and s["reason"] == "ModelNotFound"
+    assert "no such model" in s["message"]
+
+
+def test_backoff_limit_and_deadline():
+    oom = pod(
+        "demo-b",
+        phase="Failed",
+        created="2026-01-01T00:05:00Z",
+        trainer={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+    )
+    older = pod("demo-a", phase="Failed", trainer={"terminated": {"exitCode": 1}})
+    j = job(
+        ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"), failed=2
+    )
+    s = decide(observe(j, [older, oom]), NOW).status
+    assert s["reason"] == "BackoffLimitExceeded" and "OOMKilled" in s["message"]
+    assert s["attempts"] == 2 and s["failedAttempts"] == 2
+    j = job(("Failed", "DeadlineExceeded", "Job was active longer than specified deadline"))
+    s = decide(observe(j, []), NOW).status
+    assert (s["phase"], s["reason"]) == ("Failed", "DeadlineExceeded")
+
+
+def test_a_crash_then_a_new_attempt_counts_two_attempts():
+    crashed = pod("demo-a", phase="Failed", trainer={"terminated": {"exitCode": 137}})
+    between = decide(observe(job(failed=1), [crashed]), NOW)
+    assert between.status["phase"] == "Pending"
+    assert between.status["reason"] == "AttemptFailed"
+    assert "signal 9" in between.status["message"]
+    second = pod("demo-b", created="2026-01-01T00:05:00Z", trainer={"running": {}})
+    s = decide(observe(job(failed=1, active=1), [crashed, second], old=between.status), NOW).status
+    assert s["phase"] == "Running" and s["attempts"] == 2 and s["podName"] == "demo-b"
+
+
+def test_an_evicted_pod_that_is_gone_still_counts_as_an_attempt_but_not_a_failure():
+    first = pod("demo-a", trainer={"running": {}})
+    s1 = decide(observe(job(active=1), [first]), NOW).status
+    second = pod("demo-b", created="2026-01-01T00:05:00Z", trainer={"running": {}})
+    s2 = decide(observe(job(active=1), [second], old=s1), NOW).status
+    assert s2["attempts"] == 2 and s2["failedAttempts"] == 0
+
+
+def test_disrupted_pod_is_reported_as_not_counted():
+    evicted = pod(
+        "demo-a",
+        phase="Failed",
+        trainer={"terminated": {"exitCode": 75}},
+        conditions=[
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API",
+            }
+        ],
+    )
+    s = decide(observe(job(), [evicted]), NOW).status
+    assert s["phase"] == "Pending" and s["reason"] == "EvictionByEvictionAPI"
+    assert "not counted" in s["message"]
+
+
+def test_suspend_and_queue():
+    terminating = pod("demo-a", deleting=True, trainer={"running": {}})
+    s = decide(
+        observe(job(("Suspended", "JobSuspended", ""), suspend=True), [terminating], suspend=True),
+        NOW,
+    ).status
+    assert (s["phase"], s["reason"]) == ("Suspended", "Suspending")
+    s = decide(
+        observe(job(("Suspended", "JobSuspended", ""), suspend=True), [], suspend=True, old=s), NOW
+    ).status
+    assert (s["phase"], s["reason"]) == ("Suspended", "Suspended")
+    assert conditions(s)["Suspended"]["status"] == "True"
+    assert conditions(s)["Ready"]["status"] == "False"
+    q = decide(observe(job(suspend=True), [], queue="gpu"), NOW).status
+    assert (q["phase"], q["reason"]) == ("Queued", "WaitingForAdmission")
+    # resumed: Suspended goes False; the printer columns read phase, which says Running
+    running = pod("demo-b", trainer={"running": {}})
+    r = decide(observe(job(active=1), [running], old=s), NOW).status
+    assert r["phase"] == "Running" and conditions(r)["Suspended"]["status"] == "False"
+
+
+def test_pending_reasons_a_user_can_act_on():
+    unsched = pod(
+        "demo-a",
+        phase="Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/5 nodes are available: 5 Insufficient nvidia.com/gpu.",
+            }
+        ],
+    )
+    s = decide(observe(job(active=1), [unsched]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Pending", "Unschedulable")
+    assert "Insufficient nvidia.com/gpu" in s["message"]
+
+    pvc = pod(
+        "demo-a",
+        phase="Pending",
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/5 nodes are available: "
+                "pod has unbound immediate PersistentVolumeClaims.",
+            }
+        ],
+    )
+    assert decide(observe(job(active=1), [pvc]), NOW).status["reason"] == (
+        "PersistentVolumeClaimNotBound"
+    )
+
+    secret = pod(
+        "demo-a",
+        phase="Pending",
+        trainer={
+            "waiting": {"reason": "CreateContainerConfigError", "message": 'secret "hf" not found'}
+        },
+    )
+    s = decide(observe(job(active=1), [secret]), NOW).status
+    assert s["reason"] == "SecretNotFound" and 'secret "hf"' in s["message"]
+
+    image = pod(
+        "demo-a",
+        phase="Pending",
+        trainer={"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}},
+    )
+    assert decide(observe(job(active=1), [image]), NOW).status["reason"] == "ImagePullFailed"
+
+    mount = pod("demo-a", phase="Pending")
+    ev = {
+        "reason": "FailedMount",
+        "involvedObject": {"kind": "Pod", "name": "demo-a"},
+        "message": 'MountVolume.SetUp failed for volume "dataset-configmap" : '
+        'configmap "records" not found',
+    }
+    assert decide(observe(job(active=1), [mount], [ev]), NOW).status["reason"] == (
+        "ConfigMapNotFound"
+    )
+
+
+def test_failed_create_surfaces_pod_security_and_quota():
+    ev = {
+        "reason": "FailedCreate",
+        "type": "Warning",
+        "involvedObject": {"kind": "Job", "name": "demo", "uid": "job-uid"},
+        "lastTimestamp": NOW,
+        "message": 'Error creating: pods "demo-x" is forbidden: violates PodSecurity '
+        '"restricted:latest": runAsNonRoot != true',
+    }
+    s = decide(observe(job(), [], [ev]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Pending", "PodSecurityViolation")
+    assert "runAsNonRoot" in s["message"]
+    ev["message"] = 'Error creating: pods "demo-x" is forbidden: exceeded quota: gpu'
+    assert decide(observe(job(), [], [ev]), NOW).status["reason"] == "QuotaExceeded"
+
+
+def test_a_job_owned_by_someone_else_is_reported():
+    s = decide(observe(job(), conflict="a Job named demo exists"), NOW).status
+    assert s["reason"] == "JobConflict"
+
+
+def test_a_finished_pod_before_the_job_completes_does_not_flap_to_pending():
+    done = pod("demo-a", phase="Succeeded", trainer={"terminated": {"exitCode": 0}})
+    s = decide(observe(job(active=0, succeeded=1), [done]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Running", "TrainerFinished")
+
+
+def test_a_trainer_that_ended_in_a_still_running_pod_is_not_starting_again():
+    ending = pod("demo-a", trainer={"terminated": {"exitCode": 0}})
+    s = decide(observe(job(active=1), [ending]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Running", "TrainerFinished")
+    crashed = pod("demo-a", trainer={"terminated": {"exitCode": 137}})
+    s = decide(observe(job(active=1), [crashed]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Pending", "AttemptFailed")
+
+
+def test_a_clean_stop_after_a_checkpoint_is_not_a_failed_attempt():
+    msg = summary_message(
+        75,
+        "StoppedAfterCheckpoint",
+        "stopped by SIGTERM after a checkpoint",
+        step=40,
+        outcome=Outcome.STOPPED,
+    )
+    stopped = pod(
+        "demo-a", phase="Failed", trainer={"terminated": {"exitCode": 75, "message": msg}}
+    )
+    d = decide(observe(job(), [stopped]), NOW)
+    assert (d.status["phase"], d.status["reason"]) == ("Pending", "StoppedAfterCheckpoint")
+    assert d.transition.type == "Normal"
+    assert d.status["lastCheckpoint"]["step"] == 40
