@@ -1,0 +1,143 @@
+"""``gft-train`` from the user's side: exit codes, termination message, artifacts, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from gft_api.contract import NON_RETRYABLE_EXIT_CODES, ExitCode, TrainerSummary
+from gft_trainer import checkpoints, cli
+
+from trainer.conftest import CHAT, write_config
+from trainer.tiny import make_model_dir
+
+
+def run_cli(config: Path) -> tuple[int, TrainerSummary]:
+    cfg = yaml.safe_load(config.read_text())
+    code = cli.main(["--config", str(config)])
+    text = Path(cfg["observability"]["terminationMessagePath"]).read_text()
+    summary = TrainerSummary.from_termination_message(text)
+    assert summary is not None and summary.exit_code == code
+    return code, summary
+
+
+def test_help_explains_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "75 stopped by SIGTERM" in out
+
+
+def test_bad_config_names_the_field(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "model: {nameOrPath: x}\ndataset: {}\ntraining: {maxSteps: 0}\noutput: {dir: /tmp/x}\n"
+    )
+    term = tmp_path / "term"
+    assert cli.main(["--config", str(cfg), "--termination-message-path", str(term)]) == 78
+    summary = TrainerSummary.from_termination_message(term.read_text())
+    assert summary.reason == "InvalidConfig" and "training.maxSteps" in summary.message
+
+
+BAD_CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"'
+
+
+@pytest.mark.parametrize(
+    ("case", "expected", "pattern"),
+    [
+        ("malformed-line", ExitCode.DATA_ERROR, r"bad\.jsonl:3: not valid JSON"),
+        ("missing-field", ExitCode.DATA_ERROR, r"bad\.jsonl:2: field `output` is missing"),
+        ("empty-file", ExitCode.DATA_ERROR, r"bad\.jsonl: the file holds no records"),
+        ("roles-out-of-order", ExitCode.DATA_ERROR, r"bad\.jsonl:2: roles out of order"),
+        ("no-model", ExitCode.MODEL_NOT_FOUND, r"model\.nameOrPath: .*does-not-exist"),
+        ("fp16-gemma3", ExitCode.CONFIG_ERROR, r"training\.precision: fp16"),
+    ],
+)
+def test_bad_input_fails_fast_and_non_retryable(
+    tmp_path: Path, tiny_gemma3: Path, case: str, expected: ExitCode, pattern: str
+) -> None:
+    good = CHAT.read_text().splitlines()
+    lines = {
+        "malformed-line": [*good[:2], BAD_CHAT],
+        "missing-field": [
+            '{"instruction": "a", "output": "b"}',
+            '{"instruction": "a", "input": ""}',
+        ],
+        "empty-file": [],
+        "roles-out-of-order": [
+            good[0],
+            '{"messages": [{"role": "assistant", "content": "a"}, '
+            '{"role": "user", "content": "b"}]}',
+        ],
+    }.get(case, good)
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(line + "\n" for line in lines))
+    model = tmp_path / "does-not-exist" if case == "no-model" else tiny_gemma3
+    extra = {"training": {"precision": "fp16"}} if case == "fp16-gemma3" else {}
+    cfg = write_config(
+        tmp_path / "c.yaml", model, tmp_path / "out", dataset={"trainFiles": [str(data)]}, **extra
+    )
+    code, summary = run_cli(cfg)
+    assert code == expected and code in NON_RETRYABLE_EXIT_CODES
+    assert re.search(pattern, summary.message), summary.message
+
+
+def test_lora_run_saves_adapter_and_resumes_past_truncated_checkpoint(
+    tmp_path: Path, tiny_gemma3: Path
+) -> None:
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        out,
+        method={"type": "lora", "mergeAdapter": True, "lora": {"r": 4}},
+        training={"maxSteps": 6, "evalEverySteps": 3},
+        output={"dir": str(out), "checkpointEverySteps": 2, "keepCheckpoints": 2},
+    )
+    code, summary = run_cli(cfg)
+    assert code == 0 and summary.outcome == "Succeeded" and summary.global_step == 6
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "adapter" / "chat_template.jinja").exists()
+    assert (out / "merged" / "config.json").exists() and "merged" in summary.artifacts
+    assert json.loads((out / "summary.json").read_text())["globalStep"] == 6
+    assert summary.eval_loss is not None and summary.eval_token_accuracy is not None
+    ckpts = [p.name for p in checkpoints.all_checkpoints(out / "checkpoints")]
+    assert ckpts == ["checkpoint-4", "checkpoint-6"]  # keep 2
+    # Pretend the pod was killed while writing step 6: its marker is missing. A rerun with more
+    # steps resumes from step 4 (the newest valid), not 0 and not 6.
+    (out / "checkpoints" / "checkpoint-6" / checkpoints.MARKER).unlink()
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        out,
+        training={"maxSteps": 8},
+        output={"dir": str(out), "checkpointEverySteps": 2, "keepCheckpoints": 2},
+    )
+    code, summary = run_cli(cfg)
+    state = json.loads((out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    logged = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert code == 0 and summary.global_step == 8
+    assert logged == [2, 4, 6, 8]  # history continues from the checkpoint of step 4
+
+
+def test_full_finetune_of_multimodal_gemma3(tmp_path: Path, tiny_models: Path) -> None:
+    model = make_model_dir(tiny_models, "gemma3")
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model,
+        out,
+        method={"type": "full"},
+        training={"maxSteps": 2, "loggingEverySteps": 1},
+        data={"packing": False, "evalFraction": 0.0},
+        output={"dir": str(out), "checkpointEverySteps": 0},
+    )
+    code, summary = run_cli(cfg)
+    assert code == 0 and summary.artifacts == {"model": str(out / "model")}
+    assert (out / "model" / "config.json").exists()
+    shutil.rmtree(out)

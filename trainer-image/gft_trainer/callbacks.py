@@ -1,0 +1,168 @@
+"""Side concerns of the loop, each a small ``TrainerCallback``: the log line, TensorBoard scalars
+and stop-on-signal. (Prometheus lives in ``metrics.py``.)
+
+They read the ``logs`` dict that ``GemmaTrainer.log`` fills: ``loss``, ``token_accuracy``,
+``learning_rate``, ``grad_norm``, ``tokens_per_second``, ``samples_per_second``,
+``step_time_seconds``, ``eta_seconds``, ``tokens_total``, ``samples_total``, and for evaluation
+``eval_loss``, ``eval_token_accuracy``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from gft_trainer.errors import StopRequested
+from gft_trainer.gpu import read_gpus
+from gft_trainer.signals import StopFlag, agreed
+
+log = logging.getLogger("gft")
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "?"
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_log_line(step: int, total: int, logs: dict[str, float]) -> str | None:
+    """One line a human reads: step/total, loss, accuracy, lr, tokens/s, ETA."""
+    pct = f" ({100 * step / total:.0f}%)" if total else ""
+    if "eval_loss" in logs:
+        acc = logs.get("eval_token_accuracy")
+        return (
+            f"eval  step {step}/{total} | eval_loss {logs['eval_loss']:.4f}"
+            + (f" | eval_acc {acc:.4f}" if acc is not None else "")
+            + f" | {logs.get('eval_runtime', 0.0):.1f}s"
+        )
+    if "loss" not in logs:
+        return None
+    parts = [f"step {step}/{total}{pct}", f"epoch {logs.get('epoch', 0.0):.2f}"]
+    parts.append(f"loss {logs['loss']:.4f}")
+    if "token_accuracy" in logs:
+        parts.append(f"acc {logs['token_accuracy']:.4f}")
+    if "learning_rate" in logs:
+        parts.append(f"lr {logs['learning_rate']:.2e}")
+    if "grad_norm" in logs:
+        parts.append(f"grad {logs['grad_norm']:.3f}")
+    if "tokens_per_second" in logs:
+        parts.append(f"{logs['tokens_per_second']:,.0f} tok/s")
+    parts.append(f"ETA {format_duration(logs.get('eta_seconds'))}")
+    return " | ".join(parts)
+
+
+class LogLine(TrainerCallback):
+    """A readable line per logging step (and per evaluation), on the main process."""
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_log_line(state.global_step, state.max_steps, logs)
+        if line:
+            log.info(line)
+
+
+TB_TRAIN = {
+    "loss": "train/loss",
+    "token_accuracy": "train/token_accuracy",
+    "learning_rate": "train/learning_rate",
+    "grad_norm": "train/grad_norm",
+    "tokens_per_second": "train/tokens_per_second",
+    "samples_per_second": "train/samples_per_second",
+    "step_time_seconds": "train/step_time_seconds",
+    "epoch": "train/epoch",
+}
+TB_EVAL = {"eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy"}
+
+
+class TensorBoardScalars(TrainerCallback):
+    """Scalars for TensorBoard, flushed at every log so the sidecar shows them live."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer: Any = None
+
+    def _writer(self) -> Any:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        return self.writer
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kw: Any,
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        w = self._writer()
+        step = state.global_step
+        tags = TB_EVAL if "eval_loss" in logs else TB_TRAIN
+        for key, tag in tags.items():
+            if isinstance(logs.get(key), int | float):
+                w.add_scalar(tag, float(logs[key]), step)
+        if "loss" in logs:
+            for g in read_gpus():
+                w.add_scalar(f"gpu{g.index}/utilization_ratio", g.utilization_ratio, step)
+                w.add_scalar(f"gpu{g.index}/memory_used_bytes", g.memory_used_bytes, step)
+                if g.power_watts is not None:
+                    w.add_scalar(f"gpu{g.index}/power_watts", g.power_watts, step)
+                if g.temperature_celsius is not None:
+                    w.add_scalar(f"gpu{g.index}/temperature_celsius", g.temperature_celsius, step)
+        w.flush()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class StopOnSignal(TrainerCallback):
+    """On a stop request: save a checkpoint at this step end, then stop. Mid-evaluation: abort
+    the evaluation (raise), and the caller saves the checkpoint of the step just finished."""
+
+    def __init__(self, flag: StopFlag) -> None:
+        self.flag = flag
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        self.flag.training = True
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if agreed(self.flag.requested):
+            self.flag.requested = True
+            control.should_evaluate = False
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if agreed(self.flag.requested):
+            self.flag.requested = True
+            raise StopRequested("stop requested during evaluation")

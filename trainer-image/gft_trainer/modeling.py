@@ -1,0 +1,305 @@
+"""The model: which Gemma family, which precision and attention, load it, wrap it for the method.
+
+The decisions (``family_of``, ``choose_precision``, ``choose_attention``, ``lora_target_regex``)
+are pure functions so that each rule is tested on its own, without a model or a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from gft_api.contract import ConfigError, ModelSource
+from gft_api.training import Method, MethodType, Precision
+
+from gft_trainer.errors import ModelNotFoundError, NotPermittedError, UnsupportedError
+
+# model_type -> generation. Multimodal wrappers train only their language model.
+FAMILIES = {
+    "gemma": 1,
+    "gemma2": 2,
+    "gemma3_text": 3,
+    "gemma3": 3,
+    "gemma3n_text": 3,
+    "gemma3n": 3,
+    "gemma4_text": 4,
+    "gemma4": 4,
+}
+# Parameter-name parts that belong to towers we never train or adapt.
+FROZEN_PARTS = (
+    "vision_tower",
+    "audio_tower",
+    "multi_modal_projector",
+    "embed_vision",
+    "embed_audio",
+)
+NEVER_ADAPTED = ("lm_head",)
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cuda: bool
+    bf16: bool
+    flash_attn_version: tuple[int, ...] | None
+
+    @classmethod
+    def detect(cls) -> Hardware:
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda=cuda,
+            bf16=cuda and torch.cuda.is_bf16_supported(),
+            flash_attn_version=_flash_attn_version(),
+        )
+
+
+def _flash_attn_version() -> tuple[int, ...] | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return tuple(int(p) for p in importlib.metadata.version("flash_attn").split(".")[:2])
+    except (ValueError, importlib.metadata.PackageNotFoundError):
+        return None
+
+
+def family_of(model_type: str) -> int:
+    """Gemma generation (1-4) of a config's ``model_type``; anything else is a config error."""
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            f"model.nameOrPath: model_type `{model_type}` is not a Gemma causal LM; "
+            f"supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return FAMILIES[model_type]
+
+
+def choose_precision(requested: Precision, generation: int, hw: Hardware) -> Precision:
+    """bf16 where the GPU has it, fp32 on CPU; fp16 refused for Gemma 3 and newer."""
+    if requested == Precision.FP16:
+        if generation >= 3:
+            raise ConfigError(
+                "training.precision: fp16 overflows Gemma 3 and newer activations; "
+                "use bf16 (or auto)"
+            )
+        if not hw.cuda:
+            raise UnsupportedError("training.precision: fp16 needs a CUDA GPU; use auto or fp32")
+    if requested == Precision.BF16 and hw.cuda and not hw.bf16:
+        raise UnsupportedError("training.precision: this GPU has no bf16; use auto")
+    if requested != Precision.AUTO:
+        return requested
+    return Precision.BF16 if hw.bf16 else Precision.FP32
+
+
+def choose_attention(requested: str, model_type: str, hw: Hardware) -> str:
+    """Gemma 2's logit soft-capping needs eager attention or FlashAttention >= 2.6, never SDPA."""
+    fa_ok = hw.cuda and hw.flash_attn_version is not None
+    gemma2 = model_type == "gemma2"
+    if requested == "flash_attention_2":
+        if not fa_ok:
+            raise UnsupportedError(
+                "model.attnImplementation: flash_attention_2 needs CUDA and the flash-attn "
+                "package; use auto"
+            )
+        if gemma2 and hw.flash_attn_version < (2, 6):
+            raise UnsupportedError(
+                "model.attnImplementation: Gemma 2 soft-capping needs flash-attn >= 2.6; use eager"
+            )
+        return requested
+    if gemma2:
+        if requested == "sdpa":
+            raise ConfigError(
+                "model.attnImplementation: SDPA cannot do Gemma 2's logit soft-capping; "
+                "use eager, flash_attention_2 (>= 2.6) or auto"
+            )
+        if requested == "auto":
+            return "flash_attention_2" if fa_ok and hw.flash_attn_version >= (2, 6) else "eager"
+    return "sdpa" if requested == "auto" else requested
+
+
+def torch_dtype(precision: Precision) -> torch.dtype:
+    return {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}.get(
+        precision, torch.float32
+    )
+
+
+def lora_target_regex(module_names: list[str], targets: list[str]) -> str:
+    """A peft ``target_modules`` regex naming exactly the linear layers to adapt: those of the
+    language model whose last name part is requested; ``all-linear`` means all of them. Never
+    the output head or a vision/audio tower. Full names, so that a ``ModuleList`` index of a
+    linear (``...projections.0``) can never also match a decoder layer (``layers.0``)."""
+    candidates = [n for n in module_names if not _excluded(n)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+    wanted = set(leaves) if "all-linear" in targets else set(targets)
+    missing = sorted(wanted - set(leaves))
+    if missing or not wanted:
+        raise ConfigError(
+            f"method.lora.targetModules: {missing or sorted(wanted)} not among the model's "
+            f"linear layers {leaves}"
+        )
+    chosen = [n for n in candidates if n.rsplit(".", 1)[-1] in wanted]
+    return "^(?:" + "|".join(map(re.escape, chosen)) + ")$"
+
+
+def _excluded(name: str) -> bool:
+    return any(p in name for p in FROZEN_PARTS + NEVER_ADAPTED)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def is_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(LOCAL_PREFIXES) or Path(name_or_path).exists()
+
+
+def resolve(source: ModelSource, cache_dir: str | None) -> Path:
+    """A local folder holding the model: the given one, or the hub snapshot (cached)."""
+    if is_local(source.name_or_path):
+        path = Path(source.name_or_path).expanduser()
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(
+                f"model.nameOrPath: {path} is not a model folder (no config.json); "
+                "check the path and the volume mount"
+            )
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                source.name_or_path,
+                revision=source.revision,
+                cache_dir=cache_dir,
+                token=os.environ.get("HF_TOKEN") or None,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"],
+            )
+        )
+    except GatedRepoError as e:
+        raise NotPermittedError(
+            f"model.nameOrPath: {source.name_or_path} is gated: accept its licence on the hub "
+            "with the account whose token is in HF_TOKEN (spec.model.hfTokenSecretRef)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise ModelNotFoundError(
+            f"model.nameOrPath: no model {source.name_or_path} on the hub, or it is private "
+            "and HF_TOKEN cannot read it; check the id and the token"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise ModelNotFoundError(f"model.revision: {source.revision} not found") from e
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise NotPermittedError(
+                f"model.nameOrPath: the hub refused {source.name_or_path} ({status}): accept "
+                "the licence or fix the token in HF_TOKEN"
+            ) from e
+        raise
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    model_type: str
+    generation: int
+    precision: Precision
+    attention: str
+    path: Path
+
+
+def read_model_type(path: Path) -> str:
+    import json
+
+    return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
+
+
+def load(
+    source: ModelSource, method: Method, precision: Precision, cache_dir: str | None, hw: Hardware
+) -> LoadedModel:
+    """Load the model and tokenizer, decide precision and attention, apply the method."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if method.type == MethodType.QLORA and not hw.cuda:
+        raise UnsupportedError("method.type: qlora needs a CUDA GPU; use lora on this machine")
+    path = resolve(source, cache_dir)
+    model_type = read_model_type(path)
+    generation = family_of(model_type)
+    chosen = choose_precision(precision, generation, hw)
+    attention = choose_attention(source.attn_implementation, model_type, hw)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(chosen), "attn_implementation": attention}
+    if method.type == MethodType.QLORA:
+        kwargs["quantization_config"] = _nf4_config(chosen)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = apply_method(model, method)
+    return LoadedModel(model, tokenizer, model_type, generation, chosen, attention, path)
+
+
+def _nf4_config(precision: Precision) -> Any:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedError(
+            "method.type: qlora needs the bitsandbytes package, which this image lacks; "
+            "use the CUDA trainer image or method lora"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch_dtype(precision),
+    )
+
+
+def apply_method(model: Any, method: Method) -> Any:
+    """LoRA/QLoRA: wrap with a peft adapter; full: train all but the frozen towers."""
+    if method.type == MethodType.FULL:
+        for name, p in model.named_parameters():
+            p.requires_grad = not _excluded(name) or name.startswith("lm_head")
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.type == MethodType.QLORA:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    linear = [n for n, m in model.named_modules() if _is_linear(m)]
+    config = LoraConfig(
+        r=method.lora.r,
+        lora_alpha=method.lora.alpha,
+        lora_dropout=method.lora.dropout,
+        target_modules=lora_target_regex(linear, method.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def needs_token_type_ids(model: Any) -> bool:
+    """Gemma 3's multimodal class wants ``token_type_ids`` while training."""
+    return read_attr(model, "config.model_type") == "gemma3"
+
+
+def read_attr(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,378 @@
+"""One fine-tune, start to end: load, prepare data, run transformers' ``Trainer``, save, summarise.
+
+``GemmaTrainer`` adds three things to ``Trainer`` and nothing else: token accuracy computed
+inside ``compute_loss`` (the argmax is taken while the logits exist anyway, then they are
+dropped), throughput and ETA in the logs, and checkpoints that carry a completion marker and are
+rotated only once complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from gft_api.contract import ExitCode, Outcome, TrainerConfig, TrainerSummary
+from gft_api.training import MethodType, Precision
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from gft_trainer import checkpoints, data, modeling
+from gft_trainer.callbacks import LogLine, StopOnSignal, TensorBoardScalars
+from gft_trainer.errors import StopRequested
+from gft_trainer.metrics import PrometheusMetrics
+from gft_trainer.signals import StopFlag
+
+log = logging.getLogger("gft")
+
+
+class GemmaTrainer(Trainer):
+    def __init__(self, *args: Any, keep_checkpoints: int = 2, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keep_checkpoints = keep_checkpoints
+        self.pad_id = self.processing_class.pad_token_id if self.processing_class else 0
+        self._zero = torch.zeros((), dtype=torch.long, device=self.args.device)
+        # [correct, counted] next-token predictions, per mode; tokens and rows since the last log
+        self._acc = {
+            True: [self._zero.clone(), self._zero.clone()],
+            False: [self._zero.clone(), self._zero.clone()],
+        }
+        self._tokens = self._zero.clone()
+        self._rows = 0
+        self._last_log = (time.monotonic(), 0)
+        self._start: tuple[float, int] | None = None
+        self.last_checkpoint: Path | None = None
+
+    # -- loss and accuracy
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        labels = inputs["labels"]
+        with torch.no_grad():
+            logits = outputs["logits"]
+            target = labels[:, 1:]
+            mask = target != data.IGNORE_INDEX
+            hit = (logits[:, :-1].argmax(dim=-1) == target) & mask
+            acc = self._acc[model.training]
+            acc[0] += hit.sum()
+            acc[1] += mask.sum()
+            if model.training:
+                self._tokens += (inputs["input_ids"] != self.pad_id).sum()
+                self._rows += labels.shape[0]
+        del logits
+        outputs["logits"] = None  # nothing downstream needs the 256k-wide logits
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._acc[False] = [self._zero.clone(), self._zero.clone()]
+        return super().evaluate(*args, **kwargs)
+
+    # -- logs: accuracy, throughput, ETA
+
+    def _sum(self, *values: torch.Tensor | float) -> list[float]:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            if dist.get_backend() != "nccl":
+                t = t.cpu()
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            self._add_train_stats(logs)
+        if "eval_loss" in logs:
+            correct, counted = self._sum(*self._acc[False])
+            if counted:
+                logs["eval_token_accuracy"] = correct / counted
+        super().log(logs, start_time)
+
+    def _add_train_stats(self, logs: dict[str, float]) -> None:
+        correct, counted, tokens, rows = self._sum(*self._acc[True], self._tokens, self._rows)
+        self._acc[True] = [self._zero.clone(), self._zero.clone()]
+        self._tokens = self._zero.clone()
+        self._rows = 0
+        now, step = time.monotonic(), self.state.global_step
+        then, then_step = self._last_log
+        self._last_log = (now, step)
+        if self._start is None:
+            self._start = (then, then_step)
+        dt = max(now - then, 1e-9)
+        if counted:
+            logs["token_accuracy"] = correct / counted
+        logs["tokens_per_second"] = tokens / dt
+        logs["samples_per_second"] = rows / dt
+        if step > then_step:
+            logs["step_time_seconds"] = dt / (step - then_step)
+        self.state.num_input_tokens_seen = int(self.state.num_input_tokens_seen + tokens)
+        logs["tokens_total"] = float(self.state.num_input_tokens_seen)
+        self._samples_total = getattr(self, "_samples_total", 0.0) + rows
+        logs["samples_total"] = self._samples_total
+        start, start_step = self._start
+        if step > start_step:
+            per_step = (now - start) / (step - start_step)
+            logs["eta_seconds"] = per_step * max(0, self.state.max_steps - step)
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
+        self._last_log = (time.monotonic(), self.state.global_step)
+        return super()._inner_training_loop(*args, **kwargs)
+
+    # -- checkpoints
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank wrote its part (RNG state, shards) before the marker
+        if self.args.should_save:
+            checkpoints.mark_complete(path, self.state.global_step)
+            checkpoints.rotate(path.parent, self.keep_checkpoints)
+        self.last_checkpoint = path
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Plan:
+    """Numbers decided before training starts."""
+
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan(config: TrainerConfig, train_rows: int, world_size: int) -> Plan:
+    h = config.training
+    per_step = h.batch_size * h.gradient_accumulation_steps * world_size
+    steps_per_epoch = max(1, math.ceil(train_rows / per_step))
+    total = h.max_steps if h.max_steps else max(1, math.ceil(h.epochs * steps_per_epoch))
+    return Plan(world_size, steps_per_epoch, total, math.ceil(h.warmup_ratio * total))
+
+
+def training_arguments(
+    config: TrainerConfig, p: Plan, precision: Precision, cuda: bool, has_eval: bool
+) -> TrainingArguments:
+    h, out = config.training, config.output
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if h.eval_every_steps else "epoch"
+    full_sharded = config.method.type == MethodType.FULL and p.world_size > 1 and cuda
+    return TrainingArguments(
+        output_dir=str(Path(out.dir) / "checkpoints"),
+        run_name=config.run_name,
+        max_steps=p.total_steps,
+        per_device_train_batch_size=h.batch_size,
+        per_device_eval_batch_size=h.batch_size,
+        gradient_accumulation_steps=h.gradient_accumulation_steps,
+        learning_rate=h.learning_rate,
+        lr_scheduler_type=h.lr_scheduler.value,
+        warmup_steps=p.warmup_steps,
+        weight_decay=h.weight_decay,
+        max_grad_norm=h.max_grad_norm if h.max_grad_norm > 0 else 0.0,
+        gradient_checkpointing=h.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+        if h.gradient_checkpointing
+        else None,
+        bf16=precision == Precision.BF16,
+        fp16=precision == Precision.FP16,
+        seed=h.seed,
+        data_seed=h.seed,
+        logging_strategy="steps",
+        logging_steps=h.logging_every_steps,
+        eval_strategy=eval_strategy,
+        eval_steps=h.eval_every_steps or None,
+        eval_on_start=has_eval and h.eval_on_start,
+        save_strategy="steps" if out.checkpoint_every_steps else "no",
+        save_steps=out.checkpoint_every_steps or 500,
+        save_total_limit=None,  # GemmaTrainer rotates, counting only complete checkpoints
+        prediction_loss_only=True,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not cuda,
+        ddp_backend="gloo" if p.world_size > 1 and not cuda else None,
+        ddp_find_unused_parameters=False,
+        fsdp="full_shard auto_wrap" if full_sharded else "",
+        fsdp_config={"use_orig_params": True} if full_sharded else None,
+    )
+
+
+@dataclass
+class RunResult:
+    summary: TrainerSummary
+    metrics_port: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run(
+    config: TrainerConfig, stop: StopFlag, metrics_port_file: Path | None = None
+) -> TrainerSummary:
+    """The whole fine-tune. Raises on failure (the CLI maps the exception to an exit code)."""
+    started = time.monotonic()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    rank, world_size = world()
+    out = Path(config.output.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = data.read_and_check(config.dataset, config.data, config.training.seed)
+    hw = modeling.Hardware.detect()
+    cache_dir = config.model.cache_dir or str(out / "hub-cache")
+    loaded = modeling.load(config.model, config.method, config.training.precision, cache_dir, hw)
+    loaded.model.config.use_cache = False  # a cache would hide packed examples from the mask
+    trainable, total = modeling.count_parameters(loaded.model)
+    log.info(
+        "model %s (%s, Gemma %d): %s params, %s trainable (%s), %s, attention %s",
+        config.model.name_or_path,
+        loaded.model_type,
+        loaded.generation,
+        f"{total:,}",
+        f"{trainable:,}",
+        config.method.type.value,
+        loaded.precision.value,
+        loaded.attention,
+    )
+    tok = data.Tokenizer(loaded.tokenizer)
+    prepared = data.prepare(tok, records, config.data, config.data.packing)
+    p = plan(config, len(prepared.train), world_size)
+    log.info(
+        "data: %d train examples -> %d rows, %d eval examples; %d steps (%d per epoch)",
+        prepared.train_examples,
+        len(prepared.train),
+        prepared.eval_examples,
+        p.total_steps,
+        p.steps_per_epoch,
+    )
+    args = training_arguments(config, p, loaded.precision, hw.cuda, prepared.eval is not None)
+    prometheus = PrometheusMetrics(config.run_name)
+    tb_dir = Path(config.observability.tensorboard_dir or out / "tensorboard")
+    # The log line last: once it shows a step, TensorBoard and /metrics already hold it.
+    callbacks = [TensorBoardScalars(tb_dir), prometheus, LogLine(), StopOnSignal(stop)]
+    trainer = GemmaTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        data_collator=data.Collator(tok.pad_id, modeling.needs_token_type_ids(loaded.model)),
+        processing_class=loaded.tokenizer,
+        callbacks=callbacks,
+        keep_checkpoints=config.output.keep_checkpoints,
+    )
+    trainer.remove_callback(PrinterCallback)  # LogLine prints what a human needs
+    if rank == 0 and config.observability.metrics_port:
+        port = prometheus.serve(
+            config.observability.metrics_bind_address, config.observability.metrics_port
+        )
+        log.info("metrics on http://%s:%d/metrics", config.observability.metrics_bind_address, port)
+        if metrics_port_file:
+            metrics_port_file.write_text(str(port))
+    resume = checkpoints.newest_valid(Path(args.output_dir))
+    if resume:
+        log.info("resuming from %s", resume)
+    stop.training = True
+    if stop.requested:
+        raise StopRequested("stop requested before training started")
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        stopped = stop.requested
+    except StopRequested:
+        log.info(
+            "stop requested during evaluation; saving the checkpoint of step %d",
+            trainer.state.global_step,
+        )
+        trainer._save_checkpoint(trainer.model, trial=None)
+        result, stopped = None, True
+    summary = TrainerSummary(
+        outcome=Outcome.STOPPED if stopped else Outcome.SUCCEEDED,
+        exit_code=int(ExitCode.STOPPED if stopped else ExitCode.SUCCESS),
+        reason="StoppedAfterCheckpoint" if stopped else "Completed",
+        global_step=trainer.state.global_step,
+        total_steps=p.total_steps,
+        epoch=trainer.state.epoch,
+        train_loss=result.training_loss if result else None,
+        train_tokens=int(trainer.state.num_input_tokens_seen) or None,
+        runtime_seconds=round(time.monotonic() - started, 3),
+    )
+    try:
+        if stopped:
+            summary.message = f"stopped by {stop.signal_name or 'signal'} after a checkpoint"
+        else:
+            if prepared.eval is not None:
+                metrics = last_eval(trainer) or trainer.evaluate()
+                summary.eval_loss = metrics.get("eval_loss")
+                summary.eval_token_accuracy = metrics.get("eval_token_accuracy")
+            summary.artifacts = save_artifacts(trainer, loaded, config, out)
+            summary.message = f"trained {summary.global_step} steps"
+        ckpt = checkpoints.newest_valid(Path(args.output_dir))
+        if ckpt:
+            summary.last_checkpoint = str(ckpt)
+            summary.last_checkpoint_step = checkpoints.step_of(ckpt)
+        if summary.train_tokens and summary.runtime_seconds:
+            summary.tokens_per_second = round(summary.train_tokens / summary.runtime_seconds, 2)
+    finally:
+        for cb in callbacks:
+            if isinstance(cb, TensorBoardScalars):
+                cb.close()
+        prometheus.shutdown()
+    return summary
+
+
+def last_eval(trainer: GemmaTrainer) -> dict[str, float] | None:
+    """The evaluation logged at the final step, if the loop already ran one."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            return entry if entry.get("step") == trainer.state.global_step else None
+    return None
+
+
+def save_artifacts(
+    trainer: GemmaTrainer, loaded: modeling.LoadedModel, config: TrainerConfig, out: Path
+) -> dict[str, str]:
+    """The adapter (or full model), and optionally the merged model; each folder appears whole."""
+    kind = "model" if config.method.type == MethodType.FULL else "adapter"
+    artifacts = {kind: str(out / kind)}
+    _atomic_save(out / kind, lambda tmp: trainer.save_model(str(tmp)), trainer)
+    if trainer.args.should_save:
+        _atomic_tokenizer(out / kind, loaded.tokenizer)
+    if config.method.merge_adapter and kind == "adapter":
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.args.should_save:
+            _atomic_save(out / "merged", lambda tmp: merged.save_pretrained(tmp), trainer)
+            _atomic_tokenizer(out / "merged", loaded.tokenizer)
+        artifacts["merged"] = str(out / "merged")
+    return artifacts
+
+
+def _atomic_save(target: Path, save: Any, trainer: GemmaTrainer) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    if trainer.args.should_save and tmp.exists():
+        shutil.rmtree(tmp)
+    save(tmp)
+    if trainer.args.should_save:
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+
+
+def _atomic_tokenizer(target: Path, tokenizer: Any) -> None:
+    tokenizer.save_pretrained(str(target))
