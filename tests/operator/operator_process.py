@@ -195,3 +195,25 @@ def scratch(installed):
     installed.kubectl("create", "namespace", name)
     yield name
     installed.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def watch_job_events(c, namespace: str) -> subprocess.Popen:
+    """``kubectl get jobs --watch``: one ``TYPE NAME`` line per watch event, on stdout."""
+    return subprocess.Popen(
+        [
+            str(c.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(c.kubeconfig),
+            "get",
+            "jobs",
+            "-n",
+            namespace,
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            'jsonpath={.type} {.object.metadata.name}{"\\n"}',
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=c.env,
+    )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import pytest
@@ -24,6 +23,7 @@ from operator_process import (  # noqa: F401 (fixtures)
     running_operator,
     scratch,
     wait_phase,
+    watch_job_events,
 )
 from operator_samples import finetune
 
@@ -428,24 +428,7 @@ def test_a_finished_run_is_not_restarted_when_its_job_goes(operator, namespace):
 @pytest.mark.slow
 def test_operator_killed_and_restarted_ten_times_creates_one_job(operator, namespace):
     c = operator.cluster
-    watch = subprocess.Popen(
-        [
-            str(c.bin_dir / "kubectl"),
-            "--kubeconfig",
-            str(c.kubeconfig),
-            "get",
-            "jobs",
-            "-n",
-            namespace,
-            "--watch",
-            "--output-watch-events",
-            "-o",
-            'jsonpath={.type} {.object.metadata.name}{"\\n"}',
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=c.env,
-    )
+    watch = watch_job_events(c, namespace)
     try:
         time.sleep(1)
         apply(c, namespace, finetune("sturdy", resources={"gpus": 16}))

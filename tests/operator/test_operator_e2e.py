@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from operator_process import (  # noqa: F401 (fixtures)
     running_operator,
     scratch,
     wait_phase,
+    watch_job_events,
 )
 from operator_samples import finetune
 
@@ -324,24 +324,7 @@ def test_operator_killed_ten_times_mid_run(running_operator, namespace, model_di
     created (counted from a watch), and the status carries on to Succeeded."""
     op = running_operator
     c = op.cluster
-    watch = subprocess.Popen(
-        [
-            str(c.bin_dir / "kubectl"),
-            "--kubeconfig",
-            str(c.kubeconfig),
-            "get",
-            "jobs",
-            "-n",
-            namespace,
-            "--watch",
-            "--output-watch-events",
-            "-o",
-            'jsonpath={.type} {.object.metadata.name}{"\\n"}',
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        env=c.env,
-    )
+    watch = watch_job_events(c, namespace)
     try:
         apply(c, namespace, on_runner("steady", model_dir, max_steps=400))
         running_pod(c, namespace, "steady")
