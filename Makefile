@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m proving_ground
 export PYTHONPATH := $(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast demo cluster-up cluster-down tools
+.PHONY: help venv lock lint test test-fast demo cluster-up cluster-down tools system-deps
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,7 +39,12 @@ lock: | $(UV) ## re-resolve requirements.lock from pyproject.toml
 	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
 		--python-version 3.11 -o requirements.lock
 
-tools: venv ## build (once, cached) the control plane, etcd and KWOK
+system-deps: ## Debian packages the proving ground needs (installed only when missing)
+	@missing=""; for t in openssl:openssl ip:iproute2 unshare:util-linux; do \
+		command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+
+tools: venv system-deps ## build (once, cached) the control plane, etcd and KWOK
 	$(PG) build
 
 lint: venv ## ruff
