@@ -40,9 +40,10 @@ lock: | $(UV) ## re-resolve requirements.lock from pyproject.toml
 		--python-version 3.11 -o requirements.lock
 
 system-deps: ## Debian packages the proving ground needs (installed only when missing)
-	@missing=""; for t in openssl:openssl ip:iproute2 unshare:util-linux; do \
+	@missing=""; for t in openssl:openssl ip:iproute2 unshare:util-linux \
+		prometheus:prometheus; do \
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
-	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing; fi
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; fi
 
 tools: venv system-deps ## build (once, cached) the control plane, etcd and KWOK
 	$(PG) build

@@ -409,7 +409,13 @@ class TensorBoardSpec(ApiModel):
     """Image of the sidecar; the trainer's image when empty (it ships TensorBoard)."""
 
     ingress: TensorBoardIngress | None = None
-    """Expose TensorBoard through an Ingress; may be added, changed or removed at any time."""
+    """Expose TensorBoard through an Ingress; may be added, changed or removed at any time.
+    TensorBoard serves under the Ingress's path (``--path_prefix``); the sidecar takes the path
+    the Ingress had when the fine-tune was created."""
+
+    keep_after_finish_seconds: Annotated[int, Field(ge=0, le=2_592_000)] = 3600
+    """After the run ends (the sidecar stops with the trainer), keep TensorBoard answering at
+    the same address this long, from a small Deployment over the output volume; 0: not at all."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -771,4 +777,5 @@ def child_names(name: str) -> dict[str, str]:
         "ingress": name,
         "configmap": f"{name}-config",
         "pvc": f"{name}-output",
+        "tensorboard": f"{name}-tb",
     }

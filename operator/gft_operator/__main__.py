@@ -20,8 +20,9 @@ import sys
 
 import kopf
 
-from gft_operator import children, handlers
+from gft_operator import children, handlers, monitoring
 from gft_operator.kube import Kube, load_config
+from gft_operator.scraper import Access, Scraper
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,6 +62,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="how often unfinished GemmaFineTunes are reconciled without an event",
     )
     p.add_argument(
+        "--metrics-address",
+        default=os.environ.get("GFT_METRICS_ADDRESS", "0.0.0.0:8081"),
+        help="host:port of the operator's own Prometheus endpoint (/metrics); empty turns it off",
+    )
+    p.add_argument(
+        "--metrics-interval",
+        type=float,
+        default=10.0,
+        help="seconds between reads of each trainer's /metrics; also the shortest time between "
+        "two live-status writes of one GemmaFineTune (0 turns live status off)",
+    )
+    p.add_argument(
+        "--metrics-timeout",
+        type=float,
+        default=5.0,
+        help="seconds one read of a trainer's /metrics may take",
+    )
+    p.add_argument(
+        "--metrics-access",
+        choices=["auto", *(a.value for a in Access)],
+        default="auto",
+        help="how trainers' /metrics are reached: pod-ip (in the cluster), proxy (through the "
+        "API server's pod proxy, from outside it); auto: pod-ip in a pod, proxy elsewhere",
+    )
+    p.add_argument(
+        "--metrics-startup-grace",
+        type=float,
+        default=600.0,
+        help="seconds a new trainer may take to open its /metrics before that is reported",
+    )
+    p.add_argument(
         "--peering",
         default=None,
         help="kopf peering name (several replicas); standalone when absent",
@@ -80,19 +112,37 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("kopf").setLevel(logging.WARNING)
     kubeconfig = args.kubeconfig  # None: in cluster (service account), else ~/.kube/config
-    handlers.RUNTIME.kube = Kube(load_config(kubeconfig))
+    kube = Kube(load_config(kubeconfig))
+    handlers.RUNTIME.kube = kube
     handlers.RUNTIME.defaults = children.Defaults(
         image=args.trainer_image, run_as_user=args.run_as_user
     )
     handlers.RUNTIME.namespaces = list(args.namespace)
     handlers.RUNTIME.resync_seconds = args.resync_seconds
+    access = _access(args.metrics_access, kubeconfig)
+    if args.metrics_interval > 0:
+        handlers.RUNTIME.metrics_interval = args.metrics_interval
+        handlers.RUNTIME.metrics_startup_grace = args.metrics_startup_grace
+        handlers.RUNTIME.scraper = Scraper(
+            kube,
+            access,
+            interval=args.metrics_interval,
+            timeout=min(args.metrics_timeout, args.metrics_interval),
+            sink=handlers.write_live_status,
+        )
+    if args.metrics_address:
+        monitoring.serve(args.metrics_address)
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it
     liveness = f"http://{args.health_address}/healthz" if args.health_address else None
     logging.getLogger("gft_operator").info(
-        "starting: namespaces=%s, health=%s, peering=%s",
+        "starting: namespaces=%s, health=%s, metrics=%s, trainer metrics every %gs via %s, "
+        "peering=%s",
         ",".join(args.namespace) or "all",
         liveness or "off",
+        f"http://{args.metrics_address}/metrics" if args.metrics_address else "off",
+        args.metrics_interval,
+        access.value if args.metrics_interval > 0 else "off",
         args.peering or "standalone",
     )
     kopf.run(
@@ -104,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         liveness_endpoint=liveness,
     )
     return 0
+
+
+def _access(choice: str, kubeconfig: str | None) -> Access:
+    """In a pod the trainers' pod IPs are reachable; from elsewhere only the API server is."""
+    if choice != "auto":
+        return Access(choice)
+    in_cluster = not kubeconfig and os.environ.get("KUBERNETES_SERVICE_HOST")
+    return Access.POD_IP if in_cluster else Access.PROXY
 
 
 if __name__ == "__main__":

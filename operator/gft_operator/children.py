@@ -220,7 +220,9 @@ def service(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest:
             "kind": "Service",
             "metadata": _meta(owner, child_names(owner.name)["service"], "service"),
             "spec": {
-                "selector": {NAME_LABEL: owner.name, "app.kubernetes.io/component": TRAINER},
+                # The trainer pod while it runs, the TensorBoard Deployment's pod after it
+                # (a finished trainer pod is not ready, so it drops out of the endpoints).
+                "selector": {NAME_LABEL: owner.name},
                 "ports": ports,
             },
         },
@@ -279,7 +281,69 @@ def tensorboard_url(owner: Owner, spec: GemmaFineTuneSpec) -> str | None:
         scheme = "https" if ing.tls_secret_name else "http"
         return f"{scheme}://{ing.host}{ing.path}"
     svc = child_names(owner.name)["service"]
-    return f"http://{svc}.{owner.namespace}.svc:{TENSORBOARD_PORT}/"
+    return f"http://{svc}.{owner.namespace}.svc:{TENSORBOARD_PORT}{tensorboard_prefix(spec)}/"
+
+
+def tensorboard_prefix(spec: GemmaFineTuneSpec) -> str:
+    """TensorBoard's ``--path_prefix``: the Ingress path without its trailing slash."""
+    ing = spec.tensorboard.ingress
+    return ing.path.rstrip("/") if ing is not None else ""
+
+
+def tensorboard_container(spec: GemmaFineTuneSpec, image: str) -> Manifest:
+    """TensorBoard over the output volume's event files (read-only)."""
+    command = ["tensorboard", "--logdir", TENSORBOARD_DIR, "--bind_all"]
+    command += ["--port", str(TENSORBOARD_PORT)]
+    if tensorboard_prefix(spec):
+        command += ["--path_prefix", tensorboard_prefix(spec)]
+    return {
+        "name": TENSORBOARD,
+        "image": spec.tensorboard.image or image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": command,
+        "ports": [{"name": TENSORBOARD, "containerPort": TENSORBOARD_PORT}],
+        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+        "volumeMounts": [{"name": "output", "mountPath": OUTPUT_DIR, "readOnly": True}],
+        "securityContext": _CONTAINER_SECURITY,
+    }
+
+
+def tensorboard_deployment(
+    owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()
+) -> Manifest:
+    """TensorBoard after the run: the sidecar stopped with the trainer, this serves the same
+    event files behind the same Service until ``keepAfterFinishSeconds`` has passed."""
+    name = child_names(owner.name)["tensorboard"]
+    pod_labels = {**labels(owner.name), "app.kubernetes.io/component": TENSORBOARD}
+    pod_spec: Manifest = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(defaults),
+        "containers": [tensorboard_container(spec, spec.image or defaults.image)],
+        "volumes": [
+            {
+                "name": "output",
+                "persistentVolumeClaim": {
+                    "claimName": output_claim_name(owner, spec),
+                    "readOnly": True,
+                },
+            }
+        ],
+    }
+    _place(pod_spec, spec)
+    return _adopt(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": _meta(owner, name, TENSORBOARD),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": pod_labels},
+                "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+            },
+        },
+        owner,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +463,26 @@ def _volumes(owner: Owner, spec: GemmaFineTuneSpec) -> tuple[list[Manifest], lis
     return volumes, mounts
 
 
+def _pod_security(defaults: Defaults) -> Manifest:
+    """The pod security context the restricted PodSecurity level admits."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": defaults.run_as_user,
+        "runAsGroup": defaults.run_as_user,
+        "fsGroup": defaults.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _place(pod_spec: Manifest, spec: GemmaFineTuneSpec) -> None:
+    """Node selector and tolerations of the spec (TensorBoard goes where the volume is)."""
+    res = spec.resources
+    if res.node_selector:
+        pod_spec["nodeSelector"] = dict(res.node_selector)
+    if res.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in res.tolerations]
+
+
 def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) -> Manifest:
     """The Job running the trainer (and TensorBoard as a native sidecar)."""
     image = spec.image or defaults.image
@@ -421,48 +505,29 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": defaults.run_as_user,
-            "runAsGroup": defaults.run_as_user,
-            "fsGroup": defaults.run_as_user,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(defaults),
         "containers": [trainer],
         "volumes": volumes,
     }
     if spec.tensorboard.enabled:
-        pod_spec["initContainers"] = [
-            {
-                "name": TENSORBOARD,
-                "image": spec.tensorboard.image or image,
-                "imagePullPolicy": spec.image_pull_policy,
-                "restartPolicy": "Always",  # a native sidecar: stops when the trainer ends
-                "command": [
-                    "tensorboard",
-                    "--logdir",
-                    TENSORBOARD_DIR,
-                    "--bind_all",
-                    "--port",
-                    str(TENSORBOARD_PORT),
-                ],
-                "ports": [{"name": TENSORBOARD, "containerPort": TENSORBOARD_PORT}],
-                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
-                "volumeMounts": [{"name": "output", "mountPath": OUTPUT_DIR, "readOnly": True}],
-                "securityContext": _CONTAINER_SECURITY,
-            }
-        ]
-    res = spec.resources
-    if res.node_selector:
-        pod_spec["nodeSelector"] = dict(res.node_selector)
-    if res.tolerations:
-        pod_spec["tolerations"] = [t.to_wire() for t in res.tolerations]
-    if res.priority_class_name:
-        pod_spec["priorityClassName"] = res.priority_class_name
+        # A native sidecar: it starts before the trainer and stops when the trainer ends.
+        sidecar = {**tensorboard_container(spec, image), "restartPolicy": "Always"}
+        pod_spec["initContainers"] = [sidecar]
+    _place(pod_spec, spec)
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
 
-    pod_meta: Manifest = {"labels": {**labels(owner.name), "app.kubernetes.io/component": TRAINER}}
-    if spec.pod_annotations:
-        pod_meta["annotations"] = dict(spec.pod_annotations)
+    pod_meta: Manifest = {
+        "labels": {**labels(owner.name), "app.kubernetes.io/component": TRAINER},
+        # Scrape hints for a Prometheus without the Prometheus Operator (which uses the
+        # PodMonitor in manifests/monitoring instead).
+        "annotations": {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(METRICS_PORT),
+            "prometheus.io/path": "/metrics",
+            **spec.pod_annotations,
+        },
+    }
     meta = _meta(owner, child_names(owner.name)["job"], TRAINER)
     job_spec: Manifest = {
         # With a Kueue queue the Job starts suspended and Kueue alone unsuspends it.

@@ -24,8 +24,9 @@ from gft_api.contract import format_validation_error
 from gft_api.v1alpha1 import TERMINAL_PHASES, GemmaFineTuneSpec, Phase
 from pydantic import ValidationError
 
-from gft_operator import children, status
+from gft_operator import children, monitoring, status, trainer_metrics
 from gft_operator.kube import Conflict, Kube, Manifest, NotFound
+from gft_operator.scraper import Problem, Scraper, Target
 
 log = logging.getLogger("gft_operator")
 
@@ -41,9 +42,30 @@ class Runtime:
     resync_seconds: float = 10.0
     component: str = "gft-operator"
     instance: str = socket.gethostname()
+    scraper: Scraper | None = None
+    metrics_interval: float = 10.0
+    metrics_startup_grace: float = 600.0
+    """Seconds a trainer may take to open its metrics endpoint before that is a problem."""
+
+
+class LiveState:
+    """What the status writers know between reconciles: the status as last read or written
+    (every status write of this operator happens under the object's lock, so this is current),
+    and which pods have served their metrics."""
+
+    def __init__(self) -> None:
+        self.status: dict[tuple[str, str], Manifest] = {}
+        self.generation: dict[tuple[str, str], int] = {}
+        self.served: set[tuple[str, str, str]] = set()  # (namespace, name, pod)
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.status.pop((namespace, name), None)
+        self.generation.pop((namespace, name), None)
+        self.served = {s for s in self.served if s[:2] != (namespace, name)}
 
 
 RUNTIME = Runtime()
+LIVE = LiveState()
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
 
@@ -148,9 +170,11 @@ def reconcile(namespace: str, name: str) -> None:
         try:
             body = kube.request("GET", kube.custom_path(namespace, name))
         except NotFound:
+            _stop_reading(namespace, name)
             return
         meta = body["metadata"]
         if meta.get("deletionTimestamp"):
+            _stop_reading(namespace, name)
             return  # garbage collection removes the children
         who = f"{namespace}/{name}"
         old_status: Manifest = body.get("status") or {}
@@ -224,19 +248,135 @@ def reconcile(namespace: str, name: str) -> None:
         new_status = decision.status
         new_status["outputClaim"] = children.output_claim_name(owner, spec)
         url = children.tensorboard_url(owner, spec)
+        if url and new_status.get("phase") in TERMINAL_PHASES:
+            url = _tensorboard_after_run(kube, owner, spec, new_status, who)
         if url:
             new_status["tensorboardURL"] = url
+        elif old_status.get("tensorboardURL"):
+            new_status["tensorboardURL"] = None  # merge patch: remove it
+        written = old_status
         if new_status != old_status:
-            kube.request(
-                "PATCH",
-                kube.custom_path(namespace, name, "status"),
-                body={"status": new_status},
-                content_type="application/merge-patch+json",
-            )
+            written = _patch_status(kube, namespace, name, new_status, "phase")
+        key = (namespace, name)
+        LIVE.status[key] = written
+        LIVE.generation[key] = int(meta.get("generation") or 0)
+        monitoring.PHASES.set(namespace, name, new_status.get("phase"))
+        _track_trainer(namespace, name, new_status, pods)
         if decision.transition is not None:
             t = decision.transition
             log.info("%s: %s (%s): %s", who, new_status["phase"], t.reason, t.message)
             record_event(kube, body, t.type, t.reason, t.message, at)
+
+
+def _patch_status(kube: Kube, namespace: str, name: str, patch: Manifest, kind: str) -> Manifest:
+    """Merge-patch the status; returns the status as stored."""
+    stored = kube.request(
+        "PATCH",
+        kube.custom_path(namespace, name, "status"),
+        body={"status": patch},
+        content_type="application/merge-patch+json",
+    )
+    monitoring.STATUS_WRITES.labels(kind).inc()
+    return stored.get("status") or {}
+
+
+def _track_trainer(namespace: str, name: str, new_status: Manifest, pods: list[Manifest]) -> None:
+    """Read the metrics of a running trainer; stop reading one that is not running."""
+    scraper = RUNTIME.scraper
+    if scraper is None:
+        return
+    pod = status.newest_pod([p for p in pods if not p["metadata"].get("deletionTimestamp")])
+    started = status.trainer_started_at(pod) if pod is not None else None
+    pod_ip = (pod or {}).get("status", {}).get("podIP")
+    if new_status.get("phase") != Phase.RUNNING.value or started is None or not pod_ip:
+        scraper.forget(namespace, name)
+        return
+    assert pod is not None
+    scraper.track(
+        Target(
+            namespace=namespace,
+            name=name,
+            pod=pod["metadata"]["name"],
+            pod_ip=pod_ip,
+            port=children.METRICS_PORT,
+            generation=LIVE.generation.get((namespace, name), 0),
+            started_at=started,
+        )
+    )
+
+
+def write_live_status(
+    target: Target, reading: trainer_metrics.Reading | None, problem: Problem | None
+) -> bool:
+    """The scraper's sink: put a reading (or why there is none) into the status, when it says
+    something new. Returns whether it wrote."""
+    kube = RUNTIME.kube
+    assert kube is not None
+    namespace, name = target.key
+    with _lock(namespace, name):
+        current = LIVE.status.get(target.key)
+        if current is None or current.get("phase") != Phase.RUNNING.value:
+            return False  # not (or no longer) running: the reconcile owns the status now
+        if current.get("podName") not in (None, target.pod):
+            return False  # a reading of a pod that is no longer the current one
+        patch: Manifest = {}
+        at = now()
+        if reading is not None:
+            LIVE.served.add((namespace, name, target.pod))
+            live = trainer_metrics.live_status(reading)
+            if trainer_metrics.changed(current, live):
+                live["progress"]["updatedAt"] = at
+                patch.update(live)
+        state = trainer_metrics.read_state(
+            (problem.reason, problem.message) if problem else None,
+            served_before=(namespace, name, target.pod) in LIVE.served,
+            seconds_running=time.time() - target.started_at,
+            grace=RUNTIME.metrics_startup_grace,
+        )
+        conditions = trainer_metrics.metrics_condition(
+            current.get("conditions") or [], state, target.generation, at
+        )
+        if conditions is not None:
+            patch["conditions"] = conditions
+            if state[0] != "True":
+                log.warning("%s/%s: %s: %s", namespace, name, state[1], state[2])
+        if not patch:
+            return False
+        stored = _patch_status(kube, namespace, name, patch, "metrics")
+        LIVE.status[target.key] = stored
+        if reading is not None and reading.logged_at and "progress" in patch:
+            monitoring.STATUS_LAG.observe(max(0.0, time.time() - reading.logged_at))
+        return True
+
+
+def _tensorboard_after_run(
+    kube: Kube, owner: children.Owner, spec: GemmaFineTuneSpec, new_status: Manifest, who: str
+) -> str | None:
+    """Keep TensorBoard answering after the run for ``keepAfterFinishSeconds`` (a Deployment
+    behind the same Service), then remove it. Returns its URL while it is kept."""
+    name = children.child_names(owner.name)["tensorboard"]
+    keep_until = status.tensorboard_kept_until(
+        new_status.get("completionTime"), spec.tensorboard.keep_after_finish_seconds
+    )
+    live = kube.get("Deployment", owner.namespace, name)
+    if keep_until is not None and time.time() < keep_until:
+        if live is None:
+            desired = children.tensorboard_deployment(owner, spec, RUNTIME.defaults)
+            if _create(kube, desired, who) is not None:
+                log.info(
+                    "%s: TensorBoard stays up after the run for %ds",
+                    who,
+                    spec.tensorboard.keep_after_finish_seconds,
+                )
+        return children.tensorboard_url(owner, spec)
+    if live is not None and _owned_by(live, owner.uid):
+        kube.delete("Deployment", owner.namespace, name, uid=live["metadata"]["uid"])
+        log.info(
+            "%s: removed TensorBoard (kept %ds after the run)",
+            who,
+            spec.tensorboard.keep_after_finish_seconds,
+        )
+    return None
 
 
 def _drop_unwanted_ingress(kube: Kube, owner: children.Owner, desired: list[Manifest], who: str):
@@ -266,9 +406,12 @@ def _invalid_spec(kube: Kube, body: Manifest, problem: str, who: str) -> None:
 
 
 def _safely(namespace: str, name: str) -> None:
+    monitoring.RECONCILES.inc()
     try:
-        reconcile(namespace, name)
+        with monitoring.RECONCILE_SECONDS.time():
+            reconcile(namespace, name)
     except Exception:
+        monitoring.RECONCILE_ERRORS.inc()
         log.exception("%s/%s: reconcile failed; the next event or resync retries", namespace, name)
 
 
@@ -278,8 +421,22 @@ def _safely(namespace: str, name: str) -> None:
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetune(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
     if event.get("type") == "DELETED":
+        _forget(namespace, name)
         return
     _safely(namespace, name)
+
+
+def _forget(namespace: str, name: str) -> None:
+    with _lock(namespace, name):
+        _stop_reading(namespace, name)
+
+
+def _stop_reading(namespace: str, name: str) -> None:
+    """The fine-tune is gone or going: no more metrics reads or live status for it."""
+    if RUNTIME.scraper is not None:
+        RUNTIME.scraper.forget(namespace, name)
+    LIVE.forget(namespace, name)
+    monitoring.PHASES.set(namespace, name, None)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
@@ -311,8 +468,9 @@ def resync_forever(stop: threading.Event) -> None:
                 log.warning("resync: cannot list GemmaFineTunes: %s", e)
                 continue
             for item in items:
-                if (item.get("status") or {}).get("phase") in TERMINAL_PHASES:
-                    continue
+                st = item.get("status") or {}
+                if st.get("phase") in TERMINAL_PHASES and not st.get("tensorboardURL"):
+                    continue  # finished, and no TensorBoard left to take down
                 _safely(item["metadata"]["namespace"], item["metadata"]["name"])
 
 
@@ -333,6 +491,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     threading.Thread(
         target=resync_forever, args=(_stop_resync,), daemon=True, name="gft-resync"
     ).start()
+    if RUNTIME.scraper is not None:
+        threading.Thread(
+            target=RUNTIME.scraper.run, args=(_stop_resync,), daemon=True, name="gft-scraper"
+        ).start()
 
 
 @kopf.on.cleanup()

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import kubernetes
+import urllib3
 from gft_api import GROUP, PLURAL, VERSION
 
 Manifest = dict[str, Any]
@@ -54,6 +55,7 @@ _PATHS = {
     "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
     "Event": ("/api/v1", "events"),
     "Job": ("/apis/batch/v1", "jobs"),
+    "Deployment": ("/apis/apps/v1", "deployments"),
     "Ingress": ("/apis/networking.k8s.io/v1", "ingresses"),
 }
 
@@ -93,6 +95,34 @@ class Kube:
         if response.status >= 400:
             raise ApiError(response.status, data.get("message", raw[:500].decode(errors="replace")))
         return data
+
+    def get_text(self, path: str, *, timeout: float, limit: int) -> str:
+        """GET a plain-text answer (a pod's /metrics through the API server's proxy): one try
+        (no retries, which would multiply the timeout), at most ``limit`` bytes."""
+        _, url, headers, _, _ = self.api.param_serialize(
+            method="GET",
+            resource_path=path,
+            header_params={"Accept": "text/plain"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.api.rest_client.pool_manager.request(
+            "GET",
+            url,
+            headers=headers,
+            timeout=urllib3.Timeout(total=timeout),
+            retries=False,
+            preload_content=False,
+        )
+        try:
+            body = response.read(limit + 1)
+        finally:
+            response.release_conn()
+        text = body.decode("utf-8", errors="replace")
+        if response.status >= 400:
+            raise ApiError(response.status, text.strip()[:300])
+        if len(body) > limit:
+            raise ApiError(413, f"the answer is larger than {limit} bytes")
+        return text
 
     @staticmethod
     def path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:

@@ -7,6 +7,7 @@ changed, the Event to record. The handlers read and write; all judgement is here
 
 from __future__ import annotations
 
+import datetime
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,6 +104,23 @@ def _trainer_status(pod: Manifest) -> Manifest | None:
 def _terminated(pod: Manifest) -> Manifest | None:
     cs = _trainer_status(pod)
     return (cs or {}).get("state", {}).get("terminated")
+
+
+def trainer_started_at(pod: Manifest) -> float | None:
+    """Unix time the trainer container started running, or ``None`` when it is not running."""
+    running = ((_trainer_status(pod) or {}).get("state") or {}).get("running")
+    if not running or not running.get("startedAt"):
+        return None
+    at = datetime.datetime.strptime(running["startedAt"], "%Y-%m-%dT%H:%M:%SZ")
+    return at.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def tensorboard_kept_until(completion_time: str | None, keep_seconds: int) -> float | None:
+    """Unix time until which TensorBoard stays up after the run, or ``None`` for not at all."""
+    if not completion_time or keep_seconds <= 0:
+        return None
+    at = datetime.datetime.strptime(completion_time, "%Y-%m-%dT%H:%M:%SZ")
+    return at.replace(tzinfo=datetime.UTC).timestamp() + keep_seconds
 
 
 def _created(pod: Manifest) -> str:
@@ -348,6 +366,11 @@ def _conditions(
     }
     previous = {c.get("type"): c for c in old}
     out = []
+    # Conditions of other writers (MetricsAvailable, from the metrics reads) hold while the
+    # trainer runs; once it stops they would describe an endpoint that is gone.
+    others = [c for c in old if c.get("type") not in CONDITION_TYPES]
+    if verdict.phase != Phase.RUNNING:
+        others = []
     for type_ in CONDITION_TYPES:
         status = "True" if truth[type_] else "False"
         prev = previous.get(type_)
@@ -366,7 +389,7 @@ def _conditions(
                 "observedGeneration": generation,
             }
         )
-    return out
+    return out + others
 
 
 def _attempts(obs: Observed) -> int:
@@ -380,6 +403,23 @@ def _attempts(obs: Observed) -> int:
     if gone and current is not None:
         attempts = max(attempts, old + 1)  # the previous pod is gone: this one is a new attempt
     return attempts
+
+
+def _final_progress(old: Manifest, summary: TrainerSummary, verdict: _Verdict) -> Manifest:
+    """Progress as the trainer's summary has it when an attempt ended: the last metrics read
+    may be a logging interval behind."""
+    progress = dict(old)
+    progress["step"] = summary.global_step
+    if summary.total_steps:
+        progress["totalSteps"] = summary.total_steps
+        progress["percent"] = round(
+            min(100.0, 100.0 * summary.global_step / summary.total_steps), 1
+        )
+    if summary.epoch is not None:
+        progress["epoch"] = round(summary.epoch, 3)
+    if verdict.phase == Phase.SUCCEEDED:
+        progress["etaSeconds"] = 0
+    return progress
 
 
 def decide(obs: Observed, now: str) -> Decision:
@@ -422,6 +462,7 @@ def decide(obs: Observed, now: str) -> Decision:
         summary = summary_of(finished) if finished is not None else None
         if summary is not None:
             status["result"] = summary.to_wire()
+            status["progress"] = _final_progress(old.get("progress") or {}, summary, verdict)
             if summary.last_checkpoint_step is not None:
                 status["lastCheckpoint"] = {
                     "step": summary.last_checkpoint_step,

@@ -80,6 +80,7 @@ class OperatorProcess:
         self.extra = extra
         self.proc: subprocess.Popen | None = None
         self.port = _free_port()
+        self.metrics_port = _free_port()
 
     def start(self) -> None:
         env = {**os.environ, **self.cluster.env, "KUBECONFIG": str(self.kubeconfig)}
@@ -92,6 +93,8 @@ class OperatorProcess:
                 str(exe),
                 "--health-address",
                 f"127.0.0.1:{self.port}",
+                "--metrics-address",
+                f"127.0.0.1:{self.metrics_port}",
                 "--resync-seconds",
                 "3",
                 *self.extra,

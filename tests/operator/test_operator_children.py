@@ -205,13 +205,54 @@ def test_ingress_when_asked_and_tensorboard_url():
 
 def test_pod_annotations_extra_env_and_image():
     spec = _spec(
-        podAnnotations={"gft.dev/kwok-exit-code": "78"},
+        podAnnotations={"gft.dev/kwok-exit-code": "78", "prometheus.io/scrape": "false"},
         env=[{"name": "FOO", "value": "bar"}],
         image="example.com/trainer:dev",
     )
     job = children.job(OWNER, spec)
-    assert job["spec"]["template"]["metadata"]["annotations"] == {"gft.dev/kwok-exit-code": "78"}
+    assert job["spec"]["template"]["metadata"]["annotations"] == {
+        "gft.dev/kwok-exit-code": "78",
+        "prometheus.io/scrape": "false",  # the user's annotations win over the scrape hints
+        "prometheus.io/port": "9090",
+        "prometheus.io/path": "/metrics",
+    }
     trainer = _pod(job)["containers"][0]
     assert {"name": "FOO", "value": "bar"} in trainer["env"]
     assert trainer["image"] == "example.com/trainer:dev"
     assert trainer["command"][0] == "gft-train"
+
+
+def test_tensorboard_after_the_run_serves_the_same_files_behind_the_same_service():
+    spec = _spec(
+        tensorboard={"ingress": {"host": "tb.example.com", "path": "/runs/demo/"}},
+        resources={"gpus": 1, "nodeSelector": {"pool": "a100"}},
+    )
+    job = children.job(OWNER, spec)
+    deployment = children.tensorboard_deployment(OWNER, spec)
+    sidecar = _pod(job)["initContainers"][0]
+    (after,) = deployment["spec"]["template"]["spec"]["containers"]
+    # The same TensorBoard, with the Ingress's path as its prefix, over the same volume.
+    assert after["command"] == sidecar["command"]
+    assert after["command"][-2:] == ["--path_prefix", "/runs/demo"]
+    assert "restartPolicy" not in after and sidecar["restartPolicy"] == "Always"
+    pod_spec = deployment["spec"]["template"]["spec"]
+    assert pod_spec["volumes"] == [
+        {
+            "name": "output",
+            "persistentVolumeClaim": {"claimName": "demo-output", "readOnly": True},
+        }
+    ]
+    assert pod_spec["nodeSelector"] == {"pool": "a100"}  # where the volume can be mounted
+    assert "nvidia.com/gpu" not in str(pod_spec)
+    assert pod_spec["securityContext"] == _pod(job)["securityContext"]
+    assert deployment["metadata"]["name"] == "demo-tb"
+    assert deployment["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+    # The Service selects both the trainer's pod and TensorBoard's.
+    selector = children.service(OWNER, spec)["spec"]["selector"]
+    for labels in (
+        job["spec"]["template"]["metadata"]["labels"],
+        deployment["spec"]["template"]["metadata"]["labels"],
+    ):
+        assert selector.items() <= labels.items()
+    assert children.tensorboard_url(OWNER, spec) == "http://tb.example.com/runs/demo/"
+    assert children.tensorboard_url(OWNER, _spec()) == "http://demo.ml.svc:6006/"

@@ -345,3 +345,55 @@ def test_a_clean_stop_after_a_checkpoint_is_not_a_failed_attempt():
     assert (d.status["phase"], d.status["reason"]) == ("Pending", "StoppedAfterCheckpoint")
     assert d.transition.type == "Normal"
     assert d.status["lastCheckpoint"]["step"] == 40
+
+
+def test_progress_ends_at_the_summarys_step_and_metrics_condition_ends_with_the_run():
+    metrics_ok = {
+        "type": "MetricsAvailable",
+        "status": "True",
+        "reason": "MetricsRead",
+        "message": "",
+        "lastTransitionTime": NOW,
+    }
+    running = pod("demo-a", trainer={"running": {"startedAt": NOW}})
+    live = decide(observe(job(active=1, startTime=NOW), [running]), NOW).status
+    live["conditions"].append(metrics_ok)
+    live["progress"] = {"step": 18, "totalSteps": 20, "percent": 90.0, "etaSeconds": 7}
+    # Another reconcile while it runs keeps the condition the metrics reads wrote.
+    again = decide(observe(job(active=1, startTime=NOW), [running], old=live), NOW).status
+    assert conditions(again)["MetricsAvailable"] == metrics_ok
+
+    summary = TrainerSummary(
+        outcome=Outcome.SUCCEEDED,
+        exit_code=0,
+        reason="Completed",
+        global_step=20,
+        total_steps=20,
+        epoch=2.0,
+    ).to_termination_message()
+    done = pod(
+        "demo-a",
+        phase="Succeeded",
+        trainer={"terminated": {"exitCode": 0, "message": summary}},
+    )
+    j = job(("Complete", "", ""), succeeded=1, completionTime=NOW)
+    s = decide(observe(j, [done], old=again), NOW).status
+    assert s["progress"] == {
+        "step": 20,
+        "totalSteps": 20,
+        "percent": 100.0,
+        "epoch": 2.0,
+        "etaSeconds": 0,
+    }
+    assert "MetricsAvailable" not in conditions(s)
+
+
+def test_tensorboard_is_kept_for_the_configured_time_after_the_run():
+    from gft_operator.status import tensorboard_kept_until, trainer_started_at
+
+    assert tensorboard_kept_until("2026-01-01T00:00:00Z", 60) == 1767225600 + 60
+    assert tensorboard_kept_until("2026-01-01T00:00:00Z", 0) is None
+    assert tensorboard_kept_until(None, 60) is None
+    running = pod("demo-a", trainer={"running": {"startedAt": "2026-01-01T00:00:00Z"}})
+    assert trainer_started_at(running) == 1767225600
+    assert trainer_started_at(pod("demo-b", phase="Pending", trainer={"waiting": {}})) is None

@@ -44,7 +44,9 @@ RUNNER_NODE = "gft-runner"
 KWOK_CPU_NODES = ("kwok-cpu-0", "kwok-cpu-1")
 KWOK_GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
 SERVICE_CIDR = "10.96.0.0/16"
-# Fake pod IPs for KWOK's pods: strings in the API, never a traffic target.
+# Fake pod IPs for KWOK's pods. Something may still try them (the operator reads the metrics
+# of every running pod, and the API server proxies to pod IPs), so the range gets an
+# `unreachable` route while the proving ground runs: a connect fails at once, on this machine.
 KWOK_POD_CIDR = "10.255.0.0/16"
 POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
 STOP_ORDER = ("runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
@@ -345,7 +347,8 @@ def _kwok_stages() -> list[dict]:
     """KWOK's pod lifecycle, plus one stage that fails a pod on purpose.
 
     A pod annotated ``gft.dev/kwok-exit-code`` ends Failed with that exit code (and the reason
-    in ``gft.dev/kwok-reason``, default Error) instead of Succeeded.
+    in ``gft.dev/kwok-reason``, default Error) instead of Succeeded; one annotated
+    ``gft.dev/kwok-keep-running`` stays Running until it is deleted.
     """
     now = "{{ $now := Now }}"
     ready = now + """
@@ -405,6 +408,7 @@ phase: {phase}
     running = {"key": ".status.phase", "operator": "In", "values": ["Running"]}
     job_owned = {"key": ".metadata.ownerReferences.[].kind", "operator": "In", "values": ["Job"]}
     fail_code = '.metadata.annotations["gft.dev/kwok-exit-code"]'
+    keep_running = '.metadata.annotations["gft.dev/kwok-keep-running"]'
     exit_expr = '{{ index $.metadata.annotations "gft.dev/kwok-exit-code" }}'
     reason_expr = '{{ or (index $.metadata.annotations "gft.dev/kwok-reason") "Error" }}'
     return [
@@ -415,7 +419,8 @@ phase: {phase}
               {"statusTemplate": finished(exit_expr, reason_expr, "Failed")},
               delay_ms=500),
         stage("pod-complete", [alive, running, job_owned,
-                               {"key": fail_code, "operator": "DoesNotExist"}],
+                               {"key": fail_code, "operator": "DoesNotExist"},
+                               {"key": keep_running, "operator": "DoesNotExist"}],
               {"statusTemplate": finished("0", "Completed", "Succeeded")}, delay_ms=500),
         stage("pod-delete", [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}],
               {"finalizers": {"empty": True}, "delete": True}),
@@ -506,6 +511,8 @@ def _start_processes(c: Cluster, runner: bool) -> None:
         f"--secure-port={c.ports['scheduler']}",
     ])
 
+    subprocess.run(["ip", "route", "replace", "unreachable", KWOK_POD_CIDR], check=True,
+                   capture_output=True)
     stages = c.state_dir / "kwok.yaml"
     kwok_config = {
         "apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
@@ -603,6 +610,7 @@ def stop(state_dir: Path | None = None, say=print) -> None:
 def _remove_network_leftovers(c: Cluster) -> None:
     """The runner removes its bridge and namespaces on exit; this catches a crashed runner."""
     subprocess.run(["ip", "link", "del", c.bridge], capture_output=True)
+    subprocess.run(["ip", "route", "del", "unreachable", KWOK_POD_CIDR], capture_output=True)
     marker = c.state_dir / "runner" / "netns.txt"
     if marker.exists():
         for ns in marker.read_text().split():

@@ -7,10 +7,12 @@ simply absent.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -62,29 +64,51 @@ class GpuCollector(Collector):
             yield fam
 
 
+# Set at the start, at each logging step and at each save.
+PROGRESS = {
+    "global_step": ("gft_global_step", "Optimizer steps done."),
+    "total_steps": ("gft_total_steps", "Optimizer steps planned."),
+    # Lets a reader tell how old the numbers are (the operator's status-update lag).
+    "last_log_time": (
+        "gft_last_log_timestamp_seconds",
+        "Unix time of the newest logging step these numbers come from.",
+    ),
+    "last_checkpoint_step": ("gft_last_checkpoint_step", "Global step of the newest checkpoint."),
+}
+
+
+class TrainingCollector(Collector):
+    """The training numbers, updated together at each logging step and collected as one
+    snapshot, so a scrape never sees a new loss beside an old step. A number the trainer has
+    not reported yet (eval loss before the first evaluation) is absent, not a misleading 0."""
+
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self._values: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def update(self, values: dict[str, float]) -> None:
+        with self._lock:
+            self._values.update(values)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            snapshot = dict(self._values)
+        for key, (name, help_text) in {**GAUGES, **PROGRESS}.items():
+            family = GaugeMetricFamily(name, help_text, labels=["run"])
+            if key in snapshot:
+                family.add_metric([self.run], snapshot[key])
+            yield family
+
+
 class PrometheusMetrics(TrainerCallback):
     """Owns the registry and the HTTP endpoint; updated from the trainer's logs."""
 
     def __init__(self, run: str) -> None:
         self.run = run
         self.registry = CollectorRegistry()
-        self.gauges = {
-            key: Gauge(name, doc, ["run"], registry=self.registry).labels(run)
-            for key, (name, doc) in GAUGES.items()
-        }
-        g = self.gauges
-        g["global_step"] = Gauge(
-            "gft_global_step", "Optimizer steps done.", ["run"], registry=self.registry
-        ).labels(run)
-        g["total_steps"] = Gauge(
-            "gft_total_steps", "Optimizer steps planned.", ["run"], registry=self.registry
-        ).labels(run)
-        g["last_checkpoint_step"] = Gauge(
-            "gft_last_checkpoint_step",
-            "Global step of the newest checkpoint.",
-            ["run"],
-            registry=self.registry,
-        ).labels(run)
+        self.training = TrainingCollector(run)
+        self.registry.register(self.training)
         self.tokens = Counter(
             "gft_train_tokens", "Tokens trained on.", ["run"], registry=self.registry
         ).labels(run)
@@ -109,8 +133,7 @@ class PrometheusMetrics(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        self.gauges["total_steps"].set(state.max_steps)
-        self.gauges["global_step"].set(state.global_step)
+        self.training.update({"total_steps": state.max_steps, "global_step": state.global_step})
 
     def on_log(
         self,
@@ -122,18 +145,23 @@ class PrometheusMetrics(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        for key, value in logs.items():
-            if key in self.gauges and isinstance(value, int | float):
-                self.gauges[key].set(float(value))
+        values = {
+            key: float(value)
+            for key, value in logs.items()
+            if key in GAUGES and isinstance(value, int | float)
+        }
+        values.update(
+            global_step=state.global_step, total_steps=state.max_steps, last_log_time=time.time()
+        )
+        self.training.update(values)
         for key, counter in (("tokens_total", self.tokens), ("samples_total", self.samples)):
             if key in logs and logs[key] > self._counted[key]:
                 counter.inc(logs[key] - self._counted[key])
                 self._counted[key] = logs[key]
-        self.gauges["global_step"].set(state.global_step)
-        self.gauges["total_steps"].set(state.max_steps)
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
-        self.gauges["last_checkpoint_step"].set(state.global_step)
-        self.gauges["global_step"].set(state.global_step)
+        self.training.update(
+            {"last_checkpoint_step": state.global_step, "global_step": state.global_step}
+        )

@@ -1,0 +1,209 @@
+"""Reads each running trainer's /metrics at a bounded rate and hands the reading on.
+
+One scheduler thread and a pool of readers: a target is read again ``interval`` seconds after
+its previous read started (and never sooner than ``interval`` after the status write its last
+read caused), at most one read per target is in flight, and every read has a timeout, so a slow
+or dead trainer holds one reader for at most ``timeout`` and never delays the others.
+
+Two ways to reach a trainer: its pod IP (the operator runs in the cluster) or the API server's
+pod proxy (``/api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics``), which works from a laptop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from urllib.parse import quote
+
+import urllib3
+
+from gft_operator import monitoring
+from gft_operator.kube import ApiError, Kube
+from gft_operator.trainer_metrics import BadMetrics, Reading, parse
+
+log = logging.getLogger("gft_operator.scraper")
+
+MAX_BYTES = 4 * 1024 * 1024  # a trainer's /metrics is a few kB; more is not a trainer
+# Pod IPs are reached directly, never through an HTTP proxy from the environment.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class Access(StrEnum):
+    POD_IP = "pod-ip"
+    PROXY = "proxy"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One running trainer."""
+
+    namespace: str
+    name: str
+    """The GemmaFineTune."""
+    pod: str
+    pod_ip: str
+    port: int
+    generation: int
+    started_at: float
+    """Unix time the trainer container started (a trainer loading its model serves nothing)."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why a read failed: a condition reason, a message, and the failure counter's label."""
+
+    reason: str
+    message: str
+    kind: str  # unreachable | timeout | invalid
+
+
+# (target, reading or None, problem or None) -> True when it wrote the status
+Sink = Callable[[Target, Reading | None, Problem | None], bool]
+
+
+class Scraper:
+    def __init__(
+        self,
+        kube: Kube,
+        access: Access,
+        interval: float,
+        timeout: float,
+        sink: Sink,
+        workers: int = 16,
+    ) -> None:
+        self.kube = kube
+        self.access = access
+        self.interval = interval
+        self.timeout = timeout
+        self.sink = sink
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gft-metrics")
+        self._targets: dict[tuple[str, str], Target] = {}
+        self._due: dict[tuple[str, str], float] = {}
+        self._in_flight: set[tuple[str, str]] = set()
+        self._guard = threading.Lock()
+
+    # -- targets, set by the reconciles -----------------------------------------------------
+    def track(self, target: Target) -> None:
+        with self._guard:
+            old = self._targets.get(target.key)
+            self._targets[target.key] = target
+            if old is None or old.pod != target.pod:
+                self._due[target.key] = time.monotonic()  # a new pod: read it now
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._targets.pop((namespace, name), None)
+            self._due.pop((namespace, name), None)
+
+    def tracked(self) -> list[Target]:
+        with self._guard:
+            return list(self._targets.values())
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        tick = min(0.25, self.interval / 4)
+        while not stop.wait(tick):
+            now = time.monotonic()
+            with self._guard:
+                due = [
+                    t
+                    for key, t in self._targets.items()
+                    if key not in self._in_flight and self._due.get(key, 0.0) <= now
+                ]
+                for t in due:
+                    self._in_flight.add(t.key)
+                    self._due[t.key] = now + self.interval
+            for t in due:
+                self.pool.submit(self._read_and_hand_on, t)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_and_hand_on(self, target: Target) -> None:
+        try:
+            reading, problem = self.read(target)
+            wrote = self.sink(target, reading, problem)
+            if wrote:
+                with self._guard:
+                    if target.key in self._due:
+                        self._due[target.key] = max(
+                            self._due[target.key], time.monotonic() + self.interval
+                        )
+        except Exception:
+            log.exception("%s/%s: handling the metrics read failed", *target.key)
+        finally:
+            with self._guard:
+                self._in_flight.discard(target.key)
+
+    # -- one read ---------------------------------------------------------------------------
+    def where(self, target: Target) -> str:
+        if self.access == Access.PROXY:
+            return f"pod {target.pod} port {target.port} (through the API server's pod proxy)"
+        return f"http://{target.pod_ip}:{target.port}/metrics"
+
+    def read(self, target: Target) -> tuple[Reading | None, Problem | None]:
+        monitoring.METRICS_READS.inc()
+        where = self.where(target)
+        try:
+            text = self._fetch(target)
+            return parse(text), None
+        except BadMetrics as e:
+            problem = Problem("MetricsInvalid", f"the trainer's metrics at {where}: {e}", "invalid")
+        except (OSError, ApiError, urllib3.exceptions.HTTPError) as e:
+            if _timed_out(e):
+                problem = Problem(
+                    "MetricsTimeout",
+                    f"the trainer's metrics at {where} did not answer within {self.timeout:g} s; "
+                    "the trainer may be overloaded or stuck",
+                    "timeout",
+                )
+            else:
+                problem = Problem(
+                    "MetricsUnreachable",
+                    f"the trainer's metrics at {where} cannot be read: {_short(e)}",
+                    "unreachable",
+                )
+        monitoring.METRICS_READ_FAILURES.labels(problem.kind).inc()
+        return None, problem
+
+    def _fetch(self, target: Target) -> str:
+        if self.access == Access.PROXY:
+            path = (
+                f"/api/v1/namespaces/{quote(target.namespace)}/pods/"
+                f"{quote(target.pod)}:{target.port}/proxy/metrics"
+            )
+            return self.kube.get_text(path, timeout=self.timeout, limit=MAX_BYTES)
+        url = f"http://{target.pod_ip}:{target.port}/metrics"
+        with _DIRECT.open(url, timeout=self.timeout) as response:
+            body = response.read(MAX_BYTES + 1)
+        if len(body) > MAX_BYTES:
+            raise BadMetrics(f"the answer is larger than {MAX_BYTES} bytes")
+        return _decode(body)
+
+
+def _decode(body: bytes) -> str:
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadMetrics(f"the answer is not UTF-8 text ({e})") from None
+
+
+def _timed_out(e: BaseException) -> bool:
+    if isinstance(e, urllib.error.URLError) and isinstance(e.reason, TimeoutError):
+        return True
+    return isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError)
+
+
+def _short(e: BaseException) -> str:
+    if isinstance(e, urllib.error.URLError) and e.reason:
+        return str(e.reason)
+    return str(e)[:300]

@@ -1,0 +1,317 @@
+"""Status-update cost and freshness at scale: N running fine-tunes whose metrics change every
+second, the real operator reading them all, and the API server's audit log counting its writes.
+
+The fine-tunes run on the proving ground's KWOK nodes (their pods are Running with addresses
+from 10.255.0.0/16). That range is routed into a network namespace this script makes, whose
+loopback owns the whole range; one process there (``benchmarks.fake_trainers``) answers as every
+pod's trainer, each pod's step advancing once a second. So the operator does exactly what it
+does in a cluster (reads each pod IP, patches each status) and no traffic leaves this machine.
+
+Measured over a window once every fine-tune shows live numbers:
+- the operator's API writes per second, from the audit log (user
+  ``system:serviceaccount:gft-system:gft-operator``; all write verbs, and status patches alone),
+  against the bound ``N / interval``;
+- freshness: for every step of every fine-tune in the window, the time from the step to the
+  first status (seen by a watch) that shows it or a later one; median and p90;
+- the operator's CPU use (cores) over the window.
+
+    PYTHONPATH=tests .venv/bin/python -m benchmarks.status_writes [--finetunes 200] \\
+        [--interval 10] [--window 60]
+
+Needs root (network namespaces), like the proving ground's runner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from proving_ground import cluster as pg
+
+from benchmarks.fake_trainers import step_time
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "operator"))
+from operator_process import OperatorProcess, install, service_account_kubeconfig  # noqa: E402
+from operator_samples import finetune  # noqa: E402
+
+OPERATOR_USER = "system:serviceaccount:gft-system:gft-operator"
+NETNS = f"gftbench{os.getpid()}"
+VETH = f"gftbv{os.getpid() % 100000}"
+LINK_NET = ("169.254.231.1", "169.254.231.2")  # a /30 between this machine and the namespace
+NAMESPACE = "bench"
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def fake_trainers(t0: float) -> Iterator[None]:
+    """Route KWOK's pod range into a namespace of ours where one process answers for all."""
+    host, inside = LINK_NET
+    proc = None
+    try:
+        ip("netns", "add", NETNS)
+        ip("link", "add", VETH, "type", "veth", "peer", "name", "eth0", "netns", NETNS)
+        ip("addr", "add", f"{host}/30", "dev", VETH)
+        ip("link", "set", VETH, "up")
+        ip("-n", NETNS, "addr", "add", f"{inside}/30", "dev", "eth0")
+        ip("-n", NETNS, "link", "set", "eth0", "up")
+        ip("-n", NETNS, "link", "set", "lo", "up")
+        ip("-n", NETNS, "route", "add", "local", pg.KWOK_POD_CIDR, "dev", "lo")
+        ip("route", "replace", pg.KWOK_POD_CIDR, "via", inside, "dev", VETH)
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                NETNS,
+                sys.executable,
+                "-m",
+                "benchmarks.fake_trainers",
+                "--t0",
+                str(t0),
+            ],
+            env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
+            start_new_session=True,
+        )
+        time.sleep(1.0)
+        yield
+    finally:
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        subprocess.run(["ip", "route", "replace", "unreachable", pg.KWOK_POD_CIDR])
+        subprocess.run(["ip", "link", "del", VETH], capture_output=True)
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
+
+
+def manifests(n: int) -> str:
+    items = []
+    for i in range(n):
+        m = finetune(
+            f"ft-{i:03d}",
+            model={"name": "google/gemma-3-1b-it"},
+            resources={"gpus": 0},
+            output={"existingClaim": "shared-output"},
+            tensorboard={"enabled": False},
+            podAnnotations={"gft.dev/kwok-keep-running": "true"},
+            training={"maxSteps": 100_000},
+        )
+        items.append(m)
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def watch_status(c: pg.Cluster, seen: dict[str, list[tuple[float, int]]], stop: threading.Event):
+    """Every status change of the fine-tunes as it arrives: (arrival time, step) per name."""
+    proc = subprocess.Popen(
+        [
+            str(c.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(c.kubeconfig),
+            "get",
+            "gft",
+            "-n",
+            NAMESPACE,
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=c.env,
+    )
+    decoder = json.JSONDecoder()
+    buffer = ""
+    assert proc.stdout is not None
+    while not stop.is_set():
+        line = proc.stdout.readline()
+        if not line:
+            break
+        buffer += line
+        try:
+            event, _ = decoder.raw_decode(buffer.lstrip())
+        except json.JSONDecodeError:
+            continue
+        buffer = ""
+        obj = event.get("object") or {}
+        step = ((obj.get("status") or {}).get("progress") or {}).get("step")
+        if step is not None:
+            seen.setdefault(obj["metadata"]["name"], []).append((time.time(), int(step)))
+    proc.kill()
+
+
+def audit_writes(log: Path, start: int, t_from: float, t_to: float) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with log.open() as f:
+        f.seek(start)
+        for line in f:
+            e = json.loads(line)
+            if e.get("user", {}).get("username") != OPERATOR_USER or e.get("stage") != (
+                "ResponseComplete"
+            ):
+                continue
+            at = time.mktime(time.strptime(e["requestReceivedTimestamp"][:19], "%Y-%m-%dT%H:%M:%S"))
+            at -= time.timezone  # the audit log is in UTC
+            if not t_from <= at < t_to:
+                continue
+            ref = e.get("objectRef", {})
+            resource = ref.get("resource", "")
+            if ref.get("subresource"):
+                resource += "/" + ref["subresource"]
+            what = f"{e['verb']} {resource}"
+            counts[what] = counts.get(what, 0) + 1
+    return counts
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--finetunes", type=int, default=200)
+    p.add_argument("--interval", type=float, default=10.0)
+    p.add_argument("--window", type=float, default=60.0)
+    args = p.parse_args()
+    n, interval = args.finetunes, args.interval
+
+    state = Path(tempfile.gettempdir()) / "gft-bench-status"
+    work = Path(tempfile.mkdtemp(prefix="gft-bench-"))
+    c = pg.start(state, say=lambda m: print(f"[proving ground] {m}", flush=True), runner=False)
+    op = None
+    t0 = time.time()
+    try:
+        with fake_trainers(t0):
+            install(c)
+            c.kubectl("create", "namespace", NAMESPACE)
+            c.kubectl(
+                "apply",
+                "-n",
+                NAMESPACE,
+                "-f",
+                "-",
+                input=yaml.safe_dump(
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PersistentVolumeClaim",
+                        "metadata": {"name": "shared-output"},
+                        "spec": {
+                            "accessModes": ["ReadWriteOnce"],
+                            "resources": {"requests": {"storage": "1Gi"}},
+                        },
+                    }
+                ),
+            )
+            kubeconfig = service_account_kubeconfig(c, work / "operator.kubeconfig")
+            op = OperatorProcess(
+                c,
+                kubeconfig,
+                work / "operator.log",
+                "--resync-seconds",
+                "10",
+                "--metrics-interval",
+                str(interval),
+                "--metrics-access",
+                "pod-ip",
+            )
+            op.start()
+            c.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=manifests(n))
+            print(
+                f"applied {n} fine-tunes; waiting until every status shows live numbers", flush=True
+            )
+            deadline = time.monotonic() + 900
+            while True:
+                items = c.kubectl_json("get", "gft", "-n", NAMESPACE)["items"]
+                live = [
+                    i
+                    for i in items
+                    if ((i.get("status") or {}).get("progress") or {}).get("step") is not None
+                ]
+                if len(live) == n:
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"only {len(live)}/{n} show live numbers after 15 min; "
+                        f"operator log: {op.log()[-3000:]}"
+                    )
+                time.sleep(5)
+            pods = c.kubectl_json("get", "pods", "-n", NAMESPACE)["items"]
+            pod_ip = {
+                p["metadata"]["labels"]["finetune.gemma.dev/name"]: p["status"]["podIP"]
+                for p in pods
+                if p.get("status", {}).get("podIP")
+            }
+            print(
+                f"all {n} live after {time.time() - t0:.0f}s; measuring {args.window:.0f}s",
+                flush=True,
+            )
+
+            seen: dict[str, list[tuple[float, int]]] = {}
+            stop = threading.Event()
+            watcher = threading.Thread(target=watch_status, args=(c, seen, stop), daemon=True)
+            watcher.start()
+            time.sleep(interval + 2)  # the watch's initial list is not a change
+            audit = c.state_dir / "logs" / "audit.log"
+            offset = audit.stat().st_size
+            cpu0, w0 = cpu_seconds(op.proc.pid), time.time()
+            time.sleep(args.window)
+            cpu1, w1 = cpu_seconds(op.proc.pid), time.time()
+            time.sleep(3)  # let the audit log catch up
+            stop.set()
+    finally:
+        if op is not None:
+            op.kill(signal.SIGTERM)
+        pg.stop(state, say=lambda m: None)
+
+    writes = audit_writes(audit, offset, w0, w1)
+    seconds = w1 - w0
+    total_writes = sum(writes.values())
+    status_patches = writes.get("patch gemmafinetunes/status", 0)
+    delays = []
+    for name, events in seen.items():
+        if name not in pod_ip:
+            continue
+        events = [(t, s) for t, s in events if w0 <= t <= w1]
+        if len(events) < 2:
+            continue
+        for s in range(events[0][1] + 1, events[-1][1] + 1):
+            first = next(t for t, step in events if step >= s)
+            delays.append(first - step_time(t0, pod_ip[name], s))
+    delays.sort()
+    result = {
+        "finetunes": n,
+        "interval_s": interval,
+        "window_s": round(seconds, 1),
+        "operator_writes_per_s": round(total_writes / seconds, 2),
+        "status_patches_per_s": round(status_patches / seconds, 2),
+        "bound_per_s": round(n / interval, 2),
+        "writes_by_kind": writes,
+        "freshness_median_s": round(statistics.median(delays), 2) if delays else None,
+        "freshness_p90_s": round(delays[int(0.9 * (len(delays) - 1))], 2) if delays else None,
+        "freshness_samples": len(delays),
+        "operator_cpu_cores": round((cpu1 - cpu0) / seconds, 3),
+    }
+    print("RESULT " + json.dumps(result))
+    ok = total_writes / seconds <= n / interval
+    print("writes within the bound" if ok else "WRITES OVER THE BOUND")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
