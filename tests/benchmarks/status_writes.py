@@ -274,12 +274,12 @@ def main() -> int:
             cpu1, w1 = cpu_seconds(op.proc.pid), time.time()
             time.sleep(3)  # let the audit log catch up
             stop.set()
+            writes = audit_writes(audit, offset, w0, w1)
     finally:
         if op is not None:
             op.kill(signal.SIGTERM)
         pg.stop(state, say=lambda m: None)
 
-    writes = audit_writes(audit, offset, w0, w1)
     seconds = w1 - w0
     total_writes = sum(writes.values())
     status_patches = writes.get("patch gemmafinetunes/status", 0)

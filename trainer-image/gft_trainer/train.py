@@ -79,6 +79,15 @@ class GemmaTrainer(Trainer):
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._acc[False] = [self._zero.clone(), self._zero.clone()]
+        if self.is_world_process_zero():
+            # A long evaluation is otherwise silent until its result line.
+            rows = len(self.eval_dataset) if self.eval_dataset is not None else 0
+            log.info(
+                "evaluating at step %d/%d: %d rows",
+                self.state.global_step,
+                self.state.max_steps,
+                rows,
+            )
         return super().evaluate(*args, **kwargs)
 
     # -- logs: accuracy, throughput, ETA
@@ -296,11 +305,15 @@ def run(
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         stopped = stop.requested
     except StopRequested:
-        log.info(
-            "stop requested during evaluation; saving the checkpoint of step %d",
-            trainer.state.global_step,
-        )
-        trainer._save_checkpoint(trainer.model, trial=None)
+        step = trainer.state.global_step
+        newest = checkpoints.newest_valid(Path(args.output_dir))
+        if newest is not None and checkpoints.step_of(newest) == step:
+            # Nothing trained since (an evaluation on start of a resumed run): rewriting that
+            # checkpoint in place could leave it half-written if the pod is killed meanwhile.
+            log.info("stop requested during evaluation; the checkpoint of step %d exists", step)
+        else:
+            log.info("stop requested during evaluation; saving the checkpoint of step %d", step)
+            trainer._save_checkpoint(trainer.model, trial=None)
         result, stopped = None, True
     summary = TrainerSummary(
         outcome=Outcome.STOPPED if stopped else Outcome.SUCCEEDED,
