@@ -121,7 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     handlers.RUNTIME.resync_seconds = args.resync_seconds
     access = _access(args.metrics_access, kubeconfig)
     if args.metrics_interval > 0:
-        handlers.RUNTIME.metrics_interval = args.metrics_interval
         handlers.RUNTIME.metrics_startup_grace = args.metrics_startup_grace
         handlers.RUNTIME.scraper = Scraper(
             kube,

@@ -43,7 +43,6 @@ class Runtime:
     component: str = "gft-operator"
     instance: str = socket.gethostname()
     scraper: Scraper | None = None
-    metrics_interval: float = 10.0
     metrics_startup_grace: float = 600.0
     """Seconds a trainer may take to open its metrics endpoint before that is a problem."""
 
@@ -338,8 +337,8 @@ def write_live_status(
         )
         if conditions is not None:
             patch["conditions"] = conditions
-            if state[0] != "True":
-                log.warning("%s/%s: %s: %s", namespace, name, state[1], state[2])
+            level = logging.WARNING if state[0] == "False" else logging.INFO
+            log.log(level, "%s/%s: metrics %s: %s", namespace, name, state[1], state[2])
         if not patch:
             return False
         stored = _patch_status(kube, namespace, name, patch, "metrics")

@@ -75,9 +75,18 @@ def test_status_follows_the_trainer_within_one_interval(live_operator, namespace
     c = live_operator.cluster
     access = live_operator.access
     name = "live"
-    total = 60
-    manifest = on_runner(name, model_dir, max_steps=total)
-    manifest["spec"]["training"]["loggingEverySteps"] = 1
+    total = 120
+    manifest = on_runner(
+        name,
+        model_dir,
+        max_steps=total,
+        output={"checkpointEverySteps": 20, "pvc": {"size": "1Gi"}},
+    )
+    # Enough work per step that the run lasts many intervals even on an idle machine (about
+    # 25 s alone here; a tiny model's plain step takes milliseconds), logging every step.
+    manifest["spec"]["training"].update(
+        batchSize=4, gradientAccumulationSteps=8, loggingEverySteps=1
+    )
     manifest["spec"]["tensorboard"] = {"keepAfterFinishSeconds": KEEP_TENSORBOARD}
     apply(c, namespace, manifest)
     status = wait_phase(c, namespace, name, "Running", "TrainerRunning", timeout=STARTUP)
