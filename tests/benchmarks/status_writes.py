@@ -3,7 +3,7 @@ second, the real operator reading them all, and the API server's audit log count
 
 The fine-tunes run on the proving ground's KWOK nodes (their pods are Running with addresses
 from 10.255.0.0/16). That range is routed into a network namespace this script makes, whose
-loopback owns the whole range; one process there (``benchmarks.fake_trainers``) answers as every
+loopback owns the whole range; one process there (``proving_ground.fake_trainers``) answers as every
 pod's trainer, each pod's step advancing once a second. So the operator does exactly what it
 does in a cluster (reads each pod IP, patches each status) and no traffic leaves this machine.
 
@@ -24,7 +24,6 @@ Needs root (network namespaces), like the proving ground's runner.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -34,13 +33,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 from proving_ground import cluster as pg
-
-from benchmarks.fake_trainers import step_time
+from proving_ground.fake_trainers import kwok_pods_served, step_time
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
@@ -48,55 +45,7 @@ from operator_process import OperatorProcess, install, service_account_kubeconfi
 from operator_samples import finetune  # noqa: E402
 
 OPERATOR_USER = "system:serviceaccount:gft-system:gft-operator"
-NETNS = f"gftbench{os.getpid()}"
-VETH = f"gftbv{os.getpid() % 100000}"
-LINK_NET = ("169.254.231.1", "169.254.231.2")  # a /30 between this machine and the namespace
 NAMESPACE = "bench"
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-
-@contextlib.contextmanager
-def fake_trainers(t0: float) -> Iterator[None]:
-    """Route KWOK's pod range into a namespace of ours where one process answers for all."""
-    host, inside = LINK_NET
-    proc = None
-    try:
-        ip("netns", "add", NETNS)
-        ip("link", "add", VETH, "type", "veth", "peer", "name", "eth0", "netns", NETNS)
-        ip("addr", "add", f"{host}/30", "dev", VETH)
-        ip("link", "set", VETH, "up")
-        ip("-n", NETNS, "addr", "add", f"{inside}/30", "dev", "eth0")
-        ip("-n", NETNS, "link", "set", "eth0", "up")
-        ip("-n", NETNS, "link", "set", "lo", "up")
-        ip("-n", NETNS, "route", "add", "local", pg.KWOK_POD_CIDR, "dev", "lo")
-        ip("route", "replace", pg.KWOK_POD_CIDR, "via", inside, "dev", VETH)
-        proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                NETNS,
-                sys.executable,
-                "-m",
-                "benchmarks.fake_trainers",
-                "--t0",
-                str(t0),
-            ],
-            env={**os.environ, "PYTHONPATH": str(REPO / "tests")},
-            start_new_session=True,
-        )
-        time.sleep(1.0)
-        yield
-    finally:
-        if proc is not None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
-        subprocess.run(["ip", "route", "replace", "unreachable", pg.KWOK_POD_CIDR])
-        subprocess.run(["ip", "link", "del", VETH], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
 
 
 def manifests(n: int) -> str:
@@ -197,7 +146,7 @@ def main() -> int:
     op = None
     t0 = time.time()
     try:
-        with fake_trainers(t0):
+        with kwok_pods_served(t0):
             install(c)
             c.kubectl("create", "namespace", NAMESPACE)
             c.kubectl(

@@ -2,7 +2,10 @@
 dashboard's operator panels answered from it.
 
 ``gft-operator --metrics-address`` runs out of cluster against the proving ground and reconciles
-one GemmaFineTune, so that the fine-tunes-by-phase and reconcile panels have something to show.
+two GemmaFineTunes, so that the fine-tunes-by-phase and reconcile panels have something to show:
+one suspended, one running on a KWOK node whose pod address is answered by a fake trainer
+(``proving_ground.fake_trainers``), so that the operator reads metrics and writes live status
+and the status-update lag panel has data too.
 A module of its own, apart from test_prometheus.py, so that no trainer competes for the CPU while
 the control plane starts.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +37,7 @@ from prometheus_harness import (
     substitute,
     variable_queries,
 )
+from proving_ground.fake_trainers import kwok_pods_served
 
 operator_process = operator_test_module("operator_process")
 finetune = operator_test_module("operator_samples").finetune
@@ -100,6 +105,10 @@ def operator(cluster, metrics_port: int, tmp_path_factory: pytest.TempPathFactor
         tmp_path_factory.mktemp("oplog") / "operator.log",
         "--metrics-address",
         f"127.0.0.1:{metrics_port}",
+        "--metrics-interval",
+        "1",
+        "--metrics-access",
+        "pod-ip",
     )
     op.start()
     yield op
@@ -109,20 +118,33 @@ def operator(cluster, metrics_port: int, tmp_path_factory: pytest.TempPathFactor
 def test_operator_panels_have_data(
     cluster, operator: operator_process.OperatorProcess, prometheus: Prometheus, namespace: str
 ) -> None:
+    with kwok_pods_served(time.time()):
+        check_operator_panels(cluster, prometheus, namespace)
+
+
+def check_operator_panels(cluster, prometheus: Prometheus, namespace: str) -> None:
     prometheus.wait_for("a scrape of the operator", lambda: prometheus.query("up == 1"))
     # Suspended: unfinished, so the operator keeps reconciling it (every 3 s) while we look.
     operator_process.apply(cluster, namespace, finetune("demo", suspend=True))
+    running = finetune(
+        "live",
+        resources={"gpus": 0},
+        tensorboard={"enabled": False},
+        podAnnotations={"gft.dev/kwok-keep-running": "true"},
+    )
+    operator_process.apply(cluster, namespace, running)
     phases = prometheus.wait_for(
         f"gft_operator_finetunes for {namespace}",
         lambda: prometheus.query(f'gft_operator_finetunes{{namespace="{namespace}"}}'),
         timeout=60,
     )
-    (series,) = phases
+    by_phase = {s["metric"]["phase"]: float(s["value"][1]) for s in phases}
     # honorLabels keeps the fine-tunes' namespace; the target's labels fill in the rest.
-    assert series["metric"]["job"] == "gft-operator"
-    assert series["metric"]["pod"].startswith("gft-operator-")
-    assert "exported_namespace" not in series["metric"]
-    assert (series["metric"]["phase"], float(series["value"][1])) == ("Suspended", 1)
+    for series in phases:
+        assert series["metric"]["job"] == "gft-operator"
+        assert series["metric"]["pod"].startswith("gft-operator-")
+        assert "exported_namespace" not in series["metric"]
+    assert by_phase.get("Suspended") == 1
 
     selector, label = variable_queries(dashboard())["namespace"]
     assert namespace in prometheus.label_values(label, selector)
@@ -136,9 +158,15 @@ def test_operator_panels_have_data(
     assert len(exprs) >= 9
     results = prometheus.wait_for_results(exprs)
     assert [float(s["value"][1]) for s in results["Operator up [A]"]] == [1]
-    # Reconciles within the last rate interval: a rate above 0 and real quantiles, not NaN.
-    # (The status-update lag stays NaN here: no trainer runs, so no live status is written.)
-    busy = ["Reconciles / s [A]", "Reconcile duration [A]", "Reconcile duration [B]"]
+    # Reconciles and live-status writes within the last rate interval: rates above 0 and real
+    # quantiles, not NaN.
+    busy = [
+        "Reconciles / s [A]",
+        "Reconcile duration [A]",
+        "Reconcile duration [B]",
+        "Status-update lag [A]",
+        "Status-update lag [B]",
+    ]
     prometheus.wait_for_results({name: f"({exprs[name]}) > 0" for name in busy})
     assert {s["metric"]["reason"] for s in results["Trainer metrics reads / s [B]"]} == {
         "unreachable",
