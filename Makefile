@@ -54,7 +54,7 @@ lint: venv ## ruff
 
 test: venv tools ## set up everything and run the whole suite (what CI runs)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=15
 
 test-fast: venv ## the suite without the slow end-to-end tests
 	$(VENV)/bin/pytest -m "not slow"
