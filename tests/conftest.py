@@ -37,8 +37,9 @@ def cluster() -> Iterator[pg.Cluster]:
         pg.stop(state_dir, say=lambda *_: None)
 
 
-def wait_for(what: str, check, timeout: float = 60, interval: float = 0.5):
-    """Poll ``check`` until it returns something truthy; fail the test naming ``what``."""
+def wait_for(what: str, check, timeout: float = 60, interval: float = 0.5, on_timeout=None):
+    """Poll ``check`` until it returns something truthy; fail the test naming ``what`` (and
+    adding what ``on_timeout()`` returns, e.g. a log tail)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -46,7 +47,8 @@ def wait_for(what: str, check, timeout: float = 60, interval: float = 0.5):
         if last:
             return last
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    extra = f"\n{on_timeout()}" if on_timeout else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){extra}")
 
 
 @pytest.fixture

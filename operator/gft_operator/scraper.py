@@ -204,6 +204,8 @@ def _timed_out(e: BaseException) -> bool:
 
 
 def _short(e: BaseException) -> str:
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
     if isinstance(e, urllib.error.URLError) and e.reason:
         return str(e.reason)
     return str(e)[:300]

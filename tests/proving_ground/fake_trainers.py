@@ -8,6 +8,9 @@ machine. Needs root, like the runner.
 Each pod's step advances once a second from its own offset, so the reader can tell exactly
 when any step happened: step ``s`` of the pod at ``ip`` happened at ``step_time(t0, ip, s)``.
 
+A JSON file ``{"IP": behaviour}`` (``--behaviours``, read at every request) makes a pod's trainer
+misbehave: ``slow`` (answers after 60 s), ``garbage`` (an HTML page), ``error`` (HTTP 500).
+
     python -m proving_ground.fake_trainers --t0 UNIX_TIME --port 9090 --total-steps 100000
 """
 
@@ -17,6 +20,7 @@ import argparse
 import contextlib
 import http.server
 import ipaddress
+import json
 import math
 import os
 import signal
@@ -69,9 +73,10 @@ def _ip(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def kwok_pods_served(t0: float) -> Iterator[None]:
+def kwok_pods_served(t0: float, behaviours: Path | None = None) -> Iterator[None]:
     """While inside, every KWOK pod address answers on port 9090 as a trainer stepping from
-    ``t0``; afterwards the range is unreachable again (as the proving ground leaves it)."""
+    ``t0`` (misbehaving as ``behaviours`` says); afterwards the range is unreachable again (as
+    the proving ground leaves it)."""
     netns, veth = f"gftfake{os.getpid()}", f"gftfv{os.getpid() % 100000}"
     host, inside = LINK_NET
     proc = None
@@ -97,6 +102,7 @@ def kwok_pods_served(t0: float) -> Iterator[None]:
                 "proving_ground.fake_trainers",
                 "--t0",
                 str(t0),
+                *(["--behaviours", str(behaviours)] if behaviours else []),
             ],
             env={**os.environ, "PYTHONPATH": tests},
             start_new_session=True,
@@ -117,12 +123,27 @@ def main() -> None:
     p.add_argument("--t0", type=float, required=True)
     p.add_argument("--port", type=int, default=9090)
     p.add_argument("--total-steps", type=int, default=100_000)
+    p.add_argument("--behaviours", type=Path, default=None)
     args = p.parse_args()
+
+    def behaviour(ip: str) -> str:
+        try:
+            return json.loads(args.behaviours.read_text()).get(ip, "ok")
+        except (AttributeError, OSError, ValueError):
+            return "ok"
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             ip = self.connection.getsockname()[0]
+            how = behaviour(ip)
+            if how == "slow":
+                time.sleep(60)
+            if how == "error":
+                self.send_error(500, "the trainer's exporter failed")
+                return
             body = metrics_text(args.t0, ip, time.time(), args.total_steps).encode()
+            if how == "garbage":
+                body = b"<html><body><h1>It works!</h1></body></html>"
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(body)))
