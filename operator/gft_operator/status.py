@@ -464,10 +464,17 @@ def decide(obs: Observed, now: str) -> Decision:
             status["result"] = summary.to_wire()
             status["progress"] = _final_progress(old.get("progress") or {}, summary, verdict)
             if summary.last_checkpoint_step is not None:
-                status["lastCheckpoint"] = {
-                    "step": summary.last_checkpoint_step,
-                    **({"path": summary.last_checkpoint} if summary.last_checkpoint else {}),
-                }
+                checkpoint: Manifest = {"step": summary.last_checkpoint_step}
+                if summary.last_checkpoint:
+                    checkpoint["path"] = summary.last_checkpoint
+                # The time: as the metrics reads saw it, else when the trainer ended (it saves
+                # its last checkpoint just before).
+                old_checkpoint = old.get("lastCheckpoint") or {}
+                if old_checkpoint.get("step") == checkpoint["step"] and old_checkpoint.get("time"):
+                    checkpoint["time"] = old_checkpoint["time"]
+                elif (_terminated(finished) or {}).get("finishedAt"):
+                    checkpoint["time"] = _terminated(finished)["finishedAt"]  # type: ignore[index]
+                status["lastCheckpoint"] = checkpoint
 
     transition = None
     if verdict.phase.value != old_phase or verdict.reason != old.get("reason"):

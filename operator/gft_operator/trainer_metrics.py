@@ -36,6 +36,7 @@ _PROGRESS = (
     "gft_eta_seconds",
     "gft_last_checkpoint_step",
     "gft_last_log_timestamp_seconds",
+    "gft_last_checkpoint_timestamp_seconds",
 )
 _GPU = ("gft_gpu_utilization_ratio", "gft_gpu_memory_used_bytes")
 
@@ -133,6 +134,9 @@ def live_status(reading: Reading) -> Manifest:
     checkpoint = v.get("gft_last_checkpoint_step")
     if checkpoint:  # 0: no checkpoint saved by this attempt yet
         out["lastCheckpoint"] = {"step": int(checkpoint)}
+        saved = v.get("gft_last_checkpoint_timestamp_seconds")
+        if saved:
+            out["lastCheckpoint"]["time"] = timestamp(saved)
     return out
 
 

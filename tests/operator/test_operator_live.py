@@ -176,6 +176,7 @@ def test_status_follows_the_trainer_within_one_interval(live_operator, namespace
     running_for = time.time() - running_since
     assert status["result"]["globalStep"] == total and status["result"]["trainLoss"] > 0
     assert status["progress"]["step"] == total and status["progress"]["percent"] == 100
+    assert status["lastCheckpoint"]["step"] == total and status["lastCheckpoint"]["time"]
     metrics_condition = [c for c in status["conditions"] if c["type"] == "MetricsAvailable"]
     assert not metrics_condition  # it described a live endpoint; the run is over
 

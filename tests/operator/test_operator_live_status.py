@@ -4,6 +4,7 @@ dead, garbage) to show that one bad trainer never delays the others."""
 
 from __future__ import annotations
 
+import datetime
 import http.server
 import itertools
 import socket
@@ -81,7 +82,9 @@ def test_the_trainers_own_metrics_become_progress_and_metrics(tmp_path: Path) ->
         "tokensPerSecond": 1500.25,
         "samplesPerSecond": 3.5,
     }
-    assert live["lastCheckpoint"] == {"step": 10}
+    assert live["lastCheckpoint"]["step"] == 10
+    saved = datetime.datetime.strptime(live["lastCheckpoint"]["time"], "%Y-%m-%dT%H:%M:%SZ")
+    assert abs(saved.replace(tzinfo=datetime.UTC).timestamp() - time.time()) < 60
     assert reading.logged_at is not None and abs(reading.logged_at - time.time()) < 60
 
 

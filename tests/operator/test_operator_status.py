@@ -397,3 +397,18 @@ def test_tensorboard_is_kept_for_the_configured_time_after_the_run():
     running = pod("demo-a", trainer={"running": {"startedAt": "2026-01-01T00:00:00Z"}})
     assert trainer_started_at(running) == 1767225600
     assert trainer_started_at(pod("demo-b", phase="Pending", trainer={"waiting": {}})) is None
+
+
+def test_last_checkpoint_time_comes_from_the_reads_or_from_the_trainers_end():
+    message = summary_message(75, "StoppedAfterCheckpoint", "stopped", step=12)
+    ended = pod(
+        "demo-a",
+        phase="Failed",
+        trainer={"terminated": {"exitCode": 75, "message": message, "finishedAt": NOW}},
+    )
+    j = job(failed=1)
+    first = decide(observe(j, [ended]), NOW).status
+    assert first["lastCheckpoint"]["time"] == NOW  # the trainer saved it just before it ended
+    seen = {"step": 12, "time": "2026-01-01T00:09:30Z"}
+    again = decide(observe(j, [ended], old={**first, "lastCheckpoint": seen}), NOW).status
+    assert again["lastCheckpoint"]["time"] == "2026-01-01T00:09:30Z"  # as the reads saw it

@@ -74,6 +74,10 @@ PROGRESS = {
         "Unix time of the newest logging step these numbers come from.",
     ),
     "last_checkpoint_step": ("gft_last_checkpoint_step", "Global step of the newest checkpoint."),
+    "last_checkpoint_time": (
+        "gft_last_checkpoint_timestamp_seconds",
+        "Unix time the newest checkpoint was saved.",
+    ),
 }
 
 
@@ -163,5 +167,9 @@ class PrometheusMetrics(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
         self.training.update(
-            {"last_checkpoint_step": state.global_step, "global_step": state.global_step}
+            {
+                "last_checkpoint_step": state.global_step,
+                "last_checkpoint_time": time.time(),
+                "global_step": state.global_step,
+            }
         )
