@@ -9,7 +9,6 @@ reconciles), and a live Job's pod template is never patched.
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import socket
@@ -54,12 +53,10 @@ class LiveState:
 
     def __init__(self) -> None:
         self.status: dict[tuple[str, str], Manifest] = {}
-        self.generation: dict[tuple[str, str], int] = {}
         self.served: set[tuple[str, str, str]] = set()  # (namespace, name, pod)
 
     def forget(self, namespace: str, name: str) -> None:
         self.status.pop((namespace, name), None)
-        self.generation.pop((namespace, name), None)
         self.served = {s for s in self.served if s[:2] != (namespace, name)}
 
 
@@ -75,7 +72,7 @@ def _lock(namespace: str, name: str) -> threading.Lock:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return status.timestamp(time.time())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,9 +255,8 @@ def reconcile(namespace: str, name: str) -> None:
             written = _patch_status(kube, namespace, name, new_status, "phase")
         key = (namespace, name)
         LIVE.status[key] = written
-        LIVE.generation[key] = int(meta.get("generation") or 0)
         monitoring.PHASES.set(namespace, name, new_status.get("phase"))
-        _track_trainer(namespace, name, new_status, pods)
+        _track_trainer(namespace, name, new_status, pods, int(meta.get("generation") or 0))
         if decision.transition is not None:
             t = decision.transition
             log.info("%s: %s (%s): %s", who, new_status["phase"], t.reason, t.message)
@@ -279,7 +275,9 @@ def _patch_status(kube: Kube, namespace: str, name: str, patch: Manifest, kind: 
     return stored.get("status") or {}
 
 
-def _track_trainer(namespace: str, name: str, new_status: Manifest, pods: list[Manifest]) -> None:
+def _track_trainer(
+    namespace: str, name: str, new_status: Manifest, pods: list[Manifest], generation: int
+) -> None:
     """Read the metrics of a running trainer; stop reading one that is not running."""
     scraper = RUNTIME.scraper
     if scraper is None:
@@ -298,7 +296,7 @@ def _track_trainer(namespace: str, name: str, new_status: Manifest, pods: list[M
             pod=pod["metadata"]["name"],
             pod_ip=pod_ip,
             port=children.METRICS_PORT,
-            generation=LIVE.generation.get((namespace, name), 0),
+            generation=generation,
             started_at=started,
         )
     )

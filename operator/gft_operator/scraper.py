@@ -106,10 +106,6 @@ class Scraper:
             self._targets.pop((namespace, name), None)
             self._due.pop((namespace, name), None)
 
-    def tracked(self) -> list[Target]:
-        with self._guard:
-            return list(self._targets.values())
-
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         tick = min(0.25, self.interval / 4)

@@ -106,21 +106,33 @@ def _terminated(pod: Manifest) -> Manifest | None:
     return (cs or {}).get("state", {}).get("terminated")
 
 
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+
+def timestamp(unix: float) -> str:
+    """An API timestamp (RFC 3339, UTC, whole seconds)."""
+    return datetime.datetime.fromtimestamp(unix, datetime.UTC).strftime(_TIME_FORMAT)
+
+
+def unix_time(stamp: str) -> float:
+    """The Unix time of an API timestamp."""
+    at = datetime.datetime.strptime(stamp, _TIME_FORMAT)
+    return at.replace(tzinfo=datetime.UTC).timestamp()
+
+
 def trainer_started_at(pod: Manifest) -> float | None:
     """Unix time the trainer container started running, or ``None`` when it is not running."""
     running = ((_trainer_status(pod) or {}).get("state") or {}).get("running")
     if not running or not running.get("startedAt"):
         return None
-    at = datetime.datetime.strptime(running["startedAt"], "%Y-%m-%dT%H:%M:%SZ")
-    return at.replace(tzinfo=datetime.UTC).timestamp()
+    return unix_time(running["startedAt"])
 
 
 def tensorboard_kept_until(completion_time: str | None, keep_seconds: int) -> float | None:
     """Unix time until which TensorBoard stays up after the run, or ``None`` for not at all."""
     if not completion_time or keep_seconds <= 0:
         return None
-    at = datetime.datetime.strptime(completion_time, "%Y-%m-%dT%H:%M:%SZ")
-    return at.replace(tzinfo=datetime.UTC).timestamp() + keep_seconds
+    return unix_time(completion_time) + keep_seconds
 
 
 def _created(pod: Manifest) -> str:
@@ -373,23 +385,36 @@ def _conditions(
         others = []
     for type_ in CONDITION_TYPES:
         status = "True" if truth[type_] else "False"
-        prev = previous.get(type_)
         if truth[type_] or type_ == "Ready":
             reason, message = verdict.reason, verdict.message
         else:
             reason, message = f"Not{type_}", ""
-        changed = prev is None or prev.get("status") != status
-        out.append(
-            {
-                "type": type_,
-                "status": status,
-                "reason": reason,
-                "message": message[:32768],
-                "lastTransitionTime": now if changed else prev.get("lastTransitionTime", now),
-                "observedGeneration": generation,
-            }
-        )
+        out.append(condition(previous.get(type_), type_, status, reason, message, generation, now))
     return out + others
+
+
+def condition(
+    previous: Manifest | None,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
+) -> Manifest:
+    """A condition per the API conventions; its transition time moves only when ``status``
+    changes from ``previous``."""
+    transition = now
+    if previous is not None and previous.get("status") == status:
+        transition = previous.get("lastTransitionTime", now)
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message[:32768],
+        "lastTransitionTime": transition,
+        "observedGeneration": generation,
+    }
 
 
 def _attempts(obs: Observed) -> int:
@@ -470,10 +495,11 @@ def decide(obs: Observed, now: str) -> Decision:
                 # The time: as the metrics reads saw it, else when the trainer ended (it saves
                 # its last checkpoint just before).
                 old_checkpoint = old.get("lastCheckpoint") or {}
+                ended_at = (_terminated(finished) or {}).get("finishedAt")
                 if old_checkpoint.get("step") == checkpoint["step"] and old_checkpoint.get("time"):
                     checkpoint["time"] = old_checkpoint["time"]
-                elif (_terminated(finished) or {}).get("finishedAt"):
-                    checkpoint["time"] = _terminated(finished)["finishedAt"]  # type: ignore[index]
+                elif ended_at:
+                    checkpoint["time"] = ended_at
                 status["lastCheckpoint"] = checkpoint
 
     transition = None

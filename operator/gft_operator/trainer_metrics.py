@@ -8,12 +8,13 @@ answers. The reading loop (``scraper``) does the I/O and the timing.
 
 from __future__ import annotations
 
-import datetime
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from gft_operator.status import condition, timestamp
 
 Manifest = dict[str, Any]
 
@@ -92,11 +93,6 @@ def parse(text: str) -> Reading:
     return Reading(values=values, gpus=gpus)
 
 
-def timestamp(unix: float) -> str:
-    at = datetime.datetime.fromtimestamp(unix, datetime.UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _number(value: float) -> float:
     """Six significant digits: more is noise in a status, and it keeps equal readings equal."""
     return float(f"{value:.6g}")
@@ -166,19 +162,9 @@ def metrics_condition(
         reason,
     ):
         return None
-    transition = now
-    if previous is not None and previous.get("status") == status:
-        transition = previous.get("lastTransitionTime", now)
-    condition = {
-        "type": METRICS_CONDITION,
-        "status": status,
-        "reason": reason,
-        "message": message[:32768],
-        "lastTransitionTime": transition,
-        "observedGeneration": generation,
-    }
     others = [c for c in old_conditions if c.get("type") != METRICS_CONDITION]
-    return [*others, condition]
+    new = condition(previous, METRICS_CONDITION, status, reason, message, generation, now)
+    return [*others, new]
 
 
 def read_state(

@@ -96,13 +96,9 @@ def operator(cluster, metrics_port: int, tmp_path_factory: pytest.TempPathFactor
     if "--metrics-address" not in usage:
         pytest.fail("gft-operator has no --metrics-address flag")
     operator_process.install(cluster)
-    kubeconfig = operator_process.service_account_kubeconfig(
-        cluster, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
-    )
-    op = operator_process.OperatorProcess(
+    op = operator_process.start_operator(
         cluster,
-        kubeconfig,
-        tmp_path_factory.mktemp("oplog") / "operator.log",
+        tmp_path_factory,
         "--metrics-address",
         f"127.0.0.1:{metrics_port}",
         "--metrics-interval",
@@ -110,7 +106,6 @@ def operator(cluster, metrics_port: int, tmp_path_factory: pytest.TempPathFactor
         "--metrics-access",
         "pod-ip",
     )
-    op.start()
     yield op
     op.kill(signal.SIGTERM)
 

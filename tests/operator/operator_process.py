@@ -171,14 +171,22 @@ def installed(cluster):
     return cluster
 
 
+def start_operator(cluster, tmp_path_factory, *extra: str) -> OperatorProcess:
+    """``gft-operator`` out of cluster, logged in as its service account, with ``extra``
+    arguments; started and healthy."""
+    kubeconfig = service_account_kubeconfig(
+        cluster, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
+    )
+    log = tmp_path_factory.mktemp("oplog") / "operator.log"
+    op = OperatorProcess(cluster, kubeconfig, log, *extra)
+    op.start()
+    return op
+
+
 @pytest.fixture(scope="module")
 def operator(installed, tmp_path_factory):
     """``gft-operator`` out of cluster, logged in as its service account."""
-    kubeconfig = service_account_kubeconfig(
-        installed, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
-    )
-    op = OperatorProcess(installed, kubeconfig, tmp_path_factory.mktemp("oplog") / "operator.log")
-    op.start()
+    op = start_operator(installed, tmp_path_factory)
     yield op
     op.kill(signal.SIGTERM)
 

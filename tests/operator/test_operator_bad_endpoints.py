@@ -16,11 +16,10 @@ import urllib.request
 import pytest
 from conftest import wait_for
 from operator_process import (  # noqa: F401 (fixtures)
-    OperatorProcess,
     apply,
     get_gft,
     installed,
-    service_account_kubeconfig,
+    start_operator,
 )
 from operator_samples import finetune
 from proving_ground.fake_trainers import kwok_pods_served
@@ -34,13 +33,9 @@ NAMES = ("healthy", "slow", "broken", "garbage")
 
 @pytest.fixture(scope="module")
 def reading_operator(installed, tmp_path_factory):
-    kubeconfig = service_account_kubeconfig(
-        installed, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
-    )
-    op = OperatorProcess(
+    op = start_operator(
         installed,
-        kubeconfig,
-        tmp_path_factory.mktemp("oplog") / "operator.log",
+        tmp_path_factory,
         "--metrics-interval",
         str(INTERVAL),
         "--metrics-timeout",
@@ -48,7 +43,6 @@ def reading_operator(installed, tmp_path_factory):
         "--metrics-access",
         "pod-ip",
     )
-    op.start()
     yield op
     op.kill(signal.SIGTERM)
 

@@ -18,11 +18,10 @@ import urllib.request
 
 import pytest
 from operator_process import (  # noqa: F401 (fixtures)
-    OperatorProcess,
     apply,
     get_gft,
     installed,
-    service_account_kubeconfig,
+    start_operator,
     wait_phase,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,13 +39,9 @@ _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 def live_operator(request, installed, tmp_path_factory):
     """The operator reading trainers' metrics every INTERVAL seconds, one way or the other."""
     access = request.param
-    kubeconfig = service_account_kubeconfig(
-        installed, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
-    )
-    op = OperatorProcess(
+    op = start_operator(
         installed,
-        kubeconfig,
-        tmp_path_factory.mktemp("oplog") / "operator.log",
+        tmp_path_factory,
         "--metrics-interval",
         str(INTERVAL),
         "--metrics-access",
@@ -55,7 +50,6 @@ def live_operator(request, installed, tmp_path_factory):
         str(STARTUP_GRACE),
     )
     op.access = access  # type: ignore[attr-defined]
-    op.start()
     yield op
     op.kill(signal.SIGTERM)
 
