@@ -24,7 +24,7 @@ from gft_api.v1alpha1 import TERMINAL_PHASES, GemmaFineTuneSpec, Phase
 from pydantic import ValidationError
 
 from gft_operator import children, monitoring, status, trainer_metrics
-from gft_operator.kube import Conflict, Kube, Manifest, NotFound
+from gft_operator.kube import Conflict, Kube, Manifest, NamespaceTerminating, NotFound
 from gft_operator.scraper import Problem, Scraper, Target
 
 log = logging.getLogger("gft_operator")
@@ -407,6 +407,9 @@ def _safely(namespace: str, name: str) -> None:
     try:
         with monitoring.RECONCILE_SECONDS.time():
             reconcile(namespace, name)
+    except NamespaceTerminating:
+        # Its fine-tunes go with the namespace: nothing to create, nothing wrong.
+        log.info("%s/%s: the namespace is being deleted; not reconciling", namespace, name)
     except Exception:
         monitoring.RECONCILE_ERRORS.inc()
         log.exception("%s/%s: reconcile failed; the next event or resync retries", namespace, name)

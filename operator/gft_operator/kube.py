@@ -34,6 +34,10 @@ class Conflict(ApiError):
     """409: AlreadyExists on create, or a conflict on update."""
 
 
+class NamespaceTerminating(ApiError):
+    """403 on create: the namespace is being deleted (its objects go with it)."""
+
+
 def load_config(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
     """In cluster when there is a service account, otherwise the kubeconfig."""
     try:
@@ -92,6 +96,11 @@ class Kube:
             raise NotFound(404, data.get("message", "not found"))
         if response.status == 409:
             raise Conflict(409, data.get("message", "conflict"))
+        causes = (data.get("details") or {}).get("causes") or []
+        if response.status == 403 and any(
+            c.get("reason") == "NamespaceTerminating" for c in causes
+        ):
+            raise NamespaceTerminating(403, data.get("message", "namespace is being terminated"))
         if response.status >= 400:
             raise ApiError(response.status, data.get("message", raw[:500].decode(errors="replace")))
         return data

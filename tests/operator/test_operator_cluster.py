@@ -552,3 +552,47 @@ def test_pod_security_refusing_the_pods_surfaces_failed_create(operator, namespa
     finally:
         root.kill()
         operator.start()
+
+
+def test_create_in_a_terminating_namespace_is_told_apart(installed):
+    """A fine-tune reconciled while its namespace is being deleted: the API server refuses new
+    objects there, and the client says so with its own error (the operator logs it as such,
+    not as a failed reconcile)."""
+    from gft_operator.kube import Kube, NamespaceTerminating, load_config
+
+    c = installed
+    ns = f"t-terminating-{int(time.time())}"
+    c.kubectl("create", "namespace", ns)
+    held = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "held", "finalizers": ["gft.dev/test"]},
+    }
+    apply(c, ns, held)
+    c.kubectl("delete", "namespace", ns, "--wait=false")
+    kube = Kube(load_config(str(c.kubeconfig)))
+    try:
+        wait_for(
+            f"{ns} terminating",
+            lambda: c.kubectl_json("get", "namespace", ns)["status"]["phase"] == "Terminating",
+        )
+        with pytest.raises(NamespaceTerminating, match="being terminated"):
+            kube.create(
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "metadata": {"name": "new", "namespace": ns},
+                }
+            )
+    finally:
+        c.kubectl(
+            "patch",
+            "configmap",
+            "held",
+            "-n",
+            ns,
+            "--type",
+            "merge",
+            "-p",
+            '{"metadata":{"finalizers":null}}',
+        )
