@@ -6,7 +6,12 @@ import urllib.request
 from pathlib import Path
 
 from gft_api.contract import TERMINATION_MESSAGE_LIMIT, Outcome, TrainerSummary
-from gft_trainer.callbacks import TensorBoardScalars, format_duration, format_log_line
+from gft_trainer.callbacks import (
+    TensorBoardScalars,
+    format_duration,
+    format_log_line,
+    tensorboard_run_dir,
+)
 from gft_trainer.metrics import PrometheusMetrics
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -94,6 +99,14 @@ def test_tensorboard_scalars_read_back(tmp_path: Path) -> None:
         "train/grad_norm",
         "train/step_time_seconds",
     } <= set(acc.Tags()["scalars"])
+
+
+def test_tensorboard_lists_the_run_by_the_finetunes_name(tmp_path: Path) -> None:
+    root = tmp_path / "tensorboard"
+    assert tensorboard_run_dir(root, "team-a/pip") == root / "team-a" / "pip"
+    # A name never leaves the TensorBoard folder, and an empty one still gets a folder.
+    assert tensorboard_run_dir(root, "../../etc/./x") == root / "etc" / "x"
+    assert tensorboard_run_dir(root, "/") == root / "run"
 
 
 def test_termination_message_fits() -> None:

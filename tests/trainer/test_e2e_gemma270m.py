@@ -117,7 +117,7 @@ def test_eval_loss_falls_and_accuracy_rises(run270m: Run) -> None:
 def test_tensorboard_holds_the_scalars(run270m: Run) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run270m.out / "tensorboard"))
+    acc = EventAccumulator(str(run270m.out / "tensorboard" / "e2e" / "gemma3-270m"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {

@@ -88,6 +88,13 @@ TB_TRAIN = {
 TB_EVAL = {"eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy"}
 
 
+def tensorboard_run_dir(root: Path, run_name: str) -> Path:
+    """Where this run's event files go under ``root``: a folder per run name (the operator
+    passes ``namespace/name``), so TensorBoard lists the run by the fine-tune's name, not "."."""
+    parts = [p for p in run_name.split("/") if p not in ("", ".", "..")]
+    return root.joinpath(*parts) if parts else root / "run"
+
+
 class TensorBoardScalars(TrainerCallback):
     """Scalars for TensorBoard, flushed at every log so the sidecar shows them live."""
 

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from gft_api.contract import ExitCode, Outcome, TrainerConfig, TrainerSummary
 from gft_api.training import MethodType, Precision
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments
 
-from gft_trainer import checkpoints, data, modeling
-from gft_trainer.callbacks import LogLine, StopOnSignal, TensorBoardScalars
+from gft_trainer import checkpoints, data, modeling, resume
+from gft_trainer.callbacks import LogLine, StopOnSignal, TensorBoardScalars, tensorboard_run_dir
 from gft_trainer.errors import StopRequested
 from gft_trainer.metrics import PrometheusMetrics
 from gft_trainer.signals import StopFlag
@@ -244,11 +244,21 @@ def run(
     rank, world_size = world()
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
+    done = resume.finished_before(out, config.dump())
+    if done is not None:
+        # Started again after it succeeded (its Job was re-created): the same outcome, no step.
+        log.info("this run already succeeded (%s); nothing left to train", done.message)
+        return done
+    if rank == 0:
+        resume.keep_config(out, config.dump())
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
     hw = modeling.Hardware.detect()
     cache_dir = config.model.cache_dir or str(out / "hub-cache")
     loaded = modeling.load(config.model, config.method, config.training.precision, cache_dir, hw)
     loaded.model.config.use_cache = False  # a cache would hide packed examples from the mask
+    start = resume.choose(out / "checkpoints", config.output.resume_from, config.method.type)
+    if start.adapter is not None:
+        resume.load_adapter(loaded.model, start.adapter)
     trainable, total = modeling.count_parameters(loaded.model)
     log.info(
         "model %s (%s, Gemma %d): %s params, %s trainable (%s), %s, attention %s",
@@ -274,7 +284,8 @@ def run(
     )
     args = training_arguments(config, p, loaded.precision, hw.cuda, prepared.eval is not None)
     prometheus = PrometheusMetrics(config.run_name)
-    tb_dir = Path(config.observability.tensorboard_dir or out / "tensorboard")
+    tb_root = Path(config.observability.tensorboard_dir or out / "tensorboard")
+    tb_dir = tensorboard_run_dir(tb_root, config.run_name)
     # The log line last: once it shows a step, TensorBoard and /metrics already hold it.
     callbacks = [TensorBoardScalars(tb_dir), prometheus, LogLine(), StopOnSignal(stop)]
     trainer = GemmaTrainer(
@@ -295,15 +306,27 @@ def run(
         log.info("metrics on http://%s:%d/metrics", config.observability.metrics_bind_address, port)
         if metrics_port_file:
             metrics_port_file.write_text(str(port))
-    resume = checkpoints.newest_valid(Path(args.output_dir))
-    if resume:
-        log.info("resuming from %s", resume)
+    checkpoint = start.checkpoint
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
     stop.training = True
     if stop.requested:
         raise StopRequested("stop requested before training started")
     try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        stopped = stop.requested
+        if checkpoint and (checkpoints.step_of(checkpoint) or 0) >= p.total_steps:
+            # Every planned step is in the checkpoint already: training on would go past the
+            # plan. Take its weights and finish (evaluate, save the artifacts).
+            log.info(
+                "the checkpoint is at step %d of %d: finishing without training",
+                checkpoints.step_of(checkpoint),
+                p.total_steps,
+            )
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = TrainerState.load_from_json(str(checkpoint / checkpoints.TRAINER_STATE))
+            result, stopped = None, False
+        else:
+            result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            stopped = stop.requested
     except StopRequested:
         step = trainer.state.global_step
         newest = checkpoints.newest_valid(Path(args.output_dir))
@@ -322,7 +345,7 @@ def run(
         global_step=trainer.state.global_step,
         total_steps=p.total_steps,
         epoch=trainer.state.epoch,
-        train_loss=result.training_loss if result else None,
+        train_loss=result.training_loss if result else _mean_logged_loss(trainer),
         train_tokens=int(trainer.state.num_input_tokens_seen) or None,
         runtime_seconds=round(time.monotonic() - started, 3),
     )
@@ -348,6 +371,13 @@ def run(
                 cb.close()
         prometheus.shutdown()
     return summary
+
+
+def _mean_logged_loss(trainer: GemmaTrainer) -> float | None:
+    """The run's mean training loss as its log history has it (for a run finished from a
+    checkpoint, whose ``train()`` summary is lost)."""
+    losses = [float(e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    return sum(losses) / len(losses) if losses else None
 
 
 def last_eval(trainer: GemmaTrainer) -> dict[str, float] | None:
