@@ -129,6 +129,11 @@ class OutputSettings(ApiModel):
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
     """How many of the newest checkpoints to keep."""
 
+    resume_from: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
+    """Another run's checkpoint or adapter folder to start from, used only while this run has
+    no checkpoint of its own (a checkpoint continues its step count and optimizer state; an
+    adapter gives the starting weights of the LoRA/QLoRA adapter)."""
+
 
 class Observability(ApiModel):
     """Where the trainer reports while it runs."""

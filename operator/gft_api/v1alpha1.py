@@ -69,6 +69,9 @@ AbsolutePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^/"
 RelativePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/]")]
 LabelKey = Annotated[str, Field(min_length=1, max_length=317)]
 LabelValue = Annotated[str, Field(max_length=63)]
+LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+ImageReference = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")]
+"""A container image reference (``registry/repo:tag`` or ``...@sha256:...``): no whitespace."""
 Timestamp = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
 QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
@@ -384,9 +387,6 @@ class TensorBoardIngress(ApiModel):
     host: DnsSubdomain
     """Host name the Ingress answers for."""
 
-    path: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/")] = "/"
-    """Path prefix."""
-
     ingress_class_name: DnsSubdomain | None = None
     """IngressClass; the cluster's default when empty."""
 
@@ -405,13 +405,27 @@ class TensorBoardSpec(ApiModel):
     enabled: bool = True
     """Run the TensorBoard sidecar (immutable: it is part of the training pod)."""
 
-    image: Annotated[str, Field(min_length=1, max_length=512)] | None = None
-    """Image of the sidecar; the trainer's image when empty (it ships TensorBoard)."""
+    image: (
+        Annotated[ImageReference, Field(json_schema_extra=_immutable("tensorboard.image"))] | None
+    ) = None
+    """Image of the sidecar; the trainer's image when empty (it ships TensorBoard). Fixed at
+    creation: the sidecar is part of the training pod, whose template cannot change."""
+
+    path_prefix: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=256,
+            pattern=r"^/([-._~A-Za-z0-9]+/?)*$",
+            json_schema_extra=_immutable("tensorboard.pathPrefix"),
+        ),
+    ] = "/"
+    """The path TensorBoard serves under (its ``--path_prefix``), and the path of its Ingress.
+    Fixed at creation: the sidecar is started with it."""
 
     ingress: TensorBoardIngress | None = None
-    """Expose TensorBoard through an Ingress; may be added, changed or removed at any time.
-    TensorBoard serves under the Ingress's path (``--path_prefix``); the sidecar takes the path
-    the Ingress had when the fine-tune was created."""
+    """Expose TensorBoard through an Ingress (at ``pathPrefix``); may be added, changed or
+    removed at any time."""
 
     keep_after_finish_seconds: Annotated[int, Field(ge=0, le=2_592_000)] = 3600
     """After the run ends (the sidecar stops with the trainer), keep TensorBoard answering at
@@ -440,6 +454,18 @@ class EnvVarSource(ApiModel):
     )
 
 
+HUB_TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+OPERATOR_ENV_NAMES = ("HF_HOME", "HOME", "PYTHONUNBUFFERED")
+_HUB_TOKEN_IN_ENV = (
+    "the hub token does not go in env (a value there sits in plain sight in the spec): put it "
+    "in a Secret and name it in model.hfTokenSecretRef"
+)
+_OPERATOR_ENV = (
+    f"{', '.join(OPERATOR_ENV_NAMES)} are set by the operator (the hub cache lives on the "
+    "output volume, HOME on the pod's scratch volume) and cannot be overridden"
+)
+
+
 class EnvVar(ApiModel):
     """An extra environment variable for the trainer."""
 
@@ -459,22 +485,76 @@ class EnvVar(ApiModel):
             _cel(
                 "!(has(self.value) && has(self.valueFrom))",
                 "give at most one of value and valueFrom",
-            )
+            ),
+            _cel(
+                f"!(self.name in {list(HUB_TOKEN_ENV_NAMES)})",
+                _HUB_TOKEN_IN_ENV,
+                field_path=".name",
+                reason="FieldValueForbidden",
+            ),
+            _cel(
+                f"!(self.name in {list(OPERATOR_ENV_NAMES)})",
+                _OPERATOR_ENV,
+                field_path=".name",
+                reason="FieldValueForbidden",
+            ),
         )
     )
+
+    @model_validator(mode="after")
+    def _not_reserved(self) -> EnvVar:
+        if self.name in HUB_TOKEN_ENV_NAMES:
+            raise ValueError(_HUB_TOKEN_IN_ENV)
+        if self.name in OPERATOR_ENV_NAMES:
+            raise ValueError(_OPERATOR_ENV)
+        return self
 
 
 # ---------------------------------------------------------------------------------------------
 # spec
 # ---------------------------------------------------------------------------------------------
-_IMMUTABLE_OPTIONAL = ("activeDeadlineSeconds", "queueName", "image")
+_IMMUTABLE_OPTIONAL = ("activeDeadlineSeconds", "queueName", "image", "resumeFrom")
 
 _QLORA_NEEDS_GPU = "method.type qlora needs a GPU: set resources.gpus to 1 or more, or use lora"
 
 
+class ResumeFrom(ApiModel):
+    """Start from another run's work, on purpose: a checkpoint or an adapter on the output
+    volume. A run never picks up another run's files on its own."""
+
+    path: Annotated[
+        str, Field(min_length=1, max_length=1024, pattern=r"^[-._A-Za-z0-9]+(/[-._A-Za-z0-9]+)*/?$")
+    ]
+    """Folder on the output volume, relative to its root (``runs/<uid>/checkpoints/checkpoint-400``
+    or ``runs/<uid>/adapter``; ``kubectl get gft OLD -o jsonpath='{.status.outputPath}'`` names
+    a run's folder). A checkpoint continues from its step with its optimizer and scheduler state;
+    an adapter (LoRA and QLoRA) starts training at step 0 from its weights."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            _cel(
+                "!self.path.matches('(^|/)[.][.]?(/|$)')",
+                "resumeFrom.path must stay inside the output volume: no '.' or '..' segments",
+                field_path=".path",
+            )
+        )
+    )
+
+    @model_validator(mode="after")
+    def _inside(self) -> ResumeFrom:
+        if any(part in (".", "..") for part in self.path.split("/")):
+            raise ValueError(
+                "resumeFrom.path must stay inside the output volume: no '.' or '..' segments"
+            )
+        return self
+
+
 class GemmaFineTuneSpec(ApiModel):
     """What to fine-tune, on what data, how, and with which resources. Everything but
-    ``suspend``, ``ttlSecondsAfterFinished`` and ``tensorboard.ingress`` is fixed at creation."""
+    ``suspend``, ``ttlSecondsAfterFinished``, ``tensorboard.ingress`` and
+    ``tensorboard.keepAfterFinishSeconds`` is fixed at creation: the training pod is built from
+    it, and a running pod cannot change (delete and re-create the fine-tune instead, with
+    ``resumeFrom`` naming the old run's checkpoint to carry on from it)."""
 
     model: Annotated[ModelSpec, Field(json_schema_extra=_immutable("model"))]
     """The base model."""
@@ -542,30 +622,52 @@ class GemmaFineTuneSpec(ApiModel):
 
     ttl_seconds_after_finished: Annotated[int, Field(ge=0, le=31_536_000)] | None = None
     """Delete the finished Job and its pods this long after the end (the GemmaFineTune, its
-    status and the output volume stay)."""
+    status and the output volume stay). The operator deletes the Job itself, and only once the
+    run's outcome is in the status."""
 
     queue_name: (
         Annotated[
-            str, Field(min_length=1, max_length=63, json_schema_extra=_immutable("queueName"))
+            str,
+            Field(
+                min_length=1,
+                max_length=63,
+                pattern=LABEL_VALUE_PATTERN,
+                json_schema_extra=_immutable("queueName"),
+            ),
         ]
         | None
     ) = None
-    """Kueue LocalQueue: the Job is created suspended with the ``kueue.x-k8s.io/queue-name``
-    label and Kueue starts it when admitted."""
+    """Kueue LocalQueue (a label value: letters, digits, '-', '_', '.'): the Job is created
+    suspended with the ``kueue.x-k8s.io/queue-name`` label and Kueue starts it when admitted."""
 
-    image: (
-        Annotated[str, Field(min_length=1, max_length=512, json_schema_extra=_immutable("image"))]
-        | None
-    ) = None
+    image: Annotated[ImageReference, Field(json_schema_extra=_immutable("image"))] | None = None
     """Trainer image; the operator's default when empty."""
 
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    """Pull policy of the trainer and TensorBoard images."""
+    image_pull_policy: Annotated[
+        Literal["Always", "IfNotPresent", "Never"],
+        Field(json_schema_extra=_immutable("imagePullPolicy")),
+    ] = "IfNotPresent"
+    """Pull policy of the trainer and TensorBoard images. Fixed at creation: it is part of the
+    training pod."""
 
-    env: Annotated[list[EnvVar], Field(max_length=64, json_schema_extra=_immutable("env"))] = Field(
-        default_factory=list
-    )
-    """Extra environment variables for the trainer."""
+    env: Annotated[
+        list[EnvVar],
+        Field(
+            max_length=64,
+            json_schema_extra={
+                **_immutable("env"),
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["name"],
+            },
+        ),
+    ] = Field(default_factory=list)
+    """Extra environment variables for the trainer (each name once; not the hub token, which
+    comes from ``model.hfTokenSecretRef``, nor the variables the operator sets)."""
+
+    resume_from: ResumeFrom | None = None
+    """Start from another run's checkpoint or adapter on the output volume. Without it a run
+    starts fresh: each run writes under its own folder (``runs/<uid>``) and resumes only its own
+    checkpoints, so re-creating a fine-tune of the same name never continues the old run."""
 
     pod_annotations: Annotated[
         dict[LabelKey, Annotated[str, Field(max_length=4096)]],
@@ -591,6 +693,12 @@ class GemmaFineTuneSpec(ApiModel):
                 for f in _IMMUTABLE_OPTIONAL
             ),
             _cel(
+                "has(self.tensorboard.image) == has(oldSelf.tensorboard.image)",
+                "tensorboard.image is immutable after creation",
+                field_path=".tensorboard.image",
+                reason="FieldValueForbidden",
+            ),
+            _cel(
                 "self.tensorboard.enabled == oldSelf.tensorboard.enabled",
                 "tensorboard.enabled is immutable after creation",
                 field_path=".tensorboard.enabled",
@@ -603,6 +711,10 @@ class GemmaFineTuneSpec(ApiModel):
     def _qlora_needs_gpu(self) -> GemmaFineTuneSpec:
         if self.method.type == MethodType.QLORA and self.resources.gpus < 1:
             raise ValueError(_QLORA_NEEDS_GPU)
+        names = [e.name for e in self.env]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"env: {', '.join(duplicated)} given more than once")
         return self
 
 
@@ -745,6 +857,10 @@ class GemmaFineTuneStatus(ApiModel):
     output_claim: DnsSubdomain | None = None
     """The PersistentVolumeClaim holding checkpoints and results."""
 
+    output_path: Annotated[str, Field(max_length=1024)] | None = None
+    """This run's folder on the output claim (``runs/<uid>``): checkpoints, the adapter or
+    model, TensorBoard events and summary.json."""
+
     start_time: Timestamp | None = None
     """When the first attempt started."""
 
@@ -778,4 +894,5 @@ def child_names(name: str) -> dict[str, str]:
         "configmap": f"{name}-config",
         "pvc": f"{name}-output",
         "tensorboard": f"{name}-tb",
+        "networkpolicy": name,
     }

@@ -1,14 +1,14 @@
 """``gft-operator``: run the GemmaFineTune operator, in a cluster or from a laptop.
 
 In a pod it uses its service account; elsewhere ``--kubeconfig`` or ``$KUBECONFIG``. It watches
-all namespaces unless ``--namespace`` names some. ``/healthz`` on ``--health-address`` answers
-once the operator is up (use it for both liveness and readiness).
+all namespaces unless ``--namespace`` names some. ``/healthz`` on ``--health-address`` is the
+liveness probe (the event loop answers); ``/readyz`` on ``--metrics-address`` the readiness
+probe (connected and watching; it says whether this replica leads).
 
-Peering: by default the operator runs standalone, which is right for one replica (the
-Deployment in manifests/ uses one, with the Recreate strategy). Two operators on the same
-objects would both act; kopf's peering (``--peering NAME``, needs kopf's peering CRDs) makes
-the one with the lower ``--priority`` pause, and equal priorities freeze both with a warning,
-so give replicas distinct priorities.
+Several replicas: with ``--leader-elect`` (the chart's default) they elect a leader through a
+coordination.k8s.io Lease; only the leader reconciles, reads the trainers' metrics and writes,
+and a standby takes over when the leader's Lease lapses (at most ``--lease-duration`` seconds
+after it died, at once when it shut down cleanly). Without it, run exactly one replica.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 import kopf
 
 from gft_operator import children, handlers, monitoring
 from gft_operator.kube import Kube, load_config
+from gft_operator.leader import LeaderElector
+from gft_operator.policy import Policy
 from gft_operator.scraper import Access, Scraper
 
 
@@ -93,13 +96,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a new trainer may take to open its /metrics before that is reported",
     )
     p.add_argument(
-        "--peering",
-        default=None,
-        help="kopf peering name (several replicas); standalone when absent",
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="elect a leader among replicas through a Lease; only the leader acts",
     )
-    p.add_argument("--priority", type=int, default=0, help="kopf peering priority")
+    p.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE") or _own_namespace() or "gft-system",
+        help="namespace of the Lease (default: the operator's own)",
+    )
+    p.add_argument("--leader-election-id", default="gft-operator", help="name of the Lease")
+    p.add_argument(
+        "--lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a Lease not renewed stays the holder's (how long a dead leader's "
+        "standby waits)",
+    )
+    admin = p.add_argument_group(
+        "policy", "what a fine-tune's author may ask for (empty lists allow anything)"
+    )
+    admin.add_argument(
+        "--allowed-image-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="trainer and TensorBoard images must start with one of these",
+    )
+    admin.add_argument(
+        "--allowed-ingress-host-suffix",
+        action="append",
+        default=[],
+        metavar="SUFFIX",
+        help="TensorBoard Ingress hosts must end with one",
+    )
+    admin.add_argument(
+        "--allowed-ingress-class",
+        action="append",
+        default=[],
+        metavar="CLASS",
+        help="ingress classes a fine-tune may name",
+    )
+    admin.add_argument(
+        "--allowed-pod-annotation-prefix",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="spec.podAnnotations keys must start with one",
+    )
+    admin.add_argument(
+        "--require-ingress-tls",
+        action="store_true",
+        help="refuse TensorBoard Ingresses without tlsSecretName",
+    )
+    admin.add_argument(
+        "--ingress-annotation",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="put this annotation on every TensorBoard Ingress (authentication)",
+    )
+    admin.add_argument(
+        "--network-policy",
+        action="store_true",
+        help="give every fine-tune a NetworkPolicy: only the operator (and the "
+        "namespaces below) reach its metrics port and TensorBoard",
+    )
+    admin.add_argument(
+        "--network-policy-allow-namespace",
+        action="append",
+        default=[],
+        metavar="NAMESPACE",
+        help="a namespace whose pods may reach them too (the ingress controller's, Prometheus's)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log kopf's own decisions too")
     return p.parse_args(argv)
+
+
+def policy_of(args: argparse.Namespace, operator_namespace: str) -> Policy:
+    annotations = {}
+    for item in args.ingress_annotation:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--ingress-annotation {item!r}: expected KEY=VALUE")
+        annotations[key] = value
+    return Policy(
+        allowed_image_prefixes=tuple(args.allowed_image_prefix),
+        allowed_ingress_host_suffixes=tuple(args.allowed_ingress_host_suffix),
+        allowed_ingress_classes=tuple(args.allowed_ingress_class),
+        allowed_pod_annotation_prefixes=tuple(args.allowed_pod_annotation_prefix),
+        require_ingress_tls=args.require_ingress_tls,
+        ingress_annotations=annotations,
+        network_policy=args.network_policy,
+        network_policy_namespaces=tuple(args.network_policy_allow_namespace),
+        operator_namespace=operator_namespace,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     kube = Kube(load_config(kubeconfig))
     handlers.RUNTIME.kube = kube
     handlers.RUNTIME.defaults = children.Defaults(
-        image=args.trainer_image, run_as_user=args.run_as_user
+        image=args.trainer_image,
+        run_as_user=args.run_as_user,
+        policy=policy_of(args, args.leader_election_namespace),
     )
     handlers.RUNTIME.namespaces = list(args.namespace)
     handlers.RUNTIME.resync_seconds = args.resync_seconds
@@ -129,30 +223,63 @@ def main(argv: list[str] | None = None) -> int:
             timeout=min(args.metrics_timeout, args.metrics_interval),
             sink=handlers.write_live_status,
         )
+    if args.leader_elect:
+        identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+        elector = LeaderElector(
+            kube,
+            args.leader_election_namespace,
+            args.leader_election_id,
+            identity,
+            duration=args.lease_duration,
+            renew_deadline=args.lease_duration * 2 / 3,
+            retry=max(0.5, args.lease_duration / 7.5),
+            on_started_leading=handlers.took_over,
+        )
+        handlers.RUNTIME.leader = elector
+        kube.may_write = elector.is_leader
     if args.metrics_address:
-        monitoring.serve(args.metrics_address)
+        monitoring.serve(args.metrics_address, ready=_readiness)
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it
     liveness = f"http://{args.health_address}/healthz" if args.health_address else None
     logging.getLogger("gft_operator").info(
         "starting: namespaces=%s, health=%s, metrics=%s, trainer metrics every %gs via %s, "
-        "peering=%s",
+        "leader election=%s",
         ",".join(args.namespace) or "all",
         liveness or "off",
         f"http://{args.metrics_address}/metrics" if args.metrics_address else "off",
         args.metrics_interval,
         access.value if args.metrics_interval > 0 else "off",
-        args.peering or "standalone",
+        f"Lease {args.leader_election_namespace}/{args.leader_election_id}"
+        if args.leader_elect
+        else "off (one replica)",
     )
     kopf.run(
         clusterwide=not args.namespace,
         namespaces=args.namespace,
-        standalone=args.peering is None,
-        peering_name=args.peering,
-        priority=args.priority,
+        standalone=True,  # no kopf peering: the Lease decides who acts
         liveness_endpoint=liveness,
     )
     return 0
+
+
+def _own_namespace() -> str | None:
+    """The namespace of this pod's service account, when it runs in one."""
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _readiness() -> tuple[bool, str]:
+    leader = handlers.RUNTIME.leader
+    if leader is None:
+        monitoring.LEADER.set(1)
+        return True, "ready"
+    leading = leader.is_leader()
+    monitoring.LEADER.set(1 if leading else 0)
+    return True, "ready: leader" if leading else "ready: standby"
 
 
 def _access(choice: str, kubeconfig: str | None) -> Access:

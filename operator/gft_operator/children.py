@@ -3,12 +3,20 @@
 ``desired_children`` returns every object that should exist (output PVC, ConfigMap, Service,
 Ingress, Job) as plain manifests with owner references already set; the handlers create the
 missing ones. ``job_patch`` says what may change on a live Job: only ``suspend`` (never with a
-Kueue queue) and ``ttlSecondsAfterFinished``; the pod template of a live Job is never patched.
+Kueue queue); the pod template of a live Job is never patched.
+
+Each run owns its files: everything the trainer writes goes under ``runs/<uid>`` on the output
+volume, so a fine-tune re-created under the same name (a new object, a new uid) starts fresh
+and two fine-tunes sharing an ``existingClaim`` never touch each other's checkpoints.
+
+The Job and its pods carry the ``OUTCOME_FINALIZER``: a finished Job (and the pod holding the
+trainer's termination message) cannot disappear — TTL, a delete by hand, the operator being
+down — before the operator has written the run's outcome into the status.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -30,6 +38,8 @@ from gft_api.contract import (
 )
 from gft_api.v1alpha1 import GemmaFineTuneSpec, ReclaimPolicy, child_names
 
+from gft_operator.policy import Policy
+
 Manifest = dict[str, Any]
 
 TRAINER = "trainer"
@@ -38,13 +48,23 @@ TENSORBOARD_PORT = 6006
 METRICS_PORT = 9090
 
 OUTPUT_DIR = "/output"
-TENSORBOARD_DIR = f"{OUTPUT_DIR}/tensorboard"
 HF_HOME = f"{OUTPUT_DIR}/.cache/huggingface"
 MODEL_DIR = "/mnt/model"
 DATASET_DIR = "/mnt/dataset"
 DATASET_CONFIGMAP_DIR = "/mnt/dataset-configmap"
 
+KUBE_SCORE_IGNORE = {
+    # Deliberate (README, "Checked by kube-score"): images are pinned by tag and the author
+    # picks spec.imagePullPolicy; egress goes to the hub, registries and the API server, whose
+    # addresses are the cluster's own; one TensorBoard per run is enough.
+    "kube-score/ignore": "container-image-pull-policy,pod-networkpolicy,deployment-replicas"
+}
 NAME_LABEL = "finetune.gemma.dev/name"
+UID_LABEL = "finetune.gemma.dev/uid"
+"""On the Job and its pods: the uid of the GemmaFineTune (the run) they belong to."""
+OUTCOME_FINALIZER = "finetune.gemma.dev/outcome"
+"""On the Job and its pods until the operator has recorded what they say about the run."""
+RUNS_DIR = "runs"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "gft-operator"
 
@@ -56,9 +76,13 @@ class Defaults:
     image: str = "ghcr.io/gemma-finetune/trainer:0.1.0"
     """Trainer image when ``spec.image`` is empty."""
 
-    run_as_user: int = 1000
+    run_as_user: int = 10001
     """Numeric user (and group) of the training pod: the restricted PodSecurity level needs a
-    non-root user, and a numeric one lets the kubelet check it without reading the image."""
+    non-root user, and a numeric one lets the kubelet check it without reading the image
+    (10000 and up: no clash with a user of the node)."""
+
+    policy: Policy = field(default_factory=Policy)
+    """The admin's bounds on what a fine-tune may ask for, and the NetworkPolicy settings."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,20 @@ def output_claim_name(owner: Owner, spec: GemmaFineTuneSpec) -> str:
     return spec.output.existing_claim or child_names(owner.name)["pvc"]
 
 
+def run_path(owner: Owner) -> str:
+    """This run's folder on the output volume, relative to its root."""
+    return f"{RUNS_DIR}/{owner.uid}"
+
+
+def run_dir(owner: Owner) -> str:
+    """This run's folder as the trainer and TensorBoard see it."""
+    return f"{OUTPUT_DIR}/{run_path(owner)}"
+
+
+def tensorboard_dir(owner: Owner) -> str:
+    return f"{run_dir(owner)}/tensorboard"
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer's config
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +194,14 @@ def trainer_config(owner: Owner, spec: GemmaFineTuneSpec) -> TrainerConfig:
         method=spec.method,
         training=spec.training,
         output=OutputSettings(
-            dir=OUTPUT_DIR,
+            dir=run_dir(owner),
             checkpoint_every_steps=spec.output.checkpoint_every_steps,
             keep_checkpoints=spec.output.keep_checkpoints,
+            resume_from=_join(OUTPUT_DIR, spec.resume_from.path) if spec.resume_from else None,
         ),
-        observability=Observability(tensorboard_dir=TENSORBOARD_DIR, metrics_port=METRICS_PORT),
+        observability=Observability(
+            tensorboard_dir=tensorboard_dir(owner), metrics_port=METRICS_PORT
+        ),
     )
 
 
@@ -230,15 +271,17 @@ def service(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest:
     )
 
 
-def ingress(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest | None:
+def ingress(owner: Owner, spec: GemmaFineTuneSpec, policy: Policy | None = None) -> Manifest | None:
     """An Ingress to TensorBoard, when asked for."""
     ing = spec.tensorboard.ingress
     if ing is None or not spec.tensorboard.enabled:
         return None
     name = child_names(owner.name)["ingress"]
     meta = _meta(owner, name, "tensorboard")
-    if ing.annotations:
-        meta["annotations"] = dict(ing.annotations)
+    forced = policy.ingress_annotations if policy is not None else {}
+    annotations = {**ing.annotations, **forced}  # the admin's win
+    if annotations:
+        meta["annotations"] = annotations
     body: Manifest = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",
@@ -250,7 +293,7 @@ def ingress(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest | None:
                     "http": {
                         "paths": [
                             {
-                                "path": ing.path,
+                                "path": spec.tensorboard.path_prefix,
                                 "pathType": "Prefix",
                                 "backend": {
                                     "service": {
@@ -272,6 +315,46 @@ def ingress(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest | None:
     return _adopt(body, owner)
 
 
+def network_policy(owner: Owner, spec: GemmaFineTuneSpec, policy: Policy) -> Manifest | None:
+    """Who may reach the fine-tune's pods (trainer, TensorBoard after the run): the operator
+    (live status from the metrics port), the dashboard, and the namespaces the admin names (the
+    ingress controller, Prometheus). Egress stays open: the trainer downloads from the hub."""
+    if not policy.network_policy:
+        return None
+    ports = [{"port": "metrics"}]
+    if spec.tensorboard.enabled:
+        ports.append({"port": TENSORBOARD})
+
+    def namespace(name: str) -> Manifest:
+        return {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": name}}}
+
+    def ours(app: str) -> Manifest:
+        return {
+            **namespace(policy.operator_namespace),
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": app}},
+        }
+
+    # The dashboard (installed beside the operator) reads the metrics and proxies TensorBoard.
+    sources = [
+        ours("gemma-finetune-operator"),
+        ours("gemma-finetune-dashboard"),
+        *(namespace(n) for n in policy.network_policy_namespaces),
+    ]
+    return _adopt(
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(owner, child_names(owner.name)["networkpolicy"], "network"),
+            "spec": {
+                "podSelector": {"matchLabels": {NAME_LABEL: owner.name}},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": sources, "ports": ports}],
+            },
+        },
+        owner,
+    )
+
+
 def tensorboard_url(owner: Owner, spec: GemmaFineTuneSpec) -> str | None:
     """Where TensorBoard answers: the Ingress when there is one, else the in-cluster Service."""
     if not spec.tensorboard.enabled:
@@ -279,20 +362,19 @@ def tensorboard_url(owner: Owner, spec: GemmaFineTuneSpec) -> str | None:
     ing = spec.tensorboard.ingress
     if ing is not None:
         scheme = "https" if ing.tls_secret_name else "http"
-        return f"{scheme}://{ing.host}{ing.path}"
+        return f"{scheme}://{ing.host}{spec.tensorboard.path_prefix}"
     svc = child_names(owner.name)["service"]
     return f"http://{svc}.{owner.namespace}.svc:{TENSORBOARD_PORT}{tensorboard_prefix(spec)}/"
 
 
 def tensorboard_prefix(spec: GemmaFineTuneSpec) -> str:
-    """TensorBoard's ``--path_prefix``: the Ingress path without its trailing slash."""
-    ing = spec.tensorboard.ingress
-    return ing.path.rstrip("/") if ing is not None else ""
+    """TensorBoard's ``--path_prefix``: ``pathPrefix`` without its trailing slash."""
+    return spec.tensorboard.path_prefix.rstrip("/")
 
 
-def tensorboard_container(spec: GemmaFineTuneSpec, image: str) -> Manifest:
-    """TensorBoard over the output volume's event files (read-only)."""
-    command = ["tensorboard", "--logdir", TENSORBOARD_DIR, "--bind_all"]
+def tensorboard_container(owner: Owner, spec: GemmaFineTuneSpec, image: str) -> Manifest:
+    """TensorBoard over this run's event files on the output volume (read-only)."""
+    command = ["tensorboard", "--logdir", tensorboard_dir(owner), "--bind_all"]
     command += ["--port", str(TENSORBOARD_PORT)]
     if tensorboard_prefix(spec):
         command += ["--path_prefix", tensorboard_prefix(spec)]
@@ -302,8 +384,25 @@ def tensorboard_container(spec: GemmaFineTuneSpec, image: str) -> Manifest:
         "imagePullPolicy": spec.image_pull_policy,
         "command": command,
         "ports": [{"name": TENSORBOARD, "containerPort": TENSORBOARD_PORT}],
-        "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
-        "volumeMounts": [{"name": "output", "mountPath": OUTPUT_DIR, "readOnly": True}],
+        "readinessProbe": {
+            "httpGet": {"path": f"{tensorboard_prefix(spec)}/", "port": TENSORBOARD},
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": TENSORBOARD},
+            "initialDelaySeconds": 30,
+            "periodSeconds": 30,
+            "timeoutSeconds": 5,
+        },
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "256Mi", "ephemeral-storage": "64Mi"},
+            "limits": {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+        },
+        "volumeMounts": [
+            {"name": "output", "mountPath": OUTPUT_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
         "securityContext": _CONTAINER_SECURITY,
     }
 
@@ -319,7 +418,7 @@ def tensorboard_deployment(
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security(defaults),
-        "containers": [tensorboard_container(spec, spec.image or defaults.image)],
+        "containers": [tensorboard_container(owner, spec, spec.image or defaults.image)],
         "volumes": [
             {
                 "name": "output",
@@ -327,7 +426,8 @@ def tensorboard_deployment(
                     "claimName": output_claim_name(owner, spec),
                     "readOnly": True,
                 },
-            }
+            },
+            _tmp_volume(),
         ],
     }
     _place(pod_spec, spec)
@@ -335,7 +435,7 @@ def tensorboard_deployment(
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
-            "metadata": _meta(owner, name, TENSORBOARD),
+            "metadata": {**_meta(owner, name, TENSORBOARD), "annotations": dict(KUBE_SCORE_IGNORE)},
             "spec": {
                 "replicas": 1,
                 "selector": {"matchLabels": pod_labels},
@@ -389,13 +489,22 @@ _CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
     "capabilities": {"drop": ["ALL"]},
     "runAsNonRoot": True,
+    "readOnlyRootFilesystem": True,  # scratch goes to the /tmp emptyDir, results to /output
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+TMP_VOLUME = "tmp"
+TRAINER_SCRATCH = "10Gi"
+"""Size limit of the trainer's /tmp (torch's compile and kernel caches, tokenizer scratch)."""
+
+
+def _tmp_volume(size: str = "1Gi") -> Manifest:
+    return {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": size}}
 
 
 def _trainer_env(spec: GemmaFineTuneSpec) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "HOME", "value": "/tmp"},  # the root file system is read-only
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     ref = spec.model.hf_token_secret_ref
@@ -420,7 +529,11 @@ def _resources(spec: GemmaFineTuneSpec) -> Manifest:
         amounts["memory"] = str(res.memory)
     if res.gpus:
         amounts[res.gpu_resource_name] = str(res.gpus)
-    return {"requests": dict(amounts), "limits": dict(amounts)} if amounts else {}
+    # Hub downloads and checkpoints go to the output volume; the node's disk holds /tmp only.
+    return {
+        "requests": {**amounts, "ephemeral-storage": "1Gi"},
+        "limits": {**amounts, "ephemeral-storage": TRAINER_SCRATCH},
+    }
 
 
 def _volumes(owner: Owner, spec: GemmaFineTuneSpec) -> tuple[list[Manifest], list[Manifest]]:
@@ -436,11 +549,13 @@ def _volumes(owner: Owner, spec: GemmaFineTuneSpec) -> tuple[list[Manifest], lis
             "name": "dshm",
             "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.resources.shm_size)},
         },
+        _tmp_volume(TRAINER_SCRATCH),
     ]
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "output", "mountPath": OUTPUT_DIR},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": TMP_VOLUME, "mountPath": "/tmp"},
     ]
     if spec.model.volume is not None:
         claim = spec.model.volume.claim_name
@@ -511,14 +626,21 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
     }
     if spec.tensorboard.enabled:
         # A native sidecar: it starts before the trainer and stops when the trainer ends.
-        sidecar = {**tensorboard_container(spec, image), "restartPolicy": "Always"}
+        sidecar = {**tensorboard_container(owner, spec, image), "restartPolicy": "Always"}
         pod_spec["initContainers"] = [sidecar]
     _place(pod_spec, spec)
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
 
     pod_meta: Manifest = {
-        "labels": {**labels(owner.name), "app.kubernetes.io/component": TRAINER},
+        "labels": {
+            **labels(owner.name),
+            "app.kubernetes.io/component": TRAINER,
+            UID_LABEL: owner.uid,
+        },
+        # Keeps a finished pod (and the trainer's termination message) until its outcome is
+        # in the status, whoever deletes it.
+        "finalizers": [OUTCOME_FINALIZER],
         # Scrape hints for a Prometheus without the Prometheus Operator (which uses the
         # PodMonitor in manifests/monitoring instead).
         "annotations": {
@@ -529,6 +651,9 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
         },
     }
     meta = _meta(owner, child_names(owner.name)["job"], TRAINER)
+    meta["annotations"] = dict(KUBE_SCORE_IGNORE)
+    meta["labels"][UID_LABEL] = owner.uid
+    meta["finalizers"] = [OUTCOME_FINALIZER]
     job_spec: Manifest = {
         # With a Kueue queue the Job starts suspended and Kueue alone unsuspends it.
         "suspend": True if spec.queue_name else spec.suspend,
@@ -543,8 +668,8 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
         meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    # No ttlSecondsAfterFinished: the operator deletes a finished Job itself, once the run's
+    # outcome is in the status (the TTL controller would race it).
     return _adopt(
         {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}, owner
     )
@@ -553,16 +678,16 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
 def job_patch(spec: GemmaFineTuneSpec, live: Manifest, finished: bool) -> Manifest | None:
     """The merge patch that brings a live Job in line with the spec, or ``None``.
 
-    Only mutable fields: ``suspend`` (left to Kueue when a queue is named; a finished Job
-    cannot be suspended) and ``ttlSecondsAfterFinished``. The pod template is immutable and
-    never patched.
+    Only ``suspend`` (left to Kueue when a queue is named; a finished Job cannot be
+    suspended). A ``ttlSecondsAfterFinished`` that an older operator set is removed: the
+    operator owns the TTL now. The pod template is immutable and never patched.
     """
     live_spec = live.get("spec", {})
     patch: Manifest = {}
     if not spec.queue_name and not finished and bool(live_spec.get("suspend")) != spec.suspend:
         patch["suspend"] = spec.suspend
-    if live_spec.get("ttlSecondsAfterFinished") != spec.ttl_seconds_after_finished:
-        patch["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    if live_spec.get("ttlSecondsAfterFinished") is not None:
+        patch["ttlSecondsAfterFinished"] = None
     return {"spec": patch} if patch else None
 
 
@@ -574,7 +699,8 @@ def desired_children(
         output_pvc(owner, spec),
         config_map(owner, spec),
         service(owner, spec),
-        ingress(owner, spec),
+        network_policy(owner, spec, defaults.policy),
+        ingress(owner, spec, defaults.policy),
         job(owner, spec, defaults),
     ]
     return [o for o in objs if o is not None]

@@ -1,10 +1,21 @@
 """The kopf handlers: thin. Every trigger (the GemmaFineTune changed, one of its Jobs or pods
-changed, the periodic resync) runs the same level-based ``reconcile``: read what exists, let
-``children`` and ``status`` decide, create what is missing, patch the status, record an Event.
+changed, the periodic resync, a queued retry) runs the same level-based ``reconcile``: read what
+exists, let ``children`` and ``status`` decide, create what is missing, patch the status,
+record an Event.
 
 Idempotent and restart-safe by construction: children have fixed names (a second create is a
 409, never a second Job), the status lives on the object (nothing is kept in memory between
 reconciles), and a live Job's pod template is never patched.
+
+Safe for the run's results:
+- a run that ended stays ended: the Job and the pod that prove it carry a finalizer until the
+  outcome is in the status, and no Job is created for a run whose status is terminal;
+- one trainer at a time: a new Job (after one was deleted by hand) waits until every trainer
+  of the run has exited;
+- status writes carry the resourceVersion they were computed from: a stale writer gets a
+  conflict and decides again instead of overwriting;
+- an API server that cannot be reached, or says "not now", puts the reconcile off with a
+  per-object back-off and one line in the log; nothing is lost and nothing is created twice.
 """
 
 from __future__ import annotations
@@ -19,17 +30,31 @@ from typing import Any
 
 import kopf
 from gft_api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from gft_api.compat import known_fields
 from gft_api.contract import format_validation_error
 from gft_api.v1alpha1 import TERMINAL_PHASES, GemmaFineTuneSpec, Phase
 from pydantic import ValidationError
 
-from gft_operator import children, monitoring, status, trainer_metrics
-from gft_operator.kube import Conflict, Kube, Manifest, NamespaceTerminating, NotFound
+from gft_operator import children, monitoring, policy, status, trainer_metrics
+from gft_operator.kube import (
+    ApiError,
+    ApiUnavailable,
+    Conflict,
+    Kube,
+    Manifest,
+    NamespaceTerminating,
+    NotFound,
+    NotLeader,
+)
+from gft_operator.leader import LeaderElector
+from gft_operator.requeue import Requeue
 from gft_operator.scraper import Problem, Scraper, Target
 
 log = logging.getLogger("gft_operator")
 
 MANAGED = {"app.kubernetes.io/managed-by": children.MANAGED_BY}
+GONE_RETRY_SECONDS = 2.0
+"""How soon to look again while a deleted run's children are still going away."""
 
 
 class Runtime:
@@ -42,22 +67,37 @@ class Runtime:
     component: str = "gft-operator"
     instance: str = socket.gethostname()
     scraper: Scraper | None = None
+    requeue: Requeue | None = None
+    leader: LeaderElector | None = None
+    """With leader election on, only the replica holding the Lease reconciles or writes."""
     metrics_startup_grace: float = 600.0
     """Seconds a trainer may take to open its metrics endpoint before that is a problem."""
 
 
 class LiveState:
-    """What the status writers know between reconciles: the status as last read or written
-    (every status write of this operator happens under the object's lock, so this is current),
-    and which pods have served their metrics."""
+    """What the status writers know between reconciles: the status as last read or written,
+    with the resourceVersion it was read at (every status write of this operator happens under
+    the object's lock and carries that version, so a write from elsewhere is noticed), and which
+    pods have served their metrics."""
 
     def __init__(self) -> None:
         self.status: dict[tuple[str, str], Manifest] = {}
+        self.version: dict[tuple[str, str], str] = {}
         self.served: set[tuple[str, str, str]] = set()  # (namespace, name, pod)
+
+    def remember(self, key: tuple[str, str], stored: Manifest) -> None:
+        """Keep the status and resourceVersion of an object as the API server returned it."""
+        self.status[key] = stored.get("status") or {}
+        self.version[key] = stored["metadata"]["resourceVersion"]
 
     def forget(self, namespace: str, name: str) -> None:
         self.status.pop((namespace, name), None)
+        self.version.pop((namespace, name), None)
         self.served = {s for s in self.served if s[:2] != (namespace, name)}
+
+
+class StatusConflict(Exception):
+    """The object changed between the read a status was computed from and its write."""
 
 
 RUNTIME = Runtime()
@@ -75,11 +115,30 @@ def now() -> str:
     return status.timestamp(time.time())
 
 
+def leading() -> bool:
+    """Whether this replica may act: it holds the Lease, or runs without leader election."""
+    return RUNTIME.leader is None or RUNTIME.leader.is_leader()
+
+
 # ---------------------------------------------------------------------------------------------
-# Reconcile
+# Children
 # ---------------------------------------------------------------------------------------------
 def _owned_by(obj: Manifest, uid: str) -> bool:
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _owned_by_a_finetune(obj: Manifest) -> bool:
+    return any(
+        ref.get("kind") == KIND and ref.get("apiVersion", "").startswith(f"{GROUP}/")
+        for ref in obj["metadata"].get("ownerReferences") or []
+    )
+
+
+def _controller_uid(obj: Manifest) -> str | None:
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("uid")
+    return None
 
 
 def _create(kube: Kube, desired: Manifest, who: str) -> Manifest | None:
@@ -93,21 +152,64 @@ def _create(kube: Kube, desired: Manifest, who: str) -> Manifest | None:
     return created
 
 
+def _foreign(live: Manifest, desired: Manifest, owner: children.Owner) -> tuple[str, str] | None:
+    """Why an existing object of a child's name cannot serve as that child, or ``None``.
+
+    A deleted GemmaFineTune of the same name leaves children that garbage collection is about
+    to remove: wait for them. Anything else of that name is the user's: a conflict to resolve.
+    The retained output claim of an earlier run of the same name is reused (each run writes in
+    its own folder on it)."""
+    if _owned_by(live, owner.uid):
+        return None
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    labels = live["metadata"].get("labels") or {}
+    ours = (
+        labels.get(children.NAME_LABEL) == owner.name
+        and labels.get("app.kubernetes.io/managed-by") == children.MANAGED_BY
+    )
+    if kind == "PersistentVolumeClaim" and ours and not live["metadata"].get("ownerReferences"):
+        return None  # a retained claim of an earlier run of this name
+    if _owned_by_a_finetune(live) or (ours and live["metadata"].get("deletionTimestamp")):
+        return (
+            "WaitingForPreviousRun",
+            f"the {kind} {name} of a deleted GemmaFineTune of the same name is still going away "
+            "(garbage collection removes it); this run starts once it is gone",
+        )
+    if kind == "PersistentVolumeClaim":
+        return (
+            "ChildConflict",
+            f"a PersistentVolumeClaim named {name} exists and was not made for this fine-tune: "
+            "name it in spec.output.existingClaim to write to it, or delete or rename it",
+        )
+    return (
+        "ChildConflict",
+        f"a {kind} named {name} exists and does not belong to this GemmaFineTune; delete it or "
+        "rename the GemmaFineTune",
+    )
+
+
 def _sync_child(
-    kube: Kube, desired: Manifest, owner_uid: str, finished: bool, fresh: bool, who: str
-) -> None:
+    kube: Kube,
+    desired: Manifest,
+    owner: children.Owner,
+    finished: bool,
+    fresh: bool,
+    who: str,
+) -> tuple[str, str] | None:
     """Create a missing child (not after the run finished); keep an Ingress's spec current.
-    On a fresh run the children are created without looking first (a 409 says one exists)."""
+    On a fresh run the children are created without looking first (a 409 says one exists).
+    Returns why the child cannot be had, when something else holds its name."""
     if fresh and _create(kube, desired, who) is not None:
-        return
+        return None
     meta = desired["metadata"]
     live = kube.get(desired["kind"], meta["namespace"], meta["name"])
     if live is None:
         if not finished:
             _create(kube, desired, who)
-        return
-    if desired["kind"] != "Ingress" or not _owned_by(live, owner_uid):
-        return  # other children are fixed at creation, like the spec they come from
+        return None
+    problem = _foreign(live, desired, owner)
+    if problem is not None or desired["kind"] != "Ingress":
+        return problem  # other children are fixed at creation, like the spec they come from
     if live.get("spec") != desired["spec"] or live["metadata"].get("annotations") != meta.get(
         "annotations"
     ):
@@ -115,6 +217,14 @@ def _sync_child(
         live["metadata"]["annotations"] = meta.get("annotations") or {}
         kube.replace(live)
         log.info("%s: updated Ingress %s", who, meta["name"])
+    return None
+
+
+def _release(kube: Kube, obj: Manifest, who: str) -> None:
+    """Take the operator's outcome finalizer off a Job or pod."""
+    if children.OUTCOME_FINALIZER in (obj["metadata"].get("finalizers") or []):
+        kube.remove_finalizer({"kind": obj.get("kind") or "Pod", **obj}, children.OUTCOME_FINALIZER)
+        log.debug("%s: released %s %s", who, obj.get("kind"), obj["metadata"]["name"])
 
 
 def _job_events(kube: Kube, namespace: str, names: list[str]) -> list[Manifest]:
@@ -158,91 +268,155 @@ def record_event(
         log.warning("could not record event %s on %s: %s", reason, meta["name"], e)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reconcile
+# ---------------------------------------------------------------------------------------------
 def reconcile(namespace: str, name: str) -> None:
     """Bring one GemmaFineTune's children and status in line with what exists."""
     kube = RUNTIME.kube
     assert kube is not None, "the operator's startup handler sets the client"
     with _lock(namespace, name):
-        try:
-            body = kube.request("GET", kube.custom_path(namespace, name))
-        except NotFound:
-            _stop_reading(namespace, name)
-            return
-        meta = body["metadata"]
-        if meta.get("deletionTimestamp"):
-            _stop_reading(namespace, name)
-            return  # garbage collection removes the children
-        who = f"{namespace}/{name}"
-        old_status: Manifest = body.get("status") or {}
-        try:
-            spec = GemmaFineTuneSpec.model_validate(body.get("spec") or {})
-        except ValidationError as e:
-            _invalid_spec(kube, body, format_validation_error(e), who)
-            return
-        owner = children.Owner.from_body(body)
-        finished = old_status.get("phase") in TERMINAL_PHASES
+        for _ in range(3):
+            try:
+                _reconcile(kube, namespace, name)
+                return
+            except StatusConflict:
+                monitoring.STATUS_CONFLICTS.inc()
+                log.info(
+                    "%s/%s: the object changed while it was reconciled; again", namespace, name
+                )
+        raise ApiUnavailable(409, "the object kept changing while it was being reconciled")
+
+
+def _reconcile(kube: Kube, namespace: str, name: str) -> None:
+    key = (namespace, name)
+    try:
+        body = kube.request("GET", kube.custom_path(namespace, name))
+    except NotFound:
+        _gone(kube, namespace, name)
+        return
+    meta = body["metadata"]
+    if meta.get("deletionTimestamp"):
+        _gone(kube, namespace, name)
+        return  # garbage collection removes the children
+    who = f"{namespace}/{name}"
+    owner = children.Owner.from_body(body)
+    old_status: Manifest = body.get("status") or {}
+    raw_spec = body.get("spec") or {}
+    # Fields of a newer CRD are ignored (and said so), never a reason to fail a run.
+    known, ignored = known_fields(GemmaFineTuneSpec, raw_spec)
+    spec: GemmaFineTuneSpec | None = None
+    spec_error = None
+    try:
+        spec = GemmaFineTuneSpec.model_validate(known)
+    except ValidationError as e:
+        spec_error = format_validation_error(e)
+    finished = old_status.get("phase") in TERMINAL_PHASES
+
+    blocked: tuple[str, str] | None = None
+    desired_job = None
+    refused = (
+        policy.violations(spec, RUNTIME.defaults.image, RUNTIME.defaults.policy) if spec else []
+    )
+    if refused and not finished and not old_status.get("jobName"):
+        # Nothing is created for it (a run that started before the policy did goes on).
+        blocked = ("PolicyViolation", "refused by the cluster's policy: " + "; ".join(refused))
+    if spec is not None and not blocked:
         desired = children.desired_children(owner, spec, RUNTIME.defaults)
         desired_job = desired[-1]
-        # Fresh: no Job was ever recorded for this run; create without looking first.
         fresh = not finished and not old_status.get("jobName")
         for child in desired[:-1]:
-            _sync_child(kube, child, owner.uid, finished, fresh, who)
+            blocked = _sync_child(kube, child, owner, finished, fresh, who) or blocked
         _drop_unwanted_ingress(kube, owner, desired, who)
 
-        conflict = None
-        job = _create(kube, desired_job, who) if fresh else None
-        if job is not None:
-            pass  # just created from this spec: nothing to patch
-        elif (job := kube.get("Job", namespace, name)) is not None and not _owned_by(
-            job, owner.uid
-        ):
-            conflict = (
-                f"a Job named {job['metadata']['name']} exists and does not belong to this "
-                "GemmaFineTune; delete it or rename the GemmaFineTune"
+    job = kube.get("Job", namespace, name)
+    if job is not None and not _owned_by(job, owner.uid):
+        if _owned_by_a_finetune(job):
+            _release(kube, job, who)  # its run was deleted: let it go
+            blocked = blocked or (
+                "WaitingForPreviousRun",
+                f"the Job {name} of a deleted GemmaFineTune of the same name is still going "
+                "away (garbage collection removes it); this run starts once it is gone",
             )
-        elif job is not None and job["metadata"].get("deletionTimestamp"):
-            job = None  # being deleted: a new one is created once it is gone
-        elif job is None and not finished:
+        else:
+            blocked = blocked or (
+                "JobConflict",
+                f"a Job named {name} exists and does not belong to this GemmaFineTune; delete "
+                "it or rename the GemmaFineTune",
+            )
+        job = None
+    if (
+        job is not None
+        and job["metadata"].get("deletionTimestamp")
+        and not status.job_finished(job)
+    ):
+        # Deleted before the run ended: let it go. A new Job starts once its trainer exited.
+        _release(kube, job, who)
+        job = None
+    if job is not None and spec is not None:
+        patch = children.job_patch(spec, job, status.job_finished(job))
+        if patch:
+            job = kube.merge_patch("Job", namespace, name, patch)
+            log.info("%s: patched Job %s: %s", who, name, patch["spec"])
+
+    # Pods of this name: the current Job's, this run's earlier ones (a Job deleted before it
+    # finished), and leftovers of a deleted fine-tune of the same name.
+    current: list[Manifest] = []
+    earlier: list[Manifest] = []
+    job_uid = job["metadata"]["uid"] if job is not None else None
+    for pod in kube.list("Pod", namespace, labelSelector=f"{children.NAME_LABEL}={name}"):
+        pod.setdefault("kind", "Pod")
+        run = (pod["metadata"].get("labels") or {}).get(children.UID_LABEL)
+        if job_uid is not None and _controller_uid(pod) == job_uid:
+            current.append(pod)
+        elif run == owner.uid:
+            earlier.append(pod)
+        else:
+            _release(kube, pod, who)  # a deleted run's: nothing to record
+    for pod in earlier:
+        if status.alive(pod) and not pod["metadata"].get("deletionTimestamp"):
+            # Its Job is gone: stop it (it saves a checkpoint first) before the next starts.
+            kube.delete("Pod", namespace, pod["metadata"]["name"], uid=pod["metadata"]["uid"])
+            log.info(
+                "%s: stopping pod %s, left running by a deleted Job", who, pod["metadata"]["name"]
+            )
+
+    observed = status.Observed(
+        generation=int(meta.get("generation") or 0),
+        suspend=spec.suspend if spec is not None else bool(raw_spec.get("suspend")),
+        queue_name=spec.queue_name if spec is not None else raw_spec.get("queueName"),
+        old_status=old_status,
+        job=job,
+        pods=current,
+        blocked=blocked,
+        earlier_pods=earlier,
+        ignored_fields=ignored,
+        spec_error=spec_error,
+    )
+    if desired_job is not None and status.should_create_job(observed):
+        if old_status.get("jobName"):
             log.info("%s: Job %s is gone while the run is live; recreating it", who, name)
-            job = _create(kube, desired_job, who) or kube.get("Job", namespace, name)
-        elif job is not None:
-            patch = children.job_patch(spec, job, status.job_finished(job))
-            if patch:
-                job = kube.merge_patch("Job", namespace, name, patch)
-                log.info("%s: patched Job %s: %s", who, name, patch["spec"])
+        created = _create(kube, desired_job, who)
+        observed.job = created
+        if created is None:  # it exists after all: look again from the start
+            raise StatusConflict
+    job = observed.job
+    if job is not None and not blocked:
+        running = any(p.get("status", {}).get("phase") == "Running" for p in current)
+        if not running and not status.job_finished(job):
+            pending = [
+                p["metadata"]["name"]
+                for p in current
+                if p.get("status", {}).get("phase") == "Pending"
+            ]
+            observed.events = _job_events(kube, namespace, [name, *pending])
 
-        pods: list[Manifest] = []
-        events: list[Manifest] = []
-        if job is not None and not conflict:
-            uid = job["metadata"]["uid"]
-            pods = kube.list(
-                "Pod", namespace, labelSelector=f"batch.kubernetes.io/controller-uid={uid}"
-            )
-            running = any(p.get("status", {}).get("phase") == "Running" for p in pods)
-            if not running and not status.job_finished(job):
-                not_running = [
-                    p["metadata"]["name"]
-                    for p in pods
-                    if p.get("status", {}).get("phase") == "Pending"
-                ]
-                events = _job_events(kube, namespace, [name, *not_running])
-
-        at = now()
-        decision = status.decide(
-            status.Observed(
-                generation=int(meta.get("generation") or 0),
-                suspend=spec.suspend,
-                queue_name=spec.queue_name,
-                old_status=old_status,
-                job=job,
-                pods=pods,
-                events=events,
-                job_conflict=conflict,
-            ),
-            now=at,
-        )
-        new_status = decision.status
+    at = now()
+    decision = status.decide(observed, now=at)
+    new_status = decision.status
+    if spec is not None:
         new_status["outputClaim"] = children.output_claim_name(owner, spec)
+        new_status["outputPath"] = children.run_path(owner)
         url = children.tensorboard_url(owner, spec)
         if url and new_status.get("phase") in TERMINAL_PHASES:
             url = _tensorboard_after_run(kube, owner, spec, new_status, who)
@@ -250,31 +424,105 @@ def reconcile(namespace: str, name: str) -> None:
             new_status["tensorboardURL"] = url
         elif old_status.get("tensorboardURL"):
             new_status["tensorboardURL"] = None  # merge patch: remove it
-        written = old_status
-        if new_status != old_status:
-            written = _patch_status(kube, namespace, name, new_status, "phase")
-        key = (namespace, name)
-        LIVE.status[key] = written
-        monitoring.PHASES.set(namespace, name, new_status.get("phase"))
-        _track_trainer(namespace, name, new_status, pods, int(meta.get("generation") or 0))
-        if decision.transition is not None:
-            t = decision.transition
-            log.info("%s: %s (%s): %s", who, new_status["phase"], t.reason, t.message)
-            record_event(kube, body, t.type, t.reason, t.message, at)
+    stored = body
+    if new_status != old_status:
+        stored = _write_status(kube, body, new_status, "phase")
+    LIVE.remember(key, stored)
+    if decision.transition is not None:
+        t = decision.transition
+        log.info("%s: %s (%s): %s", who, new_status["phase"], t.reason, t.message)
+        record_event(kube, body, t.type, t.reason, t.message, at)
+    for t in decision.notices:
+        log.warning("%s: %s: %s", who, t.reason, t.message)
+        record_event(kube, body, t.type, t.reason, t.message, at)
+    ended = stored.get("status", {}).get("phase") in TERMINAL_PHASES
+    _release_settled(kube, job, current + earlier, ended, who)
+    if ended and spec is not None and job is not None:
+        _expire(kube, body, spec, stored, job, current + earlier, who)
+    if blocked and blocked[0] == "WaitingForPreviousRun" and RUNTIME.requeue is not None:
+        RUNTIME.requeue.after(key, GONE_RETRY_SECONDS)
+    monitoring.PHASES.set(namespace, name, new_status.get("phase"))
+    _track_trainer(namespace, name, new_status, current, int(meta.get("generation") or 0))
 
 
-def _patch_status(kube: Kube, namespace: str, name: str, patch: Manifest, kind: str) -> Manifest:
-    """Merge-patch the status; returns the status as stored."""
-    stored = kube.request(
-        "PATCH",
-        kube.custom_path(namespace, name, "status"),
-        body={"status": patch},
-        content_type="application/merge-patch+json",
-    )
+def _write_status(kube: Kube, body: Manifest, new_status: Manifest, kind: str) -> Manifest:
+    """Merge-patch the status, on condition that the object is still the one it was computed
+    from; returns the object as stored. ``StatusConflict`` when it changed meanwhile."""
+    meta = body["metadata"]
+    try:
+        stored = kube.request(
+            "PATCH",
+            kube.custom_path(meta["namespace"], meta["name"], "status"),
+            body={"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": new_status},
+            content_type="application/merge-patch+json",
+        )
+    except Conflict as e:
+        raise StatusConflict(str(e)) from e
     monitoring.STATUS_WRITES.labels(kind).inc()
-    return stored.get("status") or {}
+    return stored
 
 
+def _release_settled(
+    kube: Kube, job: Manifest | None, pods: list[Manifest], ended: bool, who: str
+) -> None:
+    """Release what the status written no longer needs: every ended pod once the run ended
+    (with the Job), else the ended pods a newer attempt superseded and those that stopped
+    cleanly (suspend, preemption). The newest ended pod otherwise keeps its finalizer while
+    the run goes on: its termination message may be what ends it."""
+    newest = status.newest_pod(pods)
+    for pod in pods:
+        if not status.alive(pod) and (ended or pod is not newest or status.clean_stop(pod)):
+            _release(kube, pod, who)
+    if ended and job is not None:
+        _release(kube, {"kind": "Job", **job}, who)
+
+
+def _expire(
+    kube: Kube,
+    body: Manifest,
+    spec: GemmaFineTuneSpec,
+    stored: Manifest,
+    job: Manifest,
+    pods: list[Manifest],
+    who: str,
+) -> None:
+    """``ttlSecondsAfterFinished``: delete the finished Job (and its pods) once the outcome is
+    in the status and the time has come; until then, come back when it does."""
+    ttl = spec.ttl_seconds_after_finished
+    completed = stored.get("status", {}).get("completionTime")
+    if ttl is None or not completed or job["metadata"].get("deletionTimestamp"):
+        return
+    wait = status.unix_time(completed) + ttl - time.time()
+    if wait > 0:
+        if RUNTIME.requeue is not None:
+            RUNTIME.requeue.after((body["metadata"]["namespace"], body["metadata"]["name"]), wait)
+        return
+    meta = job["metadata"]
+    kube.delete("Job", meta["namespace"], meta["name"], uid=meta["uid"])
+    log.info(
+        "%s: deleted the finished Job %s (ttlSecondsAfterFinished: %ds)", who, meta["name"], ttl
+    )
+    stored_meta = stored["metadata"]
+    LIVE.remember(
+        (stored_meta["namespace"], stored_meta["name"]),
+        _write_status(kube, stored, {"jobName": None, "podName": None}, "phase"),
+    )
+
+
+def _gone(kube: Kube, namespace: str, name: str) -> None:
+    """The fine-tune is gone or going: no more metrics reads or live status for it, and
+    nothing of its run held back by the operator (garbage collection removes the rest)."""
+    _stop_reading(namespace, name)
+    job = kube.get("Job", namespace, name)
+    if job is not None and (job["metadata"].get("labels") or {}).get(children.NAME_LABEL) == name:
+        _release(kube, {"kind": "Job", **job}, f"{namespace}/{name}")
+    for pod in kube.list("Pod", namespace, labelSelector=f"{children.NAME_LABEL}={name}"):
+        _release(kube, {"kind": "Pod", **pod}, f"{namespace}/{name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Live status from the trainer's metrics
+# ---------------------------------------------------------------------------------------------
 def _track_trainer(
     namespace: str, name: str, new_status: Manifest, pods: list[Manifest], generation: int
 ) -> None:
@@ -306,46 +554,76 @@ def write_live_status(
     target: Target, reading: trainer_metrics.Reading | None, problem: Problem | None
 ) -> bool:
     """The scraper's sink: put a reading (or why there is none) into the status, when it says
-    something new. Returns whether it wrote."""
+    something new. Returns whether it wrote. The write carries the resourceVersion of the
+    status it was computed from; when something else wrote meanwhile, it reads the object
+    again and decides again."""
     kube = RUNTIME.kube
     assert kube is not None
     namespace, name = target.key
+    if not leading():
+        return False
     with _lock(namespace, name):
-        current = LIVE.status.get(target.key)
-        if current is None or current.get("phase") != Phase.RUNNING.value:
-            return False  # not (or no longer) running: the reconcile owns the status now
-        if current.get("podName") not in (None, target.pod):
-            return False  # a reading of a pod that is no longer the current one
-        patch: Manifest = {}
-        at = now()
-        if reading is not None:
-            LIVE.served.add((namespace, name, target.pod))
-            live = trainer_metrics.live_status(reading)
-            if trainer_metrics.changed(current, live):
-                live["progress"]["updatedAt"] = at
-                patch.update(live)
-        state = trainer_metrics.read_state(
-            (problem.reason, problem.message) if problem else None,
-            served_before=(namespace, name, target.pod) in LIVE.served,
-            seconds_running=time.time() - target.started_at,
-            grace=RUNTIME.metrics_startup_grace,
-        )
-        conditions = trainer_metrics.metrics_condition(
-            current.get("conditions") or [], state, target.generation, at
-        )
-        if conditions is not None:
-            patch["conditions"] = conditions
-            level = logging.WARNING if state[0] == "False" else logging.INFO
-            log.log(level, "%s/%s: metrics %s: %s", namespace, name, state[1], state[2])
-        if not patch:
-            return False
-        stored = _patch_status(kube, namespace, name, patch, "metrics")
-        LIVE.status[target.key] = stored
-        if reading is not None and reading.logged_at and "progress" in patch:
-            monitoring.STATUS_LAG.observe(max(0.0, time.time() - reading.logged_at))
-        return True
+        for _ in range(3):
+            try:
+                return _write_live_status(kube, target, reading, problem)
+            except StatusConflict:
+                monitoring.STATUS_CONFLICTS.inc()
+                try:
+                    fresh = kube.request("GET", kube.custom_path(namespace, name))
+                except NotFound:
+                    return False
+                LIVE.remember(target.key, fresh)
+        return False
 
 
+def _write_live_status(
+    kube: Kube,
+    target: Target,
+    reading: trainer_metrics.Reading | None,
+    problem: Problem | None,
+) -> bool:
+    namespace, name = target.key
+    current = LIVE.status.get(target.key)
+    version = LIVE.version.get(target.key)
+    if current is None or version is None or current.get("phase") != Phase.RUNNING.value:
+        return False  # not (or no longer) running: the reconcile owns the status now
+    if current.get("podName") not in (None, target.pod):
+        return False  # a reading of a pod that is no longer the current one
+    patch: Manifest = {}
+    at = now()
+    if reading is not None:
+        LIVE.served.add((namespace, name, target.pod))
+        live = trainer_metrics.live_status(reading)
+        if trainer_metrics.changed(current, live):
+            live["progress"]["updatedAt"] = at
+            patch.update(live)
+    state = trainer_metrics.read_state(
+        (problem.reason, problem.message) if problem else None,
+        served_before=(namespace, name, target.pod) in LIVE.served,
+        seconds_running=time.time() - target.started_at,
+        grace=RUNTIME.metrics_startup_grace,
+    )
+    conditions = trainer_metrics.metrics_condition(
+        current.get("conditions") or [], state, target.generation, at
+    )
+    if conditions is not None:
+        patch["conditions"] = conditions
+    if not patch:
+        return False
+    meta = {"namespace": namespace, "name": name, "resourceVersion": version}
+    stored = _write_status(kube, {"metadata": meta}, patch, "metrics")
+    LIVE.remember(target.key, stored)
+    if conditions is not None:
+        level = logging.WARNING if state[0] == "False" else logging.INFO
+        log.log(level, "%s/%s: metrics %s: %s", namespace, name, state[1], state[2])
+    if reading is not None and reading.logged_at and "progress" in patch:
+        monitoring.STATUS_LAG.observe(max(0.0, time.time() - reading.logged_at))
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# TensorBoard after the run, the Ingress
+# ---------------------------------------------------------------------------------------------
 def _tensorboard_after_run(
     kube: Kube, owner: children.Owner, spec: GemmaFineTuneSpec, new_status: Manifest, who: str
 ) -> str | None:
@@ -357,6 +635,8 @@ def _tensorboard_after_run(
     )
     live = kube.get("Deployment", owner.namespace, name)
     if keep_until is not None and time.time() < keep_until:
+        if RUNTIME.requeue is not None:
+            RUNTIME.requeue.after((owner.namespace, owner.name), keep_until - time.time())
         if live is None:
             desired = children.tensorboard_deployment(owner, spec, RUNTIME.defaults)
             if _create(kube, desired, who) is not None:
@@ -386,33 +666,50 @@ def _drop_unwanted_ingress(kube: Kube, owner: children.Owner, desired: list[Mani
         log.info("%s: deleted Ingress %s (no longer asked for)", who, name)
 
 
-def _invalid_spec(kube: Kube, body: Manifest, problem: str, who: str) -> None:
-    """A spec the CRD admitted but the model refuses (the CRD is older than the operator)."""
-    old = body.get("status") or {}
-    if old.get("reason") == "InvalidSpec" and old.get("message") == problem:
-        return
-    at = now()
-    kube.request(
-        "PATCH",
-        kube.custom_path(body["metadata"]["namespace"], body["metadata"]["name"], "status"),
-        body={"status": {"phase": Phase.FAILED.value, "reason": "InvalidSpec", "message": problem}},
-        content_type="application/merge-patch+json",
-    )
-    log.warning("%s: invalid spec: %s", who, problem)
-    record_event(kube, body, "Warning", "InvalidSpec", problem, at)
-
-
+# ---------------------------------------------------------------------------------------------
+# Running reconciles: errors back off per object
+# ---------------------------------------------------------------------------------------------
 def _safely(namespace: str, name: str) -> None:
+    if not leading():
+        return  # a standby: the leader reconciles; everything is looked at again on takeover
     monitoring.RECONCILES.inc()
+    key = (namespace, name)
+    requeue = RUNTIME.requeue
     try:
         with monitoring.RECONCILE_SECONDS.time():
             reconcile(namespace, name)
+    except NotLeader:
+        log.info("%s/%s: no longer the leader; stopped reconciling", namespace, name)
     except NamespaceTerminating:
         # Its fine-tunes go with the namespace: nothing to create, nothing wrong.
         log.info("%s/%s: the namespace is being deleted; not reconciling", namespace, name)
+    except ApiUnavailable as e:
+        monitoring.API_UNAVAILABLE.inc()
+        delay = requeue.failed(key, e.retry_after) if requeue else RUNTIME.resync_seconds
+        log.warning(
+            "%s/%s: the API server is unavailable (%s); trying again in %.0fs",
+            namespace,
+            name,
+            e.message,
+            delay,
+        )
+    except ApiError as e:
+        monitoring.RECONCILE_ERRORS.inc()
+        delay = requeue.failed(key) if requeue else RUNTIME.resync_seconds
+        log.error(
+            "%s/%s: reconcile failed: the API server said %s; trying again in %.0fs",
+            namespace,
+            name,
+            e,
+            delay,
+        )
     except Exception:
         monitoring.RECONCILE_ERRORS.inc()
-        log.exception("%s/%s: reconcile failed; the next event or resync retries", namespace, name)
+        delay = requeue.failed(key) if requeue else RUNTIME.resync_seconds
+        log.exception("%s/%s: reconcile failed; trying again in %.0fs", namespace, name, delay)
+    else:
+        if requeue is not None:
+            requeue.succeeded(key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,15 +717,9 @@ def _safely(namespace: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetune(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
-    if event.get("type") == "DELETED":
-        _forget(namespace, name)
-        return
+    if event.get("type") == "DELETED" and RUNTIME.requeue is not None:
+        RUNTIME.requeue.forget((namespace, name))
     _safely(namespace, name)
-
-
-def _forget(namespace: str, name: str) -> None:
-    with _lock(namespace, name):
-        _stop_reading(namespace, name)
 
 
 def _stop_reading(namespace: str, name: str) -> None:
@@ -457,21 +748,44 @@ def resync_forever(stop: threading.Event) -> None:
     """Reconcile every unfinished GemmaFineTune periodically: catches what no watch event
     announces (a FailedCreate on the Job, a child deleted while the operator was down)."""
     while not stop.wait(RUNTIME.resync_seconds):
-        kube = RUNTIME.kube
-        if kube is None:
+        resync()
+
+
+def resync(everything: bool = False) -> None:
+    """One pass over the GemmaFineTunes (with ``everything``, finished ones too: a new leader
+    looks at all of them once)."""
+    kube = RUNTIME.kube
+    if kube is None or not leading():
+        return
+    scopes = RUNTIME.namespaces or [None]
+    for ns in scopes:
+        try:
+            items = kube.request("GET", kube.custom_path(ns)).get("items") or []
+        except ApiUnavailable as e:
+            log.warning(
+                "resync: the API server is unavailable (%s); trying again in %.0fs",
+                e.message,
+                RUNTIME.resync_seconds,
+            )
             continue
-        scopes = RUNTIME.namespaces or [None]
-        for ns in scopes:
-            try:
-                items = kube.request("GET", kube.custom_path(ns)).get("items") or []
-            except Exception as e:
-                log.warning("resync: cannot list GemmaFineTunes: %s", e)
-                continue
-            for item in items:
-                st = item.get("status") or {}
-                if st.get("phase") in TERMINAL_PHASES and not st.get("tensorboardURL"):
-                    continue  # finished, and no TensorBoard left to take down
-                _safely(item["metadata"]["namespace"], item["metadata"]["name"])
+        except Exception as e:
+            log.warning("resync: cannot list GemmaFineTunes: %s", e)
+            continue
+        for item in items:
+            st = item.get("status") or {}
+            if (
+                not everything
+                and st.get("phase") in TERMINAL_PHASES
+                and not (st.get("tensorboardURL") or st.get("jobName"))
+            ):
+                continue  # finished: no TensorBoard to take down, no Job to expire
+            _safely(item["metadata"]["namespace"], item["metadata"]["name"])
+
+
+def took_over() -> None:
+    """Called when this replica becomes the leader: what happened meanwhile had no reconcile
+    here, so look at everything once (in its own thread: the Lease keeps being renewed)."""
+    threading.Thread(target=resync, args=(True,), daemon=True, name="gft-takeover").start()
 
 
 _stop_resync = threading.Event()
@@ -488,6 +802,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = int(os.environ.get("GFT_OPERATOR_WORKERS", "8"))
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
+    RUNTIME.requeue = Requeue(_safely)
+    threading.Thread(
+        target=RUNTIME.requeue.run, args=(_stop_resync,), daemon=True, name="gft-requeue"
+    ).start()
     threading.Thread(
         target=resync_forever, args=(_stop_resync,), daemon=True, name="gft-resync"
     ).start()
@@ -495,11 +813,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         threading.Thread(
             target=RUNTIME.scraper.run, args=(_stop_resync,), daemon=True, name="gft-scraper"
         ).start()
+    if RUNTIME.leader is not None:
+        threading.Thread(
+            target=RUNTIME.leader.run, args=(_stop_resync,), daemon=True, name="gft-leader"
+        ).start()
 
 
 @kopf.on.cleanup()
 def cleanup(**_: Any) -> None:
     _stop_resync.set()
+    if RUNTIME.leader is not None:
+        RUNTIME.leader.release()  # a standby takes over now, not when the Lease lapses
 
 
 @kopf.on.probe(id="ready")

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import re
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -17,6 +21,14 @@ import urllib3
 from gft_api import GROUP, PLURAL, VERSION
 
 Manifest = dict[str, Any]
+
+log = logging.getLogger("gft_operator.kube")
+
+# Statuses that say "not now" rather than "no": the API server is overloaded (429, with
+# Retry-After), restarting, or a proxy in front of it has no backend (502, 503, 504).
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+RETRIES = 3
+MAX_RETRY_AFTER = 10.0
 
 
 class ApiError(RuntimeError):
@@ -38,6 +50,47 @@ class NamespaceTerminating(ApiError):
     """403 on create: the namespace is being deleted (its objects go with it)."""
 
 
+class Invalid(ApiError):
+    """422: the object (or a JSON patch's test) was refused."""
+
+
+class ApiUnavailable(ApiError):
+    """The API server could not be reached or kept saying "not now" (429, 502, 503, 504)
+    through every retry. Nothing was lost: try again later."""
+
+    def __init__(self, status: int, message: str, retry_after: float | None = None) -> None:
+        super().__init__(status, message)
+        self.retry_after = retry_after
+
+
+class NotLeader(RuntimeError):
+    """A write refused because this replica does not hold the leader Lease (any more)."""
+
+
+def error_message(status: int, raw: bytes, reason: str = "") -> str:
+    """What an error answer says: a Status object's message, or the start of whatever else
+    came back (an HTML page from a proxy), as one line."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    if isinstance(data, dict) and data.get("message"):
+        return str(data["message"])
+    text = re.sub(r"<[^>]+>", " ", raw.decode("utf-8", errors="replace"))
+    text = " ".join(text.split())[:200]
+    head = f"HTTP {status}" + (f" {reason}" if reason else "")
+    return f"{head}: {text}" if text else head
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds from a Retry-After header (the delta-seconds form the API server sends)."""
+    value = (headers or {}).get("Retry-After") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
 def load_config(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
     """In cluster when there is a service account, otherwise the kubeconfig."""
     try:
@@ -48,6 +101,7 @@ def load_config(kubeconfig: str | None = None) -> kubernetes.client.ApiClient:
         kubernetes.config.load_kube_config(config_file=kubeconfig)
     configuration = kubernetes.client.Configuration.get_default_copy()
     configuration.connection_pool_maxsize = 16
+    configuration.retries = 0  # Kube.request retries, knowing which requests may be repeated
     return kubernetes.client.ApiClient(configuration)
 
 
@@ -61,6 +115,7 @@ _PATHS = {
     "Job": ("/apis/batch/v1", "jobs"),
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Ingress": ("/apis/networking.k8s.io/v1", "ingresses"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
 }
 
 
@@ -69,6 +124,9 @@ class Kube:
 
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self.api = api_client
+        self.may_write: Callable[[], bool] | None = None
+        """When set, writes are refused (``NotLeader``) while it returns false; the Lease
+        itself is written with ``lease=True``."""
 
     def request(
         self,
@@ -78,7 +136,40 @@ class Kube:
         query: dict[str, str] | None = None,
         body: Any = None,
         content_type: str = "application/json",
+        lease: bool = False,
     ) -> Manifest:
+        """One API call, retried (with back-off, honouring Retry-After) while the API server
+        is unreachable or says "not now". Every write this operator makes is safe to repeat:
+        children have fixed names (a repeated create is a 409), status patches carry the
+        resourceVersion they were computed from, deletes carry a uid precondition."""
+        if method != "GET" and not lease and self.may_write is not None and not self.may_write():
+            raise NotLeader(f"{method} {path}: this replica is not the leader")
+        delay = 0.5
+        for attempt in range(RETRIES + 1):
+            last = attempt == RETRIES
+            try:
+                status, raw, headers, reason = self._call(method, path, query, body, content_type)
+            except urllib3.exceptions.HTTPError as e:
+                # A timeout already waited long; a refused or broken connection is retried.
+                if last or _timed_out(e):
+                    raise ApiUnavailable(0, _cause(e)) from e
+                time.sleep(delay)
+                delay *= 2
+                continue
+            if status in RETRY_STATUSES:
+                wait = retry_after(headers)
+                message = error_message(status, raw, reason)
+                if last:
+                    raise ApiUnavailable(status, message, wait)
+                time.sleep(min(wait if wait is not None else delay, MAX_RETRY_AFTER))
+                delay *= 2
+                continue
+            return _answer(status, raw, reason)
+        raise AssertionError("unreachable")
+
+    def _call(
+        self, method: str, path: str, query: Any, body: Any, content_type: str
+    ) -> tuple[int, bytes, Any, str]:
         method, url, headers, body, _ = self.api.param_serialize(
             method=method,
             resource_path=path,
@@ -90,20 +181,8 @@ class Kube:
         response = self.api.call_api(
             method, url, header_params=headers, body=body, _request_timeout=30
         )
-        raw = response.read() or b"{}"
-        data = json.loads(raw)
-        if response.status == 404:
-            raise NotFound(404, data.get("message", "not found"))
-        if response.status == 409:
-            raise Conflict(409, data.get("message", "conflict"))
-        causes = (data.get("details") or {}).get("causes") or []
-        if response.status == 403 and any(
-            c.get("reason") == "NamespaceTerminating" for c in causes
-        ):
-            raise NamespaceTerminating(403, data.get("message", "namespace is being terminated"))
-        if response.status >= 400:
-            raise ApiError(response.status, data.get("message", raw[:500].decode(errors="replace")))
-        return data
+        raw = response.read() or b""
+        return response.status, raw, response.getheaders(), response.reason or ""
 
     def get_text(self, path: str, *, timeout: float, limit: int) -> str:
         """GET a plain-text answer (a pod's /metrics through the API server's proxy): one try
@@ -170,11 +249,36 @@ class Kube:
             "PUT", self.path(obj["kind"], meta["namespace"], meta["name"]), body=obj
         )
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> None:
+    def strategic_patch(self, kind: str, namespace: str, name: str, patch: Manifest) -> Manifest:
+        return self.request(
+            "PATCH",
+            self.path(kind, namespace, name),
+            body=patch,
+            content_type="application/strategic-merge-patch+json",
+        )
+
+    def remove_finalizer(self, obj: Manifest, finalizer: str) -> None:
+        """Take one finalizer off a built-in object, leaving the others (the Job controller
+        keeps its own on pods) whatever happens meanwhile; an object already gone is fine."""
+        meta = obj["metadata"]
+        if finalizer not in (meta.get("finalizers") or []):
+            return
+        patch = {"metadata": {"$deleteFromPrimitiveList/finalizers": [finalizer]}}
+        with contextlib.suppress(NotFound):
+            self.strategic_patch(obj["kind"], meta["namespace"], meta["name"], patch)
+
+    def delete(
+        self,
+        kind: str,
+        namespace: str,
+        name: str,
+        uid: str | None = None,
+        propagation: str = "Background",
+    ) -> None:
         body: Manifest = {
             "kind": "DeleteOptions",
             "apiVersion": "v1",
-            "propagationPolicy": "Background",
+            "propagationPolicy": propagation,
         }
         if uid:
             body["preconditions"] = {"uid": uid}
@@ -192,3 +296,50 @@ class Kube:
         if sub:
             path += f"/{sub}"
         return path
+
+
+def _answer(status: int, raw: bytes, reason: str) -> Manifest:
+    """The decoded answer, or the error it is."""
+    if status < 400:
+        try:
+            data = json.loads(raw or b"{}")
+        except ValueError as e:
+            raise ApiError(status, f"the API server's answer is not JSON: {raw[:200]!r}") from e
+        return data if isinstance(data, dict) else {}
+    message = error_message(status, raw, reason)
+    if status == 404:
+        raise NotFound(404, message)
+    if status == 409:
+        raise Conflict(409, message)
+    if status == 422:
+        raise Invalid(422, message)
+    if status == 403 and _has_cause(raw, "NamespaceTerminating"):
+        raise NamespaceTerminating(403, message)
+    raise ApiError(status, message)
+
+
+def _has_cause(raw: bytes, reason: str) -> bool:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return False
+    causes = ((data or {}).get("details") or {}).get("causes") or []
+    return any(c.get("reason") == reason for c in causes)
+
+
+def _timed_out(e: BaseException) -> bool:
+    reason = getattr(e, "reason", None) or e
+    # urllib3 files a refused connection (NewConnectionError) under ConnectTimeoutError.
+    return isinstance(reason, urllib3.exceptions.TimeoutError) and not isinstance(
+        reason, urllib3.exceptions.NewConnectionError
+    )
+
+
+def _cause(e: BaseException) -> str:
+    """What went wrong with the connection, in a few words."""
+    reason = getattr(e, "reason", None) or e
+    if _timed_out(e):
+        return "no answer within 30s"
+    text = str(reason)
+    found = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    return f"cannot connect: {found.group(0)}" if found else f"cannot connect: {text[:200]}"

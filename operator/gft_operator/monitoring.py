@@ -3,10 +3,13 @@ status-update lag and trainer metrics reads. Served by ``serve`` on ``--metrics-
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
@@ -21,6 +24,21 @@ RECONCILE_SECONDS = Histogram(
     "gft_operator_reconcile_duration_seconds",
     "Wall time of one reconcile.",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+LEADER = Gauge(
+    "gft_operator_leader",
+    "1 while this replica holds the leader Lease (or runs without leader election), else 0.",
+    registry=REGISTRY,
+)
+STATUS_CONFLICTS = Counter(
+    "gft_operator_status_write_conflicts",
+    "Status writes refused because the object changed since it was read (then recomputed).",
+    registry=REGISTRY,
+)
+API_UNAVAILABLE = Counter(
+    "gft_operator_api_unavailable",
+    "Reconciles put off because the API server could not be reached or said not now.",
     registry=REGISTRY,
 )
 STATUS_LAG = Histogram(
@@ -80,7 +98,28 @@ PHASES = PhaseCollector()
 REGISTRY.register(PHASES)
 
 
-def serve(address: str) -> None:
-    """Serve /metrics on ``host:port`` in a background thread."""
+def serve(address: str, ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready")) -> None:
+    """Serve ``/metrics`` and ``/readyz`` on ``host:port`` in a background thread.
+
+    ``/readyz`` answers 200 once the operator can do its work (connected, watching); a standby
+    replica is ready too (it takes over the moment the leader's Lease lapses), and says so."""
     host, _, port = address.rpartition(":")
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=REGISTRY)
+
+    class Handler(MetricsHandler.factory(REGISTRY)):  # type: ignore[misc]
+        def do_GET(self) -> None:
+            if self.path.split("?")[0] != "/readyz":
+                return super().do_GET()
+            ok, text = ready()
+            body = (text + "\n").encode()
+            self.send_response(200 if ok else 503)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass  # probes every few seconds are not news
+
+    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True, name="gft-metrics").start()

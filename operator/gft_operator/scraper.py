@@ -25,7 +25,7 @@ from urllib.parse import quote
 import urllib3
 
 from gft_operator import monitoring
-from gft_operator.kube import ApiError, Kube
+from gft_operator.kube import ApiError, ApiUnavailable, Kube
 from gft_operator.trainer_metrics import BadMetrics, Reading, parse
 
 log = logging.getLogger("gft_operator.scraper")
@@ -134,6 +134,12 @@ class Scraper:
                         self._due[target.key] = max(
                             self._due[target.key], time.monotonic() + self.interval
                         )
+        except ApiUnavailable as e:
+            log.warning(
+                "%s/%s: live status not written: the API server is unavailable (%s)",
+                *target.key,
+                e.message,
+            )
         except Exception:
             log.exception("%s/%s: handling the metrics read failed", *target.key)
         finally:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gft_api.contract import ExitCode, TrainerSummary, describe_exit_code
+from gft_api.contract import ExitCode, Outcome, TrainerSummary, describe_exit_code
 from gft_api.v1alpha1 import TERMINAL_PHASES, Phase
 
 from gft_operator.children import TRAINER
@@ -20,6 +20,8 @@ from gft_operator.children import TRAINER
 Manifest = dict[str, Any]
 
 CONDITION_TYPES = ("Ready", "Suspended", "Complete", "Failed")
+SPEC_UNDERSTOOD = "SpecUnderstood"
+METRICS_AVAILABLE = "MetricsAvailable"
 
 # Phases that are a problem for the user to look at; their events are Warnings.
 _WARNING_REASONS = frozenset(
@@ -37,6 +39,10 @@ _WARNING_REASONS = frozenset(
         "OOMKilled",
         "AttemptFailed",
         "JobConflict",
+        "ChildConflict",
+        "PolicyViolation",
+        "InvalidSpec",
+        "UnknownFields",
     }
 )
 
@@ -53,8 +59,16 @@ class Observed:
     pods: list[Manifest] = field(default_factory=list)
     events: list[Manifest] = field(default_factory=list)
     """Warning events about the Job and its pods (FailedCreate, FailedScheduling, FailedMount)."""
-    job_conflict: str | None = None
-    """Set when a Job of that name exists but belongs to something else."""
+    blocked: tuple[str, str] | None = None
+    """(reason, message) when a child cannot be had: one of that name belongs to something
+    else (``JobConflict``, ``ChildConflict``) or to a deleted run still going away
+    (``WaitingForPreviousRun``). Nothing is created meanwhile."""
+    earlier_pods: list[Manifest] = field(default_factory=list)
+    """Pods of this run from an earlier Job (one deleted before it finished)."""
+    ignored_fields: list[str] = field(default_factory=list)
+    """Spec fields this operator does not know (the CRD is newer): ignored."""
+    spec_error: str | None = None
+    """Why the spec cannot be used (the CRD admitted what this operator refuses)."""
 
 
 @dataclass
@@ -70,6 +84,9 @@ class Transition:
 class Decision:
     status: Manifest
     transition: Transition | None
+    """The phase or its reason changed."""
+    notices: list[Transition] = field(default_factory=list)
+    """Other Events to record (the spec stopped being understood)."""
 
 
 @dataclass
@@ -229,15 +246,29 @@ def _problem_of_pending(pod: Manifest, events: list[Manifest]) -> tuple[str, str
             return _missing_ref(
                 message
             ) or "CreateContainerConfigError", f"{cs.get('name')}: {message}"
-    for ev in events:
-        if ev.get("involvedObject", {}).get("name") != name:
-            continue
-        if ev.get("reason") == "FailedMount":
-            message = ev.get("message") or ""
-            return _missing_ref(message) or "VolumeMountFailed", message
-        if ev.get("reason") == "FailedScheduling":
-            return "Unschedulable", ev.get("message") or ""
-    return None
+    # Events outlive what they describe: a FailedScheduling from before the pod was placed
+    # (its claim was not bound yet) says nothing once it is; the newest one of a kind speaks.
+    scheduled = bool(pod.get("spec", {}).get("nodeName"))
+    wanted = "FailedMount" if scheduled else "FailedScheduling"
+    relevant = [
+        ev
+        for ev in events
+        if ev.get("involvedObject", {}).get("name") == name
+        and ev.get("involvedObject", {}).get("uid") in (None, pod["metadata"].get("uid"))
+        and ev.get("reason") == wanted
+    ]
+    if not relevant:
+        return None
+    ev = max(relevant, key=_event_time)
+    message = ev.get("message") or ""
+    if wanted == "FailedMount":
+        return _missing_ref(message) or "VolumeMountFailed", message
+    return "Unschedulable", message
+
+
+def _event_time(ev: Manifest) -> tuple[str, int]:
+    stamp = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp") or ""
+    return (stamp[:19], int(ev.get("metadata", {}).get("resourceVersion") or 0))
 
 
 def _failed_create(job: Manifest, events: list[Manifest]) -> tuple[str, str] | None:
@@ -253,7 +284,7 @@ def _failed_create(job: Manifest, events: list[Manifest]) -> tuple[str, str] | N
     ]
     if not relevant:
         return None
-    ev = max(relevant, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+    ev = max(relevant, key=_event_time)
     message = ev.get("message") or ""
     if "PodSecurity" in message:
         return "PodSecurityViolation", message
@@ -265,12 +296,63 @@ def _failed_create(job: Manifest, events: list[Manifest]) -> tuple[str, str] | N
 # ---------------------------------------------------------------------------------------------
 # The verdict
 # ---------------------------------------------------------------------------------------------
+def clean_stop(pod: Manifest) -> bool:
+    """The pod ended on a disruption or a stop after a checkpoint (suspend, preemption): the
+    run goes on, and the status already says all it has to say."""
+    term = _terminated(pod) or {}
+    return _disruption(pod) is not None or int(term.get("exitCode", -1)) == int(ExitCode.STOPPED)
+
+
+def trainer_succeeded(pod: Manifest) -> bool:
+    """The trainer exited 0 saying it succeeded: the run's work is done, whatever becomes of
+    its Job."""
+    term = _terminated(pod)
+    if term is None or int(term.get("exitCode", -1)) != 0:
+        return False
+    summary = summary_of(pod)
+    return summary is not None and summary.outcome == Outcome.SUCCEEDED
+
+
+def alive(pod: Manifest) -> bool:
+    return pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+
+
+def should_create_job(obs: Observed) -> bool:
+    """Whether a (new) Job may be created now: there is none, the run has not ended, nothing
+    blocks it, and no trainer of this run is still alive (one trainer at a time: a Job deleted
+    by hand leaves its pod stopping, writing its checkpoint, for up to its grace period)."""
+    return (
+        obs.job is None
+        and obs.spec_error is None
+        and obs.old_status.get("phase") not in TERMINAL_PHASES
+        and obs.blocked is None
+        and not any(alive(p) for p in obs.earlier_pods)
+        and not any(trainer_succeeded(p) for p in obs.earlier_pods)
+    )
+
+
 def _verdict(obs: Observed) -> _Verdict:
     old_phase = obs.old_status.get("phase")
-    if obs.job_conflict:
-        return _Verdict(Phase.PENDING, "JobConflict", obs.job_conflict)
+    if obs.blocked:
+        return _Verdict(Phase.PENDING, *obs.blocked)
     job = obs.job
     if job is None:
+        done = newest_pod([p for p in obs.earlier_pods if trainer_succeeded(p)])
+        if done is not None:
+            summary = summary_of(done)
+            message = (summary.message if summary else "") or "training finished"
+            return _Verdict(Phase.SUCCEEDED, "Completed", message)
+        stopping = [p for p in obs.earlier_pods if alive(p)]
+        if stopping:
+            return _Verdict(
+                Phase.PENDING,
+                "WaitingForPreviousTrainer",
+                f"the Job was deleted before the run finished; its trainer (pod "
+                f"{newest_pod(stopping)['metadata']['name']}) is still stopping, saving its "
+                "checkpoint. A new Job starts once it has exited",
+            )
+        if obs.spec_error:
+            return _Verdict(Phase.PENDING, "InvalidSpec", obs.spec_error)
         return _Verdict(Phase.PENDING, "CreatingJob", "creating the training Job")
 
     pods = obs.pods
@@ -300,7 +382,8 @@ def _verdict(obs: Observed) -> _Verdict:
         return _Verdict(Phase.FAILED, reason, message)
 
     live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    terminating = [p for p in pods if p["metadata"].get("deletionTimestamp")]
+    # An ended pod kept by a finalizer is not stopping any more.
+    terminating = [p for p in pods if p["metadata"].get("deletionTimestamp") and alive(p)]
     if job.get("spec", {}).get("suspend"):
         if obs.queue_name and not obs.suspend:
             return _Verdict(
@@ -367,6 +450,24 @@ def _between_attempts(pod: Manifest) -> _Verdict:
     )
 
 
+def _spec_condition(obs: Observed, old: list[Manifest], now: str) -> Manifest | None:
+    """SpecUnderstood=False while the spec has fields this operator ignores or cannot use."""
+    previous = next((c for c in old if c.get("type") == SPEC_UNDERSTOOD), None)
+    if obs.spec_error:
+        reason = "InvalidSpec"
+        message = f"this operator cannot use the spec ({obs.spec_error}); the run is observed "
+        message += "but nothing is created or changed for it. Upgrade the operator to match the CRD"
+    elif obs.ignored_fields:
+        reason = "UnknownFields"
+        message = (
+            f"{', '.join(obs.ignored_fields)}: not known to this operator (the CRD is newer); "
+            "ignored. Upgrade the operator to use them"
+        )
+    else:
+        return None
+    return condition(previous, SPEC_UNDERSTOOD, "False", reason, message, obs.generation, now)
+
+
 def _conditions(
     old: list[Manifest], verdict: _Verdict, generation: int, now: str
 ) -> list[Manifest]:
@@ -380,7 +481,7 @@ def _conditions(
     out = []
     # Conditions of other writers (MetricsAvailable, from the metrics reads) hold while the
     # trainer runs; once it stops they would describe an endpoint that is gone.
-    others = [c for c in old if c.get("type") not in CONDITION_TYPES]
+    others = [c for c in old if c.get("type") == METRICS_AVAILABLE]
     if verdict.phase != Phase.RUNNING:
         others = []
     for type_ in CONDITION_TYPES:
@@ -447,15 +548,36 @@ def _final_progress(old: Manifest, summary: TrainerSummary, verdict: _Verdict) -
     return progress
 
 
+def _final_metrics(old: Manifest, summary: TrainerSummary) -> Manifest:
+    """Metrics when an attempt ended: the last live read's, with the trainer's summary filling
+    what a run that ended between two reads never had, and its final evaluation winning."""
+    metrics = dict(old)
+    if summary.train_loss is not None:
+        metrics.setdefault("loss", summary.train_loss)
+    if summary.tokens_per_second is not None:
+        metrics.setdefault("tokensPerSecond", summary.tokens_per_second)
+    if summary.eval_loss is not None:
+        metrics["evalLoss"] = summary.eval_loss
+    if summary.eval_token_accuracy is not None:
+        metrics["evalTokenAccuracy"] = summary.eval_token_accuracy
+    return metrics
+
+
 def decide(obs: Observed, now: str) -> Decision:
     """The new status and, on a change of phase or reason, the Event to record."""
     old = obs.old_status
     old_phase = old.get("phase")
-    if old_phase in TERMINAL_PHASES and (obs.job is None or obs.job_conflict):
-        # A finished fine-tune whose Job is gone (TTL, deleted by hand) stays finished.
-        return Decision(dict(old), None)
-
     verdict = _verdict(obs)
+    spec_condition = _spec_condition(obs, old.get("conditions") or [], now)
+    if old_phase in TERMINAL_PHASES and (
+        verdict.phase.value != old_phase or obs.job is None or obs.blocked
+    ):
+        # A finished run stays finished, whatever happens to its Job afterwards.
+        kept = dict(old)
+        kept["conditions"] = [
+            c for c in old.get("conditions") or [] if c.get("type") != SPEC_UNDERSTOOD
+        ] + ([spec_condition] if spec_condition else [])
+        return Decision(kept, None, _spec_notices(old, spec_condition))
     status: Manifest = {
         k: v
         for k, v in old.items()
@@ -466,9 +588,15 @@ def decide(obs: Observed, now: str) -> Decision:
         reason=verdict.reason,
         message=verdict.message[:32768],
         observedGeneration=obs.generation,
-        conditions=_conditions(old.get("conditions") or [], verdict, obs.generation, now),
+        conditions=_conditions(old.get("conditions") or [], verdict, obs.generation, now)
+        + ([spec_condition] if spec_condition else []),
     )
     job = obs.job
+    pods = obs.pods
+    if job is None and verdict.phase == Phase.SUCCEEDED:
+        pods = obs.earlier_pods  # the trainer of a deleted Job finished the run
+        if not status.get("completionTime"):
+            status["completionTime"] = now
     if job is not None:
         job_status = job.get("status", {})
         status["jobName"] = job["metadata"]["name"]
@@ -480,14 +608,16 @@ def decide(obs: Observed, now: str) -> Decision:
         status["failedAttempts"] = max(
             int(old.get("failedAttempts") or 0), int(job_status.get("failed") or 0)
         )
-        current = newest_pod(obs.pods)
+    if job is not None or pods:
+        current = newest_pod(pods)
         if current is not None:
             status["podName"] = current["metadata"]["name"]
-        finished = newest_pod([p for p in obs.pods if _terminated(p)])
+        finished = newest_pod([p for p in pods if _terminated(p)])
         summary = summary_of(finished) if finished is not None else None
         if summary is not None:
             status["result"] = summary.to_wire()
             status["progress"] = _final_progress(old.get("progress") or {}, summary, verdict)
+            status["metrics"] = _final_metrics(old.get("metrics") or {}, summary)
             if summary.last_checkpoint_step is not None:
                 checkpoint: Manifest = {"step": summary.last_checkpoint_step}
                 if summary.last_checkpoint:
@@ -510,4 +640,14 @@ def decide(obs: Observed, now: str) -> Decision:
             reason=verdict.reason,
             message=f"{verdict.phase.value}: {verdict.message}"[:1024],
         )
-    return Decision(status, transition)
+    return Decision(status, transition, _spec_notices(old, spec_condition))
+
+
+def _spec_notices(old: Manifest, spec_condition: Manifest | None) -> list[Transition]:
+    """A Warning when the spec starts (or changes how it is) not being understood."""
+    if spec_condition is None:
+        return []
+    before = next((c for c in old.get("conditions") or [] if c.get("type") == SPEC_UNDERSTOOD), {})
+    if before.get("message") == spec_condition["message"]:
+        return []
+    return [Transition("Warning", spec_condition["reason"], spec_condition["message"][:1024])]

@@ -56,8 +56,18 @@ def http_get(url: str, timeout: float = 5) -> str:
         return resp.read().decode()
 
 
+# The monitoring manifests are rendered from the chart (make manifests); both PodMonitors in one
+# file. name -> (file, object name)
+_MONITORS = {
+    "podmonitor-trainers.yaml": ("podmonitors.yaml", "gft-trainers"),
+    "podmonitor-operator.yaml": ("podmonitors.yaml", "gft-operator"),
+}
+
+
 def load_manifest(name: str) -> dict[str, Any]:
-    return yaml.safe_load((MONITORING / name).read_text())
+    file, wanted = _MONITORS.get(name, (name, None))
+    docs = [d for d in yaml.safe_load_all((MONITORING / file).read_text()) if d]
+    return next(d for d in docs if wanted is None or d["metadata"]["name"] == wanted)
 
 
 def operator_test_module(name: str) -> Any:

@@ -26,10 +26,11 @@ MANIFESTS = REPO / "manifests"
 
 
 def install(cluster) -> None:
-    """The CRD, the operator's namespace and its RBAC, as a user installs them."""
+    """The CRD, the operator's namespace and its RBAC for running it out of the cluster (it
+    reads trainers' metrics through the API server's pod proxy), as a user installs them."""
     cluster.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "crd.yaml"))
     cluster.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
-    cluster.kubectl("apply", "-f", str(MANIFESTS / "rbac.yaml"))
+    cluster.kubectl("apply", "-f", str(MANIFESTS / "rbac-out-of-cluster.yaml"))
     cluster.kubectl(
         "wait",
         "--for",
@@ -160,6 +161,53 @@ def events_of(cluster, namespace, name) -> list[dict]:
         f"involvedObject.kind=GemmaFineTune,involvedObject.name={name}",
     )["items"]
     return sorted(items, key=lambda e: int(e["metadata"]["resourceVersion"]))
+
+
+def job_creates(c, namespace: str) -> int:
+    """Jobs created in ``namespace``, from the API server's audit log (it survives restarts
+    of the API server, which a watch does not)."""
+    created = 0
+    for line in (Path(c.state_dir) / "logs" / "audit.log").read_text().splitlines():
+        entry = json.loads(line)
+        ref = entry.get("objectRef") or {}
+        if (
+            entry.get("verb") == "create"
+            and entry.get("stage") == "ResponseComplete"
+            and ref.get("resource") == "jobs"
+            and ref.get("namespace") == namespace
+            and (entry.get("responseStatus") or {}).get("code") == 201
+        ):
+            created += 1
+    return created
+
+
+def reconciles(op) -> float:
+    """The operator's count of reconciles, from its own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return next(
+            s.value
+            for f in families
+            for s in f.samples
+            if s.name == "gft_operator_reconciles_total"
+        )
+
+
+def operator_looked_again(op, times: int = 3, timeout: float = 60) -> None:
+    """Wait until the operator has reconciled ``times`` more times (the resync included):
+    it had every chance to act on what the test set up."""
+    from conftest import wait_for
+
+    start = reconciles(op)
+    wait_for(
+        f"{times} more reconciles",
+        lambda: reconciles(op) >= start + times,
+        timeout=timeout,
+        interval=0.5,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ data in tests/data, and helpers to look at what the run left (pods, logs, output
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,10 +18,16 @@ STARTUP = 180  # seconds for a trainer process to import torch and load the mode
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir() -> Iterator[Path]:
+    """A tiny Gemma 3 the runner's trainers read as ``model.path``: outside /tmp, which the
+    training pod mounts a scratch emptyDir over (as a container's /tmp is its own)."""
     from trainer.tiny import make_model_dir
 
-    return make_model_dir(tmp_path_factory.mktemp("models"), "gemma3_text")
+    root = Path(tempfile.mkdtemp(prefix="gft-test-models-", dir="/var/tmp"))
+    try:
+        yield make_model_dir(root, "gemma3_text")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def on_runner(name: str, model_dir: Path, max_steps: int = 30, gpus: int = 1, **spec):
@@ -55,6 +64,18 @@ def output_dir(c, namespace: str, claim: str) -> Path:
 
     pv = c.kubectl_json("get", "pv", wait_for(f"{claim} bound", bound))
     return Path(pv["spec"]["hostPath"]["path"])
+
+
+def run_dir(c, namespace: str, name: str) -> Path:
+    """The host folder of a fine-tune's run: its own folder (``status.outputPath``) on the
+    output volume."""
+
+    def path():
+        st = c.kubectl_json("get", "gft", name, "-n", namespace).get("status") or {}
+        return st.get("outputClaim") and st.get("outputPath") and st
+
+    st = wait_for(f"{name}'s output folder in its status", path)
+    return output_dir(c, namespace, st["outputClaim"]) / st["outputPath"]
 
 
 def checkpoint_steps(out: Path) -> list[int]:

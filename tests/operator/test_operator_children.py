@@ -64,7 +64,12 @@ def test_config_map_renders_a_valid_trainer_config_without_secrets(tmp_path):
     assert config.dataset.hub_id == "HuggingFaceH4/no_robots"
     assert config.training.max_steps == 20
     assert config.method.lora.r == 8
-    assert config.output.dir == children.OUTPUT_DIR
+    assert config.output.dir == f"/output/runs/{OWNER.uid}"  # each run in its own folder
+    assert config.observability.tensorboard_dir == f"/output/runs/{OWNER.uid}/tensorboard"
+    assert config.output.resume_from is None
+    resumed = _spec(resumeFrom={"path": "runs/old-uid/checkpoints/checkpoint-40/"})
+    config = children.trainer_config(OWNER, resumed)
+    assert config.output.resume_from == "/output/runs/old-uid/checkpoints/checkpoint-40"
     assert config.run_name == "ml/demo"
     assert "secret" not in text.lower() and HF_TOKEN_ENV not in text
     assert set(yaml.safe_load(text)["model"]) == {"nameOrPath", "cacheDir", "attnImplementation"}
@@ -134,9 +139,14 @@ def test_tensorboard_is_a_native_sidecar_over_the_output_volume():
     pod = _pod(children.job(OWNER, _spec()))
     (tb,) = pod["initContainers"]
     assert tb["restartPolicy"] == "Always"
-    assert tb["command"][:3] == ["tensorboard", "--logdir", children.TENSORBOARD_DIR]
+    assert tb["command"][:3] == ["tensorboard", "--logdir", f"/output/runs/{OWNER.uid}/tensorboard"]
     assert "--bind_all" in tb["command"]
-    assert tb["volumeMounts"] == [{"name": "output", "mountPath": "/output", "readOnly": True}]
+    assert tb["volumeMounts"] == [
+        {"name": "output", "mountPath": "/output", "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},  # the root file system is read-only
+    ]
+    assert tb["securityContext"]["readOnlyRootFilesystem"] is True
+    assert tb["resources"]["limits"]["memory"] and tb["readinessProbe"]["httpGet"]["path"] == "/"
     pod = _pod(children.job(OWNER, _spec(tensorboard={"enabled": False})))
     assert "initContainers" not in pod
     svc = children.service(OWNER, _spec(tensorboard={"enabled": False}))
@@ -158,15 +168,23 @@ def test_gpus_placement_and_priority_pass_through():
     )
     pod = _pod(children.job(OWNER, spec))
     res = pod["containers"][0]["resources"]
-    assert res["limits"] == {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "2"}
-    assert res["requests"] == res["limits"]
+    assert res["limits"] == {
+        "cpu": "8",
+        "memory": "64Gi",
+        "nvidia.com/gpu": "2",
+        "ephemeral-storage": "10Gi",  # /tmp only: downloads and checkpoints go to /output
+    }
+    assert res["requests"] == {**res["limits"], "ephemeral-storage": "1Gi"}
     assert pod["nodeSelector"] == {"gft.dev/runner": "true"}
     assert pod["tolerations"] == [
         {"key": "gft.dev/runner", "operator": "Exists", "effect": "NoSchedule"}
     ]
     assert pod["priorityClassName"] == "training"
     cpu_only = _pod(children.job(OWNER, _spec(resources={"gpus": 0})))
-    assert cpu_only["containers"][0]["resources"] == {}
+    assert cpu_only["containers"][0]["resources"] == {
+        "requests": {"ephemeral-storage": "1Gi"},
+        "limits": {"ephemeral-storage": "10Gi"},
+    }
 
 
 def test_kueue_queue_creates_the_job_suspended_and_never_patches_suspend():
@@ -180,13 +198,25 @@ def test_kueue_queue_creates_the_job_suspended_and_never_patches_suspend():
     assert children.job_patch(_spec(queueName="gpu-queue", suspend=False), live, False) is None
 
 
-def test_job_patch_touches_only_suspend_and_ttl():
-    live = children.job(OWNER, _spec())
+def test_job_patch_touches_only_suspend_and_the_operator_owns_the_ttl():
+    live = children.job(OWNER, _spec(ttlSecondsAfterFinished=60))
+    assert "ttlSecondsAfterFinished" not in live["spec"]  # the operator deletes it itself
     assert children.job_patch(_spec(), live, finished=False) is None
     patch = children.job_patch(_spec(suspend=True, ttlSecondsAfterFinished=60), live, False)
-    assert patch == {"spec": {"suspend": True, "ttlSecondsAfterFinished": 60}}
-    patch = children.job_patch(_spec(suspend=True, ttlSecondsAfterFinished=60), live, True)
-    assert patch == {"spec": {"ttlSecondsAfterFinished": 60}}  # a finished Job is not suspended
+    assert patch == {"spec": {"suspend": True}}
+    assert children.job_patch(_spec(suspend=True), live, True) is None  # not once finished
+    # A Job an older operator made with the TTL controller's field: the field goes.
+    older = {**live, "spec": {**live["spec"], "ttlSecondsAfterFinished": 0}}
+    assert children.job_patch(_spec(), older, False) == {"spec": {"ttlSecondsAfterFinished": None}}
+
+
+def test_the_job_and_its_pods_are_held_until_the_outcome_is_recorded():
+    job = children.job(OWNER, _spec())
+    assert job["metadata"]["finalizers"] == [children.OUTCOME_FINALIZER]
+    template = job["spec"]["template"]["metadata"]
+    assert template["finalizers"] == [children.OUTCOME_FINALIZER]
+    assert template["labels"][children.UID_LABEL] == OWNER.uid
+    assert job["metadata"]["labels"][children.UID_LABEL] == OWNER.uid
 
 
 def test_ingress_when_asked_and_tensorboard_url():
@@ -224,7 +254,7 @@ def test_pod_annotations_extra_env_and_image():
 
 def test_tensorboard_after_the_run_serves_the_same_files_behind_the_same_service():
     spec = _spec(
-        tensorboard={"ingress": {"host": "tb.example.com", "path": "/runs/demo/"}},
+        tensorboard={"pathPrefix": "/runs/demo/", "ingress": {"host": "tb.example.com"}},
         resources={"gpus": 1, "nodeSelector": {"pool": "a100"}},
     )
     job = children.job(OWNER, spec)
@@ -240,7 +270,8 @@ def test_tensorboard_after_the_run_serves_the_same_files_behind_the_same_service
         {
             "name": "output",
             "persistentVolumeClaim": {"claimName": "demo-output", "readOnly": True},
-        }
+        },
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
     assert pod_spec["nodeSelector"] == {"pool": "a100"}  # where the volume can be mounted
     assert "nvidia.com/gpu" not in str(pod_spec)
@@ -256,3 +287,92 @@ def test_tensorboard_after_the_run_serves_the_same_files_behind_the_same_service
         assert selector.items() <= labels.items()
     assert children.tensorboard_url(OWNER, spec) == "http://tb.example.com/runs/demo/"
     assert children.tensorboard_url(OWNER, _spec()) == "http://demo.ml.svc:6006/"
+
+
+def test_the_admin_policy_bounds_what_a_fine_tune_asks_for():
+    from gft_operator.policy import Policy, violations
+
+    strict = Policy(
+        allowed_image_prefixes=("ghcr.io/acme/",),
+        allowed_ingress_host_suffixes=(".tb.acme.dev",),
+        allowed_ingress_classes=("internal",),
+        allowed_pod_annotation_prefixes=("acme.dev/",),
+        require_ingress_tls=True,
+    )
+    fine = _spec(
+        image="ghcr.io/acme/trainer:1",
+        tensorboard={
+            "ingress": {
+                "host": "run.tb.acme.dev",
+                "ingressClassName": "internal",
+                "tlsSecretName": "tls",
+            }
+        },
+        podAnnotations={"acme.dev/team": "nlp"},
+    )
+    assert violations(fine, "ghcr.io/acme/trainer:0", strict) == []
+    wild = _spec(
+        image="docker.io/evil/miner:latest",
+        tensorboard={
+            "image": "ghcr.io/acme/tb:1",
+            "ingress": {"host": "tb.evil.com", "ingressClassName": "public"},
+        },
+        podAnnotations={"sidecar.istio.io/inject": "false"},
+    )
+    found = violations(wild, "ghcr.io/acme/trainer:0", strict)
+    assert [f.split()[0] for f in found] == [
+        "spec.image",
+        "spec.tensorboard.ingress.host",
+        "spec.tensorboard.ingress.ingressClassName",
+        "spec.tensorboard.ingress.tlsSecretName",
+        "spec.podAnnotations",
+    ]
+    assert "docker.io/evil/miner:latest" in found[0] and "ghcr.io/acme/" in found[0]
+    assert violations(wild, "x", Policy()) == []  # no policy: anything goes
+    # The admin's Ingress annotations win over the author's.
+    forced = Policy(ingress_annotations={"nginx.ingress.kubernetes.io/auth-url": "https://a"})
+    spec = _spec(
+        tensorboard={
+            "ingress": {
+                "host": "h.example.com",
+                "annotations": {"nginx.ingress.kubernetes.io/auth-url": "", "x": "y"},
+            }
+        }
+    )
+    ing = children.ingress(OWNER, spec, forced)
+    assert ing["metadata"]["annotations"] == {
+        "nginx.ingress.kubernetes.io/auth-url": "https://a",
+        "x": "y",
+    }
+
+
+def test_a_network_policy_lets_only_the_operator_and_named_namespaces_in():
+    from gft_operator.policy import Policy
+
+    assert children.network_policy(OWNER, _spec(), Policy()) is None
+    netpol = children.network_policy(
+        OWNER,
+        _spec(),
+        Policy(
+            network_policy=True,
+            operator_namespace="ops",
+            network_policy_namespaces=("ingress-nginx",),
+        ),
+    )
+    spec = netpol["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"finetune.gemma.dev/name": "demo"}}
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": "metrics"}, {"port": "tensorboard"}]
+    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "ops"
+    }
+    assert rule["from"][0]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "gemma-finetune-operator"
+    }
+    assert rule["from"][1]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "gemma-finetune-dashboard"
+    }
+    assert rule["from"][2] == {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
+    }
+    assert netpol["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid

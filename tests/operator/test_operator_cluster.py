@@ -20,6 +20,7 @@ from operator_process import (  # noqa: F401 (fixtures)
     get_gft,
     installed,
     operator,
+    operator_looked_again,
     running_operator,
     scratch,
     wait_phase,
@@ -158,6 +159,44 @@ INVALID = [
         ),
         "spec.env[0]",
     ),
+    # Issue 9: input the API used to admit, to fail later (or never).
+    ("queue-not-a-label-value", _bad(queueName="gpu queue!"), "spec.queueName"),
+    ("image-with-whitespace", _bad(image="ghcr.io/x/trainer: 1.0"), "spec.image"),
+    (
+        "tensorboard-image-with-whitespace",
+        _bad(tensorboard={"image": "tb latest"}),
+        "spec.tensorboard.image",
+    ),
+    (
+        "hub-token-in-env",
+        _bad(env=[{"name": "HF_TOKEN", "value": "hf_abc"}]),
+        "model.hfTokenSecretRef",
+    ),
+    (
+        "hub-token-in-env-from-a-secret",
+        _bad(
+            env=[
+                {
+                    "name": "HUGGING_FACE_HUB_TOKEN",
+                    "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}},
+                }
+            ]
+        ),
+        "spec.env[0].name",
+    ),
+    ("env-overrides-hf-home", _bad(env=[{"name": "HF_HOME", "value": "/tmp"}]), "spec.env[0].name"),
+    (
+        "env-twice",
+        _bad(env=[{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]),
+        "spec.env[1]",
+    ),
+    ("resume-from-outside", _bad(resumeFrom={"path": "runs/../../etc"}), "spec.resumeFrom.path"),
+    ("resume-from-absolute", _bad(resumeFrom={"path": "/etc/passwd"}), "spec.resumeFrom.path"),
+    (
+        "path-prefix-relative",
+        _bad(tensorboard={"pathPrefix": "tb"}),
+        "spec.tensorboard.pathPrefix",
+    ),
     ("unknown-field", _bad(learningRate=1e-4), "learningRate"),
     ("name-too-long", finetune(_LONG), "metadata.name"),
     ("name-not-dns-1035", finetune("1st-run"), "metadata.name"),
@@ -175,7 +214,7 @@ def test_invalid_manifests_are_refused_naming_the_field(installed, scratch, mani
     assert field in result.stderr, result.stderr
 
 
-def test_training_spec_is_immutable_but_suspend_ttl_and_ingress_are_not(installed, namespace):
+def test_the_spec_is_immutable_but_what_can_take_effect(installed, namespace):
     apply(installed, namespace, finetune("fixed", suspend=True))
     refused = {
         "spec.model": {"model": {"name": "google/gemma-3-1b-it"}},
@@ -187,6 +226,12 @@ def test_training_spec_is_immutable_but_suspend_ttl_and_ingress_are_not(installe
         "spec.queueName": {"queueName": "q"},
         "spec.tensorboard.enabled": {"tensorboard": {"enabled": False}},
         "spec.backoffLimit": {"backoffLimit": 9},
+        # Issue 9: these could be edited but never reached the running pod.
+        "spec.imagePullPolicy": {"imagePullPolicy": "Always"},
+        "spec.tensorboard.image": {"tensorboard": {"image": "tensorboard:2"}},
+        "spec.tensorboard.pathPrefix": {"tensorboard": {"pathPrefix": "/tb/"}},
+        "spec.resumeFrom": {"resumeFrom": {"path": "runs/x/adapter"}},
+        "spec.env": {"env": [{"name": "A", "value": "1"}]},
     }
     for field, patch in refused.items():
         result = installed.kubectl(
@@ -216,7 +261,10 @@ def test_training_spec_is_immutable_but_suspend_ttl_and_ingress_are_not(installe
                 "spec": {
                     "suspend": False,
                     "ttlSecondsAfterFinished": 60,
-                    "tensorboard": {"ingress": {"host": "tb.example.com"}},
+                    "tensorboard": {
+                        "ingress": {"host": "tb.example.com"},
+                        "keepAfterFinishSeconds": 60,
+                    },
                 }
             }
         ),
@@ -257,8 +305,13 @@ def test_children_and_a_run_to_success(operator, namespace):
     # kubectl get shows the phase from a field; each transition left an Event
     row = c.kubectl("get", "gft", "demo", "-n", namespace, "--no-headers").stdout
     assert "Succeeded" in row and "google/gemma-3-270m" in row and "lora" in row
-    reasons = [e["reason"] for e in events_of(c, namespace, "demo")]
-    assert "Completed" in reasons and len(reasons) >= 2, reasons
+    reasons = wait_for(
+        "the Completed event",
+        lambda: (
+            (r := [e["reason"] for e in events_of(c, namespace, "demo")]) and "Completed" in r and r
+        ),
+    )
+    assert len(reasons) >= 2, reasons
     assert f"{namespace}/demo: created Job demo" in operator.log()
 
 
@@ -420,7 +473,7 @@ def test_a_finished_run_is_not_restarted_when_its_job_goes(operator, namespace):
     apply(c, namespace, on_kwok("once"))
     wait_phase(c, namespace, "once", "Succeeded", timeout=60)
     c.kubectl("delete", "job", "once", "-n", namespace, "--wait=true")
-    time.sleep(8)  # more than two resync periods of the test operator
+    operator_looked_again(operator)
     assert c.kubectl("get", "job", "once", "-n", namespace, check=False).returncode != 0
     assert get_gft(c, namespace, "once")["status"]["phase"] == "Succeeded"
 

@@ -30,8 +30,8 @@ from runner_runs import (  # noqa: F401 (model_dir is a fixture)
     logs,
     model_dir,
     on_runner,
-    output_dir,
     resumed_step,
+    run_dir,
     running_pod,
     trainer_pids,
     wait_for_checkpoint,
@@ -48,7 +48,7 @@ def test_real_run_succeeds(running_operator, namespace, model_dir):
     assert status["completionTime"] and status["attempts"] == 1
     assert status["result"]["outcome"] == "Succeeded" and status["result"]["globalStep"] == 30
     assert status["lastCheckpoint"]["step"] == 30
-    out = output_dir(c, namespace, "real-output")
+    out = run_dir(c, namespace, "real")
     assert json.loads((out / "summary.json").read_text())["outcome"] == "Succeeded"
     assert "step 30/30" in logs(c, namespace, status["podName"])
 
@@ -77,7 +77,7 @@ def test_sigkilled_trainer_is_retried_and_resumes(running_operator, namespace, m
     c = running_operator.cluster
     apply(c, namespace, on_runner("crash", model_dir, max_steps=300))
     first = running_pod(c, namespace, "crash")
-    out = output_dir(c, namespace, "crash-output")
+    out = run_dir(c, namespace, "crash")
     step = wait_for_checkpoint(out)
     pids = wait_for("the trainer's process", lambda: trainer_pids(first))
     for pid in pids:
@@ -92,7 +92,7 @@ def test_eviction_is_not_counted(running_operator, namespace, model_dir):
     c = running_operator.cluster
     apply(c, namespace, on_runner("evict", model_dir, max_steps=300))
     first = running_pod(c, namespace, "evict")
-    out = output_dir(c, namespace, "evict-output")
+    out = run_dir(c, namespace, "evict")
     wait_for_checkpoint(out)
     eviction = {
         "apiVersion": "policy/v1",
@@ -130,7 +130,7 @@ def test_preemption_is_not_counted(running_operator, namespace, model_dir):
     )
     apply(c, namespace, on_runner("preempted", model_dir, max_steps=300, gpus=4))
     first = running_pod(c, namespace, "preempted")
-    wait_for_checkpoint(output_dir(c, namespace, "preempted-output"))
+    wait_for_checkpoint(run_dir(c, namespace, "preempted"))
     urgent = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -169,7 +169,7 @@ def test_suspend_checkpoints_and_resume_continues(running_operator, namespace, m
     c = running_operator.cluster
     apply(c, namespace, on_runner("pause", model_dir, max_steps=300))
     first = running_pod(c, namespace, "pause")
-    out = output_dir(c, namespace, "pause-output")
+    out = run_dir(c, namespace, "pause")
     wait_for_checkpoint(out)
     c.kubectl(
         "patch",
@@ -212,7 +212,7 @@ def test_delete_stops_gracefully_and_keeps_the_output(running_operator, namespac
     c = running_operator.cluster
     apply(c, namespace, on_runner("bye", model_dir, max_steps=100000))
     pod = running_pod(c, namespace, "bye")
-    out = output_dir(c, namespace, "bye-output")
+    out = run_dir(c, namespace, "bye")
     wait_for_checkpoint(out)
     c.kubectl("delete", "gft", "bye", "-n", namespace)
     wait_for(

@@ -69,7 +69,7 @@ def test_status_follows_the_trainer_within_one_interval(live_operator, namespace
     c = live_operator.cluster
     access = live_operator.access
     name = "live"
-    total = 120
+    total = 60
     manifest = on_runner(
         name,
         model_dir,
@@ -223,7 +223,7 @@ def tensorboard_after_the_run(c, namespace: str, name: str, status: dict, total:
     assert status["tensorboardURL"] == f"http://{name}.{namespace}.svc:6006/"
     scalars = (
         f"/api/v1/namespaces/{namespace}/services/{name}:tensorboard/proxy"
-        "/data/plugin/scalars/scalars?run=.&tag=train%2Floss"
+        f"/data/plugin/scalars/scalars?run={namespace}%2F{name}&tag=train%2Floss"
     )
 
     def loss_curve():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gft_api.contract import ExitCode, Outcome, TrainerSummary
-from gft_operator.status import Observed, decide
+from gft_operator.status import Observed, decide, should_create_job
 
 NOW = "2026-01-01T00:10:00Z"
 
@@ -31,6 +31,7 @@ def pod(
     deleting=False,
     init=None,
     reason=None,
+    node="gft-runner",
 ):
     meta = {"name": name, "creationTimestamp": created}
     if deleting:
@@ -42,7 +43,7 @@ def pod(
         status["initContainerStatuses"] = init
     if reason:
         status["reason"] = reason
-    return {"metadata": meta, "status": status}
+    return {"metadata": meta, "spec": {"nodeName": node} if node else {}, "status": status}
 
 
 def observe(job_=None, pods=(), events=(), old=None, suspend=False, queue=None, conflict=None):
@@ -54,7 +55,7 @@ def observe(job_=None, pods=(), events=(), old=None, suspend=False, queue=None, 
         job=job_,
         pods=list(pods),
         events=list(events),
-        job_conflict=conflict,
+        blocked=("JobConflict", conflict) if conflict else None,
     )
 
 
@@ -119,6 +120,36 @@ def test_succeeded_keeps_result_and_completion_time():
     # the Job is gone (TTL): the fine-tune stays Succeeded, no new transition
     after = decide(observe(None, [], old=s), "2026-01-02T00:00:00Z")
     assert after.status == s and after.transition is None
+
+
+def test_a_run_that_ended_between_two_metric_reads_still_shows_its_loss():
+    """The LOSS column after Succeeded: status.metrics filled from the trainer's summary where
+    the last live read left a gap; its final evaluation replaces a mid-run one."""
+    message = TrainerSummary(
+        outcome=Outcome.SUCCEEDED,
+        exit_code=0,
+        reason="Completed",
+        global_step=30,
+        train_loss=0.41,
+        eval_loss=0.52,
+        eval_token_accuracy=0.91,
+        tokens_per_second=64.0,
+    ).to_termination_message()
+    done = pod(
+        "demo-a", phase="Succeeded", trainer={"terminated": {"exitCode": 0, "message": message}}
+    )
+    j = job(("Complete", "", ""), succeeded=1)
+    never_read = decide(observe(j, [done]), NOW).status
+    assert never_read["metrics"] == {
+        "loss": 0.41,
+        "evalLoss": 0.52,
+        "evalTokenAccuracy": 0.91,
+        "tokensPerSecond": 64.0,
+    }
+    old = {"phase": "Running", "metrics": {"loss": 0.2, "evalLoss": 0.9, "gpuUtilization": 50.0}}
+    read = decide(observe(j, [done], old=old), NOW).status
+    assert read["metrics"]["loss"] == 0.2  # the last interval's loss, as read live
+    assert read["metrics"]["evalLoss"] == 0.52 and read["metrics"]["gpuUtilization"] == 50.0
 
 
 def test_non_retryable_exit_fails_with_the_trainers_message():
@@ -294,6 +325,33 @@ def test_pending_reasons_a_user_can_act_on():
     )
 
 
+def test_events_from_before_the_pod_was_placed_do_not_hide_why_it_is_stuck():
+    """The flaky test of issue 9: under load the output claim bound late, so the pod's first
+    event was a FailedScheduling; once placed, its FailedMount (the missing ConfigMap) is what
+    holds it, and the stale event must not win because it was listed first."""
+    placed = pod("demo-a", phase="Pending")
+    unbound = {
+        "reason": "FailedScheduling",
+        "involvedObject": {"kind": "Pod", "name": "demo-a"},
+        "lastTimestamp": "2026-01-01T00:00:01Z",
+        "message": "0/5 nodes are available: pod has unbound immediate PersistentVolumeClaims.",
+    }
+    mount = {
+        "reason": "FailedMount",
+        "involvedObject": {"kind": "Pod", "name": "demo-a"},
+        "lastTimestamp": "2026-01-01T00:00:09Z",
+        "message": 'MountVolume.SetUp failed: volume "dataset-configmap": configmap "records" '
+        "not found",
+    }
+    older_mount = {**mount, "lastTimestamp": "2026-01-01T00:00:05Z", "message": "claim not bound"}
+    s = decide(observe(job(active=1), [placed], [unbound, older_mount, mount]), NOW).status
+    assert (s["reason"], 'configmap "records"' in s["message"]) == ("ConfigMapNotFound", True)
+    # Before it is placed, the scheduler's word is the one that counts.
+    waiting = pod("demo-a", phase="Pending", node=None)
+    s = decide(observe(job(active=1), [waiting], [unbound, mount]), NOW).status
+    assert s["reason"] == "Unschedulable"
+
+
 def test_failed_create_surfaces_pod_security_and_quota():
     ev = {
         "reason": "FailedCreate",
@@ -412,3 +470,107 @@ def test_last_checkpoint_time_comes_from_the_reads_or_from_the_trainers_end():
     seen = {"step": 12, "time": "2026-01-01T00:09:30Z"}
     again = decide(observe(j, [ended], old={**first, "lastCheckpoint": seen}), NOW).status
     assert again["lastCheckpoint"]["time"] == "2026-01-01T00:09:30Z"  # as the reads saw it
+
+
+# ---------------------------------------------------------------------------------------------
+# Run safety (issue 9)
+# ---------------------------------------------------------------------------------------------
+def test_a_finished_run_stays_finished_whatever_its_job_does():
+    done = pod(
+        "demo-a",
+        phase="Succeeded",
+        trainer={
+            "terminated": {
+                "exitCode": 0,
+                "message": summary_message(
+                    0, "Completed", "trained 10 steps", step=10, outcome=Outcome.SUCCEEDED
+                ),
+            }
+        },
+    )
+    s = decide(observe(job(("Complete", "", ""), succeeded=1), [done]), NOW).status
+    assert s["phase"] == "Succeeded"
+    for later in (
+        observe(None, old=s),  # the Job is gone
+        observe(job(active=1), [pod("demo-b")], old=s),  # a Job of that name is live again
+        observe(job(), old=s, conflict="a Job named demo exists"),
+    ):
+        d = decide(later, "2026-01-02T00:00:00Z")
+        assert d.status == s and d.transition is None
+        assert not should_create_job(later)
+
+
+def test_no_new_job_while_a_trainer_of_the_run_is_still_stopping():
+    stopping = pod("demo-a", deleting=True, trainer={"running": {"startedAt": NOW}})
+    obs = observe(None, old={"phase": "Running", "jobName": "demo"})
+    obs.earlier_pods = [stopping]
+    d = decide(obs, NOW)
+    assert (d.status["phase"], d.status["reason"]) == ("Pending", "WaitingForPreviousTrainer")
+    assert "demo-a" in d.status["message"] and not should_create_job(obs)
+    stopped = pod(
+        "demo-a",
+        phase="Failed",
+        deleting=True,
+        trainer={
+            "terminated": {
+                "exitCode": 75,
+                "message": summary_message(
+                    75, "StoppedAfterCheckpoint", "stopped", 40, Outcome.STOPPED
+                ),
+            }
+        },
+    )
+    obs.earlier_pods = [stopped]
+    assert should_create_job(obs)
+    assert decide(obs, NOW).status["reason"] == "CreatingJob"
+
+
+def test_a_trainer_that_succeeded_ends_the_run_even_if_its_job_was_deleted():
+    done = pod(
+        "demo-a",
+        phase="Succeeded",
+        trainer={
+            "terminated": {
+                "exitCode": 0,
+                "message": summary_message(
+                    0, "Completed", "trained 20 steps", 20, Outcome.SUCCEEDED
+                ),
+            }
+        },
+    )
+    obs = observe(None, old={"phase": "Running", "jobName": "demo"})
+    obs.earlier_pods = [done]
+    d = decide(obs, NOW)
+    assert (d.status["phase"], d.status["reason"]) == ("Succeeded", "Completed")
+    assert d.status["result"]["globalStep"] == 20 and d.status["completionTime"] == NOW
+    assert not should_create_job(obs)
+
+
+def test_fields_of_a_newer_crd_are_reported_not_fatal():
+    running = pod("demo-a", trainer={"running": {"startedAt": NOW}})
+    obs = observe(job(active=1), [running])
+    obs.ignored_fields = ["spec.training.newKnob"]
+    d = decide(obs, NOW)
+    assert d.status["phase"] == "Running"
+    understood = conditions(d.status)["SpecUnderstood"]
+    assert (understood["status"], understood["reason"]) == ("False", "UnknownFields")
+    assert "spec.training.newKnob" in understood["message"]
+    assert [n.reason for n in d.notices] == ["UnknownFields"] and d.notices[0].type == "Warning"
+    again = decide(observe(job(active=1), [running], old=d.status), NOW)  # upgraded operator
+    assert "SpecUnderstood" not in conditions(again.status) and not again.notices
+    obs.old_status, obs.ignored_fields = d.status, ["spec.training.newKnob"]
+    assert not decide(obs, NOW).notices  # said once
+
+
+def test_a_spec_this_operator_cannot_use_creates_nothing_and_fails_nothing():
+    obs = observe(None)
+    obs.spec_error = "training.maxSteps: must be at least 1"
+    d = decide(obs, NOW)
+    assert (d.status["phase"], d.status["reason"]) == ("Pending", "InvalidSpec")
+    assert not should_create_job(obs)
+    running = pod("demo-a", trainer={"running": {"startedAt": NOW}})
+    obs = observe(job(active=1), [running])
+    obs.spec_error = "training.maxSteps: must be at least 1"
+    d = decide(obs, NOW)
+    assert d.status["phase"] == "Running"
+    assert conditions(d.status)["SpecUnderstood"]["reason"] == "InvalidSpec"

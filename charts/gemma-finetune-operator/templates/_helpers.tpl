@@ -1,0 +1,86 @@
+{{/* The operator's name: its Deployment, ServiceAccount, ClusterRole and Lease. */}}
+{{- define "gft.name" -}}
+gft-operator
+{{- end }}
+
+{{- define "gft.labels" -}}
+app.kubernetes.io/name: gemma-finetune-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{/* What selects the operator's pods (the PodMonitor and the PDB rely on the name label). */}}
+{{- define "gft.selectorLabels" -}}
+app.kubernetes.io/name: gemma-finetune-operator
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "gft.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The operator's permissions on the API it serves and the children it makes. */}}
+{{- define "gft.rules" -}}
+# The API it serves. finalizers: children carry an owner reference with blockOwnerDeletion,
+# which needs update on the owner's finalizers (OwnerReferencesPermissionEnforcement).
+- apiGroups: [finetune.gemma.dev]
+  resources: [gemmafinetunes]
+  verbs: [get, list, watch]
+- apiGroups: [finetune.gemma.dev]
+  resources: [gemmafinetunes/status]
+  verbs: [patch]
+- apiGroups: [finetune.gemma.dev]
+  resources: [gemmafinetunes/finalizers]
+  verbs: [update]
+# The Job: never updated (a live Job's template is fixed). patch: suspend, and taking its
+# outcome finalizer off; delete: ttlSecondsAfterFinished, applied by the operator once the
+# run's outcome is in the status.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
+# The other children; garbage collection removes them with the fine-tune.
+- apiGroups: [""]
+  resources: [configmaps, services, persistentvolumeclaims]
+  verbs: [get, create]
+- apiGroups: [networking.k8s.io]
+  resources: [ingresses]
+  verbs: [get, create, update, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create]
+# TensorBoard after the run, for spec.tensorboard.keepAfterFinishSeconds.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, create, delete]
+# Training pods: watched to explain the phase; patch: taking the outcome finalizer off once the
+# status holds what the pod says; delete: stopping a trainer whose Job was deleted under it.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch, patch, delete]
+{{- if eq .Values.metrics.access "proxy" }}
+# Reads the trainers' /metrics through the API server (metrics.access: proxy).
+- apiGroups: [""]
+  resources: [pods/proxy]
+  verbs: [get]
+{{- end }}
+# Why a pod is stuck (FailedScheduling, FailedMount, FailedCreate), and one Event per transition.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [list, create]
+{{- end }}
+
+{{/* The dashboard's labels: a name of its own, so no selector of the operator's matches it. */}}
+{{- define "gft.dashboardLabels" -}}
+app.kubernetes.io/name: gemma-finetune-dashboard
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "gft.dashboardSelectorLabels" -}}
+app.kubernetes.io/name: gemma-finetune-dashboard
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}

@@ -1,0 +1,1 @@
+"""gft-dashboard: watch and control GemmaFineTunes from a browser."""
