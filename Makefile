@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m proving_ground
 export PYTHONPATH := $(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast demo cluster-up cluster-down tools system-deps
+.PHONY: help venv lock lint test test-fast demo cluster-up cluster-down tools system-deps manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -35,13 +35,21 @@ $(VENV_STAMP): requirements.lock pyproject.toml | $(UV)
 
 venv: $(VENV_STAMP) ## the Python environment (operator, trainer, dev tools)
 
-lock: | $(UV) ## re-resolve requirements.lock from pyproject.toml
+IMAGE_LOCK := $(UV) pip compile -q pyproject.toml --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --generate-hashes
+
+lock: | $(UV) ## re-resolve the locks from pyproject.toml (dev venv, operator image, trainer image)
 	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
 		--python-version 3.11 -o requirements.lock
+	$(IMAGE_LOCK) --extra operator -o operator/requirements.lock
+	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets -o trainer-image/requirements.lock
 
-system-deps: ## Debian packages the proving ground needs (installed only when missing)
+manifests: venv tools ## render the CRD template from the API model, and manifests/ from the chart
+	$(PY) -m chart.render --write
+
+system-deps: ## Debian packages the tests need: the proving ground's, Prometheus, Chromium (only when missing)
 	@missing=""; for t in openssl:openssl ip:iproute2 unshare:util-linux \
-		prometheus:prometheus; do \
+		prometheus:prometheus chromium:chromium; do \
 		command -v $${t%%:*} >/dev/null || missing="$$missing $${t##*:}"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing; fi
 
@@ -59,11 +67,11 @@ test: venv tools ## set up everything and run the whole suite (what CI runs)
 test-fast: venv ## the suite without the slow end-to-end tests
 	$(VENV)/bin/pytest -m "not slow"
 
-cluster-up: venv tools ## start the proving ground; the last line printed is the kubeconfig path
+cluster-up: venv tools ## start the proving ground (or reuse a running one); the last line printed is the kubeconfig path
 	$(PG) up
 
 cluster-down: venv ## stop the proving ground and remove its state
 	$(PG) down
 
-demo: venv tools ## bring up the proving ground and show how to use it
+demo: venv tools ## fine-tune the real Gemma 3 270M through the operator on the proving ground (left up)
 	$(PG) demo

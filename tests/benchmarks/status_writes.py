@@ -2,7 +2,7 @@
 second, the real operator reading them all, and the API server's audit log counting its writes.
 
 The fine-tunes run on the proving ground's KWOK nodes (their pods are Running with addresses
-from 10.255.0.0/16). That range is routed into a network namespace this script makes, whose
+from 198.18.0.0/16). That range is routed into a network namespace this script makes, whose
 loopback owns the whole range; one process there (``proving_ground.fake_trainers``) answers as every
 pod's trainer, each pod's step advancing once a second. So the operator does exactly what it
 does in a cluster (reads each pod IP, patches each status) and no traffic leaves this machine.

@@ -11,6 +11,7 @@ build never leaves a half-written binary behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +28,16 @@ KWOK_VERSION = "0.7.0"
 MIN_GO = (1, 25)
 
 K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+# Peers the tests run against the chart: name -> (Go package, version). Each is cached on its own.
+TOOLS = {
+    "helm": ("helm.sh/helm/v4/cmd/helm", "4.3.2"),
+    "kube-score": ("github.com/zegl/kube-score/cmd/kube-score", "1.20.0"),
+}
+# Each tool's own version variable, so that `--version` says what was built.
+TOOL_VERSION_VARS = {
+    "helm": "helm.sh/helm/v4/internal/version.version",
+    "kube-score": "main.version",
+}
 ALL_BINARIES = (*K8S_COMMANDS, "etcd", "kwok")
 
 
@@ -175,8 +186,73 @@ def build_kwok(go: str, out_dir: Path, log: Path) -> None:
           f"sigs.k8s.io/kwok/cmd/kwok@v{KWOK_VERSION}"], out_dir, log, env)
 
 
+def tool(name: str) -> Path:
+    """Where the cached build of one of ``TOOLS`` lives."""
+    _, version = TOOLS[name]
+    return cache_root() / "bin" / "tools" / f"{name}-{version}" / name
+
+
+def build_tools(say=print) -> None:
+    """``go install`` whichever of ``TOOLS`` is not cached yet."""
+    for name, (package, version) in TOOLS.items():
+        target = tool(name)
+        if target.is_file():
+            continue
+        toolchain = find_go()
+        log = cache_root() / "logs" / f"build-{name}.log"
+        log.unlink(missing_ok=True)
+        say(f"building {name} v{version} with {toolchain.go} (first time only; log: {log})")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="gft-tool-", dir=target.parent.parent))
+        try:
+            env = _go_env()
+            env.update(GOBIN=str(staging), GOFLAGS="-buildvcs=false")
+            ldflags = f"-s -w -X {TOOL_VERSION_VARS[name]}=v{version}"
+            _run([toolchain.go, "install", "-trimpath", "-ldflags", ldflags,
+                  f"{package}@v{version}"], staging, log, env)
+            os.replace(staging / name, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+PORT_FORWARD_SOURCE = Path(__file__).resolve().parent / "portforward"
+
+
+def port_forward_binary() -> Path:
+    """The runner's port-forward helper, cached per version of its source."""
+    digest = hashlib.sha256()
+    for name in ("go.mod", "go.sum", "main.go"):
+        digest.update((PORT_FORWARD_SOURCE / name).read_bytes())
+    folder = f"gft-portforward-{digest.hexdigest()[:16]}"
+    return cache_root() / "bin" / "tools" / folder / "gft-portforward"
+
+
+def build_port_forward(say=print) -> Path:
+    """Build the port-forward helper (the kubelet's own streaming code) unless cached."""
+    target = port_forward_binary()
+    if target.is_file():
+        return target
+    toolchain = find_go()
+    log = cache_root() / "logs" / "build-gft-portforward.log"
+    log.unlink(missing_ok=True)
+    say(f"building the runner's port-forward helper with {toolchain.go} (log: {log})")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gft-portforward-", dir=target.parent.parent))
+    try:
+        for name in ("go.mod", "go.sum", "main.go"):
+            shutil.copy(PORT_FORWARD_SOURCE / name, work / name)
+        _run([toolchain.go, "build", "-trimpath", "-ldflags", "-s -w", "-o",
+              str(work / "gft-portforward"), "."], work, log, _go_env())
+        os.replace(work / "gft-portforward", target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
 def build(say=print) -> Path:
     """Build whatever is missing; return the folder holding all the binaries."""
+    build_tools(say)
+    build_port_forward(say)
     target = bin_dir()
     missing = missing_binaries()
     if not missing:

@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -47,10 +48,16 @@ SERVICE_CIDR = "10.96.0.0/16"
 # Fake pod IPs for KWOK's pods. Something may still try them (the operator reads the metrics
 # of every running pod, and the API server proxies to pod IPs), so the range gets an
 # `unreachable` route while the proving ground runs: a connect fails at once, on this machine.
-KWOK_POD_CIDR = "10.255.0.0/16"
+KWOK_POD_CIDR = "198.18.0.0/16"  # RFC 2544 benchmarking range: no resolver or host lives there
 POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
-STOP_ORDER = ("runner", "kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver",
-              "etcd")
+STOP_ORDER = (
+    "runner",
+    "kwok",
+    "kube-scheduler",
+    "kube-controller-manager",
+    "kube-apiserver",
+    "etcd",
+)
 
 
 class ClusterError(RuntimeError):
@@ -63,6 +70,17 @@ def default_state_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Pure decisions
+
+
+def nameservers(resolv_conf: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """This machine's DNS resolvers (IPv4): no range the proving ground routes may hold one,
+    or every lookup on the machine fails while it runs (package installs among them)."""
+    try:
+        text = resolv_conf.read_text()
+    except OSError:
+        return []
+    found = re.findall(r"^\s*nameserver\s+(\d+\.\d+\.\d+\.\d+)", text, re.MULTILINE)
+    return found
 
 
 def choose_pod_cidr(route_lines: list[str], taken: list[str] = ()) -> ipaddress.IPv4Network:
@@ -118,6 +136,8 @@ class Cluster:
     ports: dict[str, int]
     pids: dict[str, int] = field(default_factory=dict)
     runner_node: str = RUNNER_NODE
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    """How each component was started, so that a test can stop and start it again."""
 
     @property
     def kubeconfig(self) -> Path:
@@ -134,14 +154,17 @@ class Cluster:
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(self.kubeconfig), *args]
-        result = subprocess.run(cmd, input=input, capture_output=True, text=True,
-                                timeout=timeout, env=self.env)
+        result = subprocess.run(
+            cmd, input=input, capture_output=True, text=True, timeout=timeout, env=self.env
+        )
         if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, cmd, result.stdout,
-                                                result.stderr)
+            raise subprocess.CalledProcessError(
+                result.returncode, cmd, result.stdout, result.stderr
+            )
         return result
 
     def kubectl_json(self, *args: str) -> Any:
@@ -165,6 +188,24 @@ class Cluster:
 
     def alive(self) -> dict[str, bool]:
         return {name: _pid_alive(pid) for name, pid in self.pids.items()}
+
+    def stop_component(self, name: str) -> None:
+        """Stop one component (``kube-apiserver``, ``etcd``...) as a crash or an upgrade
+        would: SIGTERM, then SIGKILL after 10 s."""
+        _terminate(self.pids[name], grace=10)
+
+    def start_component(self, name: str) -> None:
+        """Start a stopped component again with the command it had, and wait until it
+        answers (etcd and kube-apiserver keep their data: the cluster carries on)."""
+        if _pid_alive(self.pids.get(name, 0)):
+            raise ClusterError(f"{name} is still running")
+        _spawn(self, name, self.commands[name])
+        checks = {
+            "etcd": lambda: _http_ok(f"http://127.0.0.1:{self.ports['etcd']}/health"),
+            "kube-apiserver": lambda: _https_ok(self, "/readyz"),
+        }
+        if name in checks:
+            _wait(name, checks[name], 90, self, name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -193,10 +234,19 @@ def _spawn(cluster: Cluster, name: str, cmd: list[str], env: dict[str, str] | No
     logs = cluster.state_dir / "logs"
     logs.mkdir(exist_ok=True)
     log = (logs / f"{name}.log").open("ab")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True, env=env or _clean_env(), cwd=cluster.state_dir)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        env=env or _clean_env(),
+        cwd=cluster.state_dir,
+    )
     log.close()
     cluster.pids[name] = proc.pid
+    if env is None:
+        cluster.commands[name] = cmd
     cluster.save()
 
 
@@ -242,11 +292,16 @@ def _http_ok(url: str) -> bool:
 
 def _routes() -> list[str]:
     try:
-        out = subprocess.run(["ip", "-4", "route", "show", "table", "all"], capture_output=True,
-                             text=True, check=True).stdout
+        out = subprocess.run(
+            ["ip", "-4", "route", "show", "table", "all"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise ClusterError(f"cannot read this machine's routes with `ip -4 route` ({e}); "
-                           "install iproute2") from e
+        raise ClusterError(
+            f"cannot read this machine's routes with `ip -4 route` ({e}); install iproute2"
+        ) from e
     return out.splitlines()
 
 
@@ -284,7 +339,9 @@ def _apiserver_cmd(c: Cluster) -> list[str]:
         f"--service-account-signing-key-file={p / 'sa.key'}",
         "--authorization-mode=Node,RBAC",
         "--enable-admission-plugins=NodeRestriction,PodSecurity,DefaultStorageClass,"
-        "ResourceQuota,Priority,ServiceAccount,NamespaceLifecycle,LimitRanger",
+        "ResourceQuota,Priority,ServiceAccount,NamespaceLifecycle,LimitRanger,"
+        # A child with blockOwnerDeletion needs update on its owner's finalizers.
+        "OwnerReferencesPermissionEnforcement",
         "--allow-privileged=true",
         "--profiling=false",
         f"--audit-log-path={c.state_dir / 'logs' / 'audit.log'}",
@@ -300,6 +357,8 @@ AUDIT_POLICY = {
     # Metadata for writes only: enough to count who changed what, cheap enough to keep on.
     "omitStages": ["RequestReceived"],
     "rules": [
+        # Everything the operator does, reads included: its RBAC is checked against this.
+        {"level": "Metadata", "users": ["system:serviceaccount:gft-system:gft-operator"]},
         {"level": "None", "verbs": ["get", "list", "watch"]},
         {"level": "None", "resources": [{"group": "coordination.k8s.io", "resources": ["leases"]}]},
         {"level": "Metadata"},
@@ -311,31 +370,47 @@ def _fake_nodes() -> list[dict]:
     nodes = []
     for name in (*KWOK_CPU_NODES, *KWOK_GPU_NODES):
         gpu = name in KWOK_GPU_NODES
-        labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                  "kubernetes.io/arch": "amd64", "type": "kwok"}
-        capacity = {"cpu": "32", "memory": "256Gi", "pods": "110",
-                    "ephemeral-storage": "500Gi"}
+        labels = {
+            "kubernetes.io/hostname": name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "type": "kwok",
+        }
+        capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "ephemeral-storage": "500Gi"}
         if gpu:
-            labels |= {"nvidia.com/gpu.present": "true",
-                       "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
-                       "nvidia.com/gpu.count": "8"}
+            labels |= {
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3",
+                "nvidia.com/gpu.count": "8",
+            }
             capacity["nvidia.com/gpu"] = "8"
-        nodes.append({
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": labels,
-                         "annotations": {"kwok.x-k8s.io/node": "fake",
-                                         "node.alpha.kubernetes.io/ttl": "0"}},
-            "spec": {},
-            "status": {"capacity": capacity, "allocatable": capacity},
-        })
+        nodes.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": labels,
+                    "annotations": {
+                        "kwok.x-k8s.io/node": "fake",
+                        "node.alpha.kubernetes.io/ttl": "0",
+                    },
+                },
+                "spec": {},
+                "status": {"capacity": capacity, "allocatable": capacity},
+            }
+        )
     return nodes
 
 
 BOOTSTRAP_OBJECTS: list[dict] = [
     {
-        "apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-        "metadata": {"name": "standard",
-                     "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {
+            "name": "standard",
+            "annotations": {"storageclass.kubernetes.io/is-default-class": "true"},
+        },
         "provisioner": "kubernetes.io/host-path",
         "reclaimPolicy": "Delete",
         "volumeBindingMode": "Immediate",
@@ -351,7 +426,9 @@ def _kwok_stages() -> list[dict]:
     ``gft.dev/kwok-keep-running`` stays Running until it is deleted.
     """
     now = "{{ $now := Now }}"
-    ready = now + """
+    ready = (
+        now
+        + """
 conditions:
 - {type: Initialized, status: "True", lastTransitionTime: {{ $now | Quote }}}
 - {type: Ready, status: "True", lastTransitionTime: {{ $now | Quote }}}
@@ -377,9 +454,12 @@ podIP: {{ PodIPWith .spec.nodeName false .metadata.uid .metadata.name .metadata.
 phase: Running
 startTime: {{ $now | Quote }}
 """
+    )
 
     def finished(exit_code: str, reason: str, phase: str) -> str:
-        return now + f"""
+        return (
+            now
+            + f"""
 conditions:
 - {{type: Ready, status: "False", reason: PodCompleted, lastTransitionTime: {{{{ $now | Quote }}}}}}
 - {{type: ContainersReady, status: "False", reason: PodCompleted,
@@ -392,6 +472,7 @@ containerStatuses:
 {{{{ end }}}}
 phase: {phase}
 """
+        )
 
     def stage(name: str, expressions: list[dict], nxt: dict, delay_ms: int = 0) -> dict:
         spec: dict[str, Any] = {
@@ -401,8 +482,12 @@ phase: {phase}
         }
         if delay_ms:
             spec["delay"] = {"durationMilliseconds": delay_ms}
-        return {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "Stage",
-                "metadata": {"name": name}, "spec": spec}
+        return {
+            "apiVersion": "kwok.x-k8s.io/v1alpha1",
+            "kind": "Stage",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
 
     alive = {"key": ".metadata.deletionTimestamp", "operator": "DoesNotExist"}
     running = {"key": ".status.phase", "operator": "In", "values": ["Running"]}
@@ -412,18 +497,34 @@ phase: {phase}
     exit_expr = '{{ index $.metadata.annotations "gft.dev/kwok-exit-code" }}'
     reason_expr = '{{ or (index $.metadata.annotations "gft.dev/kwok-reason") "Error" }}'
     return [
-        stage("pod-ready", [alive, {"key": ".status.podIP", "operator": "DoesNotExist"}],
-              {"statusTemplate": ready}),
-        stage("pod-fail-on-purpose",
-              [alive, running, {"key": fail_code, "operator": "Exists"}],
-              {"statusTemplate": finished(exit_expr, reason_expr, "Failed")},
-              delay_ms=500),
-        stage("pod-complete", [alive, running, job_owned,
-                               {"key": fail_code, "operator": "DoesNotExist"},
-                               {"key": keep_running, "operator": "DoesNotExist"}],
-              {"statusTemplate": finished("0", "Completed", "Succeeded")}, delay_ms=500),
-        stage("pod-delete", [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}],
-              {"finalizers": {"empty": True}, "delete": True}),
+        stage(
+            "pod-ready",
+            [alive, {"key": ".status.podIP", "operator": "DoesNotExist"}],
+            {"statusTemplate": ready},
+        ),
+        stage(
+            "pod-fail-on-purpose",
+            [alive, running, {"key": fail_code, "operator": "Exists"}],
+            {"statusTemplate": finished(exit_expr, reason_expr, "Failed")},
+            delay_ms=500,
+        ),
+        stage(
+            "pod-complete",
+            [
+                alive,
+                running,
+                job_owned,
+                {"key": fail_code, "operator": "DoesNotExist"},
+                {"key": keep_running, "operator": "DoesNotExist"},
+            ],
+            {"statusTemplate": finished("0", "Completed", "Succeeded")},
+            delay_ms=500,
+        ),
+        stage(
+            "pod-delete",
+            [{"key": ".metadata.deletionTimestamp", "operator": "Exists"}],
+            {"finalizers": {"empty": True}, "delete": True},
+        ),
     ]
 
 
@@ -444,23 +545,41 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
     t0 = time.monotonic()
     bin_dir = build.build(say=say)
     _check_netns_permitted()
-    pod_net = choose_pod_cidr(_routes())
+    kwok_range = ipaddress.ip_network(KWOK_POD_CIDR)
+    hidden = [ns for ns in nameservers() if ipaddress.ip_address(ns) in kwok_range]
+    if hidden:
+        raise ClusterError(
+            f"this machine's DNS resolver {hidden[0]} (/etc/resolv.conf) is inside KWOK's pod "
+            f"range {KWOK_POD_CIDR}, which the proving ground routes as unreachable: every "
+            "lookup would fail while it runs; change KWOK_POD_CIDR in tests/proving_ground"
+        )
+    pod_net = choose_pod_cidr(_routes(), [f"{ns}/32" for ns in nameservers()])
     node_ip = str(next(pod_net.hosts()))
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(exist_ok=True)
-    ports = {name: free_port() for name in
-             ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")}
-    cluster = Cluster(state_dir=state_dir, bin_dir=bin_dir,
-                      server=f"https://127.0.0.1:{ports['apiserver']}", node_ip=node_ip,
-                      pod_cidr=str(pod_net), bridge=bridge_name(state_dir), ports=ports)
+    ports = {
+        name: free_port()
+        for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
+    }
+    cluster = Cluster(
+        state_dir=state_dir,
+        bin_dir=bin_dir,
+        server=f"https://127.0.0.1:{ports['apiserver']}",
+        node_ip=node_ip,
+        pod_cidr=str(pod_net),
+        bridge=bridge_name(state_dir),
+        ports=ports,
+    )
     cluster.save()
     try:
         _start_processes(cluster, runner)
     except BaseException:
         stop(state_dir, say=lambda *_: None)
         raise
-    say(f"proving ground up in {time.monotonic() - t0:.1f}s: {cluster.server}, "
-        f"runner node {RUNNER_NODE} on {cluster.pod_cidr}")
+    say(
+        f"proving ground up in {time.monotonic() - t0:.1f}s: {cluster.server}, "
+        f"runner node {RUNNER_NODE} on {cluster.pod_cidr}"
+    )
     return cluster
 
 
@@ -470,70 +589,121 @@ def _start_processes(c: Cluster, runner: bool) -> None:
     (c.state_dir / "audit-policy.yaml").write_text(yaml.safe_dump(AUDIT_POLICY))
     pki.write_kubeconfig(c.kubeconfig, c.server, pki_dir, "admin", "kubernetes-admin")
     for component in ("controller-manager", "scheduler"):
-        pki.write_kubeconfig(c.state_dir / f"{component}.kubeconfig", c.server, pki_dir,
-                             component, f"system:kube-{component}")
+        pki.write_kubeconfig(
+            c.state_dir / f"{component}.kubeconfig",
+            c.server,
+            pki_dir,
+            component,
+            f"system:kube-{component}",
+        )
 
-    _spawn(c, "etcd", [
-        str(c.bin_dir / "etcd"), "--name=gft", f"--data-dir={c.state_dir / 'etcd'}",
-        f"--listen-client-urls=http://127.0.0.1:{c.ports['etcd']}",
-        f"--advertise-client-urls=http://127.0.0.1:{c.ports['etcd']}",
-        f"--listen-peer-urls=http://127.0.0.1:{c.ports['etcd-peer']}",
-        f"--initial-advertise-peer-urls=http://127.0.0.1:{c.ports['etcd-peer']}",
-        f"--initial-cluster=gft=http://127.0.0.1:{c.ports['etcd-peer']}",
-        # A throwaway cluster: durability is not worth an fsync per write.
-        "--unsafe-no-fsync", "--log-level=warn",
-    ])
+    _spawn(
+        c,
+        "etcd",
+        [
+            str(c.bin_dir / "etcd"),
+            "--name=gft",
+            f"--data-dir={c.state_dir / 'etcd'}",
+            f"--listen-client-urls=http://127.0.0.1:{c.ports['etcd']}",
+            f"--advertise-client-urls=http://127.0.0.1:{c.ports['etcd']}",
+            f"--listen-peer-urls=http://127.0.0.1:{c.ports['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{c.ports['etcd-peer']}",
+            f"--initial-cluster=gft=http://127.0.0.1:{c.ports['etcd-peer']}",
+            # A throwaway cluster: durability is not worth an fsync per write.
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ],
+    )
     _wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{c.ports['etcd']}/health"), 30, c, "etcd")
     _spawn(c, "kube-apiserver", _apiserver_cmd(c))
     _wait("kube-apiserver", lambda: _https_ok(c, "/readyz"), 90, c, "kube-apiserver")
 
-    common = [f"--authentication-kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
-              f"--authorization-kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
-              "--bind-address=127.0.0.1", "--leader-elect=false"]
-    _spawn(c, "kube-controller-manager", [
-        str(c.bin_dir / "kube-controller-manager"),
-        f"--kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}", *common,
-        f"--secure-port={c.ports['controller-manager']}",
-        f"--service-account-private-key-file={pki_dir / 'sa.key'}",
-        f"--root-ca-file={pki_dir / 'ca.crt'}",
-        f"--cluster-signing-cert-file={pki_dir / 'ca.crt'}",
-        f"--cluster-signing-key-file={pki_dir / 'ca.key'}",
-        "--use-service-account-credentials=true",
-        "--controllers=*,bootstrapsigner,tokencleaner",
-        "--enable-hostpath-provisioner=true",
-        f"--service-cluster-ip-range={SERVICE_CIDR}",
-    ])
-    sched_common = [a.replace("controller-manager.kubeconfig", "scheduler.kubeconfig")
-                    for a in common]
-    _spawn(c, "kube-scheduler", [
-        str(c.bin_dir / "kube-scheduler"),
-        f"--kubeconfig={c.state_dir / 'scheduler.kubeconfig'}", *sched_common,
-        f"--secure-port={c.ports['scheduler']}",
-    ])
+    common = [
+        f"--authentication-kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
+        f"--authorization-kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
+        "--bind-address=127.0.0.1",
+        "--leader-elect=false",
+    ]
+    _spawn(
+        c,
+        "kube-controller-manager",
+        [
+            str(c.bin_dir / "kube-controller-manager"),
+            f"--kubeconfig={c.state_dir / 'controller-manager.kubeconfig'}",
+            *common,
+            f"--secure-port={c.ports['controller-manager']}",
+            f"--service-account-private-key-file={pki_dir / 'sa.key'}",
+            f"--root-ca-file={pki_dir / 'ca.crt'}",
+            f"--cluster-signing-cert-file={pki_dir / 'ca.crt'}",
+            f"--cluster-signing-key-file={pki_dir / 'ca.key'}",
+            "--use-service-account-credentials=true",
+            "--controllers=*,bootstrapsigner,tokencleaner",
+            "--enable-hostpath-provisioner=true",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+        ],
+    )
+    sched_common = [
+        a.replace("controller-manager.kubeconfig", "scheduler.kubeconfig") for a in common
+    ]
+    _spawn(
+        c,
+        "kube-scheduler",
+        [
+            str(c.bin_dir / "kube-scheduler"),
+            f"--kubeconfig={c.state_dir / 'scheduler.kubeconfig'}",
+            *sched_common,
+            f"--secure-port={c.ports['scheduler']}",
+        ],
+    )
 
-    subprocess.run(["ip", "route", "replace", "unreachable", KWOK_POD_CIDR], check=True,
-                   capture_output=True)
+    subprocess.run(
+        ["ip", "route", "replace", "unreachable", KWOK_POD_CIDR], check=True, capture_output=True
+    )
     stages = c.state_dir / "kwok.yaml"
     kwok_config = {
-        "apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
-        "options": {"manageAllNodes": False,
-                    "manageNodesWithAnnotationSelector": "kwok.x-k8s.io/node=fake",
-                    "cidr": KWOK_POD_CIDR, "nodeIP": "10.255.255.254",
-                    "serverAddress": f"127.0.0.1:{c.ports['kwok']}",
-                    "nodeLeaseDurationSeconds": 40},
+        "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+        "kind": "KwokConfiguration",
+        "options": {
+            "manageAllNodes": False,
+            "manageNodesWithAnnotationSelector": "kwok.x-k8s.io/node=fake",
+            "cidr": KWOK_POD_CIDR,
+            "nodeIP": "198.18.255.254",
+            "serverAddress": f"127.0.0.1:{c.ports['kwok']}",
+            "nodeLeaseDurationSeconds": 40,
+        },
     }
     stages.write_text(yaml.safe_dump_all([kwok_config, *_kwok_stages()], sort_keys=False))
-    _spawn(c, "kwok", [str(c.bin_dir / "kwok"), f"--kubeconfig={c.kubeconfig}",
-                       f"--config={stages}"])
+    _spawn(
+        c, "kwok", [str(c.bin_dir / "kwok"), f"--kubeconfig={c.kubeconfig}", f"--config={stages}"]
+    )
 
     if runner:
         runner_env = _clean_env()
         runner_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-        _spawn(c, "runner", [
-            sys.executable, "-m", "proving_ground.runner", "--kubeconfig", str(c.kubeconfig),
-            "--node-name", RUNNER_NODE, "--node-ip", c.node_ip, "--pod-cidr", c.pod_cidr,
-            "--bridge", c.bridge, "--state-dir", str(c.state_dir / "runner"),
-        ], env=runner_env)
+        _spawn(
+            c,
+            "runner",
+            [
+                sys.executable,
+                "-m",
+                "proving_ground.runner",
+                "--kubeconfig",
+                str(c.kubeconfig),
+                "--node-name",
+                RUNNER_NODE,
+                "--node-ip",
+                c.node_ip,
+                "--pod-cidr",
+                c.pod_cidr,
+                "--bridge",
+                c.bridge,
+                "--state-dir",
+                str(c.state_dir / "runner"),
+                "--port-forward",
+                str(build.port_forward_binary()),
+            ],
+            env=runner_env,
+        )
 
     objects = [*BOOTSTRAP_OBJECTS, *_fake_nodes()]
     c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
@@ -543,16 +713,22 @@ def _start_processes(c: Cluster, runner: bool) -> None:
             nodes = c.kubectl_json("get", "nodes")["items"]
         except (subprocess.SubprocessError, ValueError):
             return False
-        ready = {n["metadata"]["name"] for n in nodes
-                 if any(cond["type"] == "Ready" and cond["status"] == "True"
-                        for cond in n.get("status", {}).get("conditions", []))}
+        ready = {
+            n["metadata"]["name"]
+            for n in nodes
+            if any(
+                cond["type"] == "Ready" and cond["status"] == "True"
+                for cond in n.get("status", {}).get("conditions", [])
+            )
+        }
         want = {*KWOK_CPU_NODES, *KWOK_GPU_NODES} | ({RUNNER_NODE} if runner else set())
         sa = c.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
         return want <= ready and sa.returncode == 0
 
     # If the runner dies (say, its range was taken meanwhile), its log is what explains it.
-    _wait("nodes Ready and the default ServiceAccount", settled, 60, c,
-          "runner" if runner else None)
+    _wait(
+        "nodes Ready and the default ServiceAccount", settled, 60, c, "runner" if runner else None
+    )
     for name in ("kube-controller-manager", "kube-scheduler", "kwok", "runner"):
         if name in c.pids and not _pid_alive(c.pids[name]):
             _wait(name, lambda: False, 0, c, name)
@@ -595,6 +771,10 @@ def stop(state_dir: Path | None = None, say=print) -> None:
         say(f"no proving ground at {state_dir}")
         return
     volumes = _hostpath_volumes(cluster) if cluster.alive().get("kube-apiserver") else []
+    forwards = state_dir / "demo-port-forward.pid"  # the demo's port-forwards, left running
+    for pid in (int(x) for x in (forwards.read_text().split() if forwards.exists() else [])):
+        if _pid_alive(pid):
+            _terminate(pid, grace=5)
     for name in STOP_ORDER:
         pid = cluster.pids.get(name)
         if pid and _pid_alive(pid):
@@ -607,10 +787,26 @@ def stop(state_dir: Path | None = None, say=print) -> None:
     say(f"proving ground at {state_dir} stopped")
 
 
+def _other_control_planes(c: Cluster) -> bool:
+    """Whether another proving ground's API server runs on this machine."""
+    ours = str(c.state_dir)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if "kube-apiserver" in cmdline.split("\0", 1)[0] and ours not in cmdline:
+            return True
+    return False
+
+
 def _remove_network_leftovers(c: Cluster) -> None:
     """The runner removes its bridge and namespaces on exit; this catches a crashed runner."""
     subprocess.run(["ip", "link", "del", c.bridge], capture_output=True)
-    subprocess.run(["ip", "route", "del", "unreachable", KWOK_POD_CIDR], capture_output=True)
+    if not _other_control_planes(c):  # the KWOK range's route is shared by every proving ground
+        subprocess.run(["ip", "route", "del", "unreachable", KWOK_POD_CIDR], capture_output=True)
     marker = c.state_dir / "runner" / "netns.txt"
     if marker.exists():
         for ns in marker.read_text().split():
@@ -621,11 +817,29 @@ def _remove_network_leftovers(c: Cluster) -> None:
 # Command line
 
 
+def ensure_up(state_dir: Path, say=print) -> Cluster:
+    """The proving ground, reusing one that is fully running; one half-dead (a component
+    stopped, or a machine restarted under it) is replaced."""
+    existing = Cluster.load(state_dir)
+    if existing is not None:
+        alive = existing.alive()
+        if (
+            all(alive.values())
+            and existing.kubectl("get", "--raw", "/readyz", check=False).returncode == 0
+        ):
+            say(f"reusing the proving ground running from {state_dir}")
+            return existing
+        stopped = ", ".join(n for n, up in alive.items() if not up) or "the API server"
+        say(f"the proving ground at {state_dir} is not healthy ({stopped} down): restarting it")
+        stop(state_dir, say=lambda *_: None)
+    return start(state_dir, say=say)
+
+
 def cli(command: str) -> int:
     state_dir = default_state_dir()
     try:
         if command == "up":
-            cluster = start(state_dir)
+            cluster = ensure_up(state_dir)
             print(f"kubectl: {cluster.bin_dir / 'kubectl'}")
             print(f"logs:    {cluster.state_dir / 'logs'}")
             print(cluster.kubeconfig)
@@ -640,29 +854,10 @@ def cli(command: str) -> int:
                 print(f"{name:24s} {'running' if up else 'STOPPED'} (pid {cluster.pids[name]})")
             print(cluster.kubeconfig)
         elif command == "demo":
-            return demo(state_dir)
+            from proving_ground import demo
+
+            return demo.main()
     except ClusterError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
-
-
-def demo(state_dir: Path) -> int:
-    cluster = Cluster.load(state_dir)
-    if cluster is None or not all(cluster.alive().values()):
-        cluster = start(state_dir)
-    print(cluster.kubectl("get", "nodes", "-o", "wide").stdout)
-    kubectl = cluster.bin_dir / "kubectl"
-    print(f"""The proving ground is up. Use it the way you would use any cluster:
-
-  export KUBECONFIG={cluster.kubeconfig}
-  export PATH={cluster.bin_dir}:$PATH
-  kubectl get nodes                          # {RUNNER_NODE} runs pods for real; kwok-* are fake
-  kubectl get --raw /version
-
-Pods meant to really run here select the runner and tolerate its taint:
-  nodeSelector: {{gft.dev/runner: "true"}}
-  tolerations: [{{key: gft.dev/runner, operator: Exists, effect: NoSchedule}}]
-
-Stop it with `make cluster-down`. ({kubectl})""")
     return 0

@@ -4,6 +4,9 @@ A log file holds one line per line of output: ``<RFC 3339 nano timestamp> <strea
 The server answers ``GET /containerLogs/{namespace}/{pod}/{container}`` with the kubelet's query
 parameters (follow, tailLines, limitBytes, timestamps, sinceSeconds, sinceTime, previous) over
 HTTPS with a self-signed certificate, which is what the API server calls for ``kubectl logs``.
+``/portForward/{namespace}/{pod}`` (``kubectl port-forward``) is handed, bytes as they are, to
+the ``gft-portforward`` helper (the kubelet's own port-forward code, built from the Go module
+proxy) over a Unix socket, with the pod's IP in a header.
 It does not authenticate the API server (kube-apiserver presents a client certificate; the
 runner does not check it), so it listens on the node's bridge address only.
 """
@@ -12,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import socket
 import ssl
 import subprocess
 import threading
@@ -137,13 +142,40 @@ def make_cert(directory: Path, node_ip: str, node_name: str) -> tuple[Path, Path
     return crt, key
 
 
-def serve(node_ip: str, port: int, cert_dir: Path, node_name: str, lookup) -> ThreadingHTTPServer:
+def relay(client: ssl.SSLSocket, upstream: socket.socket) -> None:
+    """Copy bytes both ways until either side closes. One thread does both directions: an
+    SSL socket must not be read and written from two threads at once."""
+    for sock in (client, upstream):
+        sock.settimeout(None)
+    while True:
+        ready = [client] if client.pending() else select.select([client, upstream], [], [])[0]
+        for sock in ready:
+            try:
+                data = sock.recv(65536)
+            except ssl.SSLWantReadError:
+                continue
+            if not data:
+                return
+            (upstream if sock is client else client).sendall(data)
+
+
+def serve(
+    node_ip: str,
+    port: int,
+    cert_dir: Path,
+    node_name: str,
+    lookup,
+    pod_ip=None,
+    port_forward_socket: Path | None = None,
+) -> ThreadingHTTPServer:
     """Start the HTTPS log server in a thread. ``lookup(ns, pod, container, previous)`` returns a
-    LogSource or raises LogRequestError."""
+    LogSource or raises LogRequestError; ``pod_ip(ns, pod)`` returns a running pod's IP or
+    raises LogRequestError."""
     crt, key = make_cert(cert_dir, node_ip, node_name)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
+        rbufsize = 0  # unbuffered: a port-forward relay must not leave bytes in a buffer
 
         def log_message(self, fmt, *args):  # quieter than the default
             log.debug("log server: " + fmt, *args)
@@ -156,15 +188,21 @@ def serve(node_ip: str, port: int, cert_dir: Path, node_name: str, lookup) -> Th
             self.end_headers()
             self.wfile.write(body)
 
+        def do_POST(self):  # SPDY port-forward upgrades are POSTs
+            self.do_GET()
+
         def do_GET(self):
             url = urllib.parse.urlsplit(self.path)
             if url.path in ("/healthz", "/healthz/ping"):
                 return self._error(200, "ok")
             parts = url.path.strip("/").split("/")
+            if parts[0] == "portForward" and len(parts) in (3, 4):
+                return self._port_forward(parts[1], parts[2])
             if len(parts) != 4 or parts[0] != "containerLogs":
                 return self._error(
                     404,
-                    f"not found: {url.path} (this runner serves only /containerLogs and /healthz)",
+                    f"not found: {url.path} (this runner serves /containerLogs, /portForward "
+                    "and /healthz)",
                 )
             q = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
             try:
@@ -173,6 +211,31 @@ def serve(node_ip: str, port: int, cert_dir: Path, node_name: str, lookup) -> Th
                 self._error(e.status, str(e))
             except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
                 pass
+
+        def _port_forward(self, ns: str, pod: str) -> None:
+            if pod_ip is None or port_forward_socket is None:
+                return self._error(501, "this runner has no port-forward helper")
+            try:
+                ip = pod_ip(ns, pod)
+            except LogRequestError as e:
+                return self._error(e.status, str(e))
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                upstream.connect(str(port_forward_socket))
+            except OSError as e:
+                upstream.close()
+                return self._error(503, f"port-forward helper at {port_forward_socket}: {e}")
+            head = [f"{self.command} {self.path} HTTP/1.1"]
+            head += [f"{k}: {v}" for k, v in self.headers.items() if k.lower() != "x-gft-pod-ip"]
+            head.append(f"X-Gft-Pod-Ip: {ip}")
+            try:
+                upstream.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                relay(self.connection, upstream)
+            except OSError:
+                pass  # either side went away: the stream is over
+            finally:
+                upstream.close()
+                self.close_connection = True
 
         def _logs(self, ns: str, pod: str, container: str, q: dict) -> None:
             truthy = ("true", "1", "True")

@@ -398,6 +398,7 @@ class ContainerRecord:
     restart_count: int = 0
     last_state: dict | None = None
     ever_started: bool = False
+    probe_ready: bool = True  # False until a readiness probe passes (no probe: ready)
 
     def waiting(self, reason: str, message: str = "") -> None:
         self.state, self.reason, self.message = "waiting", reason, message
@@ -435,7 +436,7 @@ class ContainerRecord:
             "imageID": self.image,
             "state": state,
             "lastState": {"terminated": self.last_state} if self.last_state else {},
-            "ready": running,
+            "ready": running and self.probe_ready,
             "restartCount": self.restart_count,
             "started": running,
         }
@@ -499,6 +500,22 @@ def terminal_phase(records: list[ContainerRecord]) -> str:
     return "Succeeded" if ok else "Failed"
 
 
+def probe_target(probe: dict, container: dict) -> tuple[str, int, str] | None:
+    """``("http", port, path)`` or ``("tcp", port, "")`` for a probe, named ports resolved from
+    the container's ports; ``None`` for a probe this runner does not run (exec, grpc)."""
+    kind = "http" if "httpGet" in probe else "tcp" if "tcpSocket" in probe else None
+    if kind is None:
+        return None
+    action = probe["httpGet" if kind == "http" else "tcpSocket"]
+    port = action.get("port")
+    if isinstance(port, str) and not port.isdigit():
+        named = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+        port = named.get(port)
+    if port is None:
+        return None
+    return kind, int(port), action.get("path", "/") if kind == "http" else ""
+
+
 def build_pod_status(
     pod: dict,
     records: list[ContainerRecord],
@@ -517,7 +534,7 @@ def build_pod_status(
     phase = pod_phase(records, initialized, terminal)
     mains = [r for r in records if r.kind == "main"]
     sidecars = [r for r in records if r.kind == "sidecar"]
-    unready = [r.name for r in [*sidecars, *mains] if r.state != "running"]
+    unready = [r.name for r in [*sidecars, *mains] if r.state != "running" or not r.probe_ready]
     if terminal:
         ready, ready_reason, ready_msg = False, "PodCompleted", ""
     else:

@@ -63,8 +63,9 @@ What it does not do
 - Mount points missing on this machine are created on its file system (empty folders or files,
   e.g. ``/dev/termination-log``, ``/var/run/secrets/...``), since containers share the host's
   root file system; programs see the rest of this machine's files.
-- No probes (liveness/readiness/startup: a running container is ready), no lifecycle hooks, no
-  ephemeral containers, no ``kubectl exec``/``attach``/``port-forward``, no service environment
+- Readiness probes (httpGet, tcpSocket) only: no liveness or startup probes, no lifecycle hooks, no
+  ephemeral containers, no ``kubectl exec``/``attach`` (``port-forward`` works: the kubelet's own
+  code in a helper, see ``portforward/``), no service environment
   variables, no DNS (a pod's /etc/resolv.conf names only its own loopback, so lookups fail
   fast; /etc/hosts maps the pod's hostname to its IP), no in-place resize; ConfigMap/Secret
   volumes and tokens are written once, not refreshed.
@@ -534,6 +535,12 @@ class PodWorker(threading.Thread):
             return True
         hostname = (self.pod["spec"].get("hostname") or self.name)[:63]
         env = {"PATH": self.runner.path, "HOME": str(self.home), "HOSTNAME": hostname}
+        # As the kubelet does for every container (enableServiceLinks or not): where the API
+        # server is. Without kube-proxy, that is the runner's forwarder on the node address.
+        if self.runner.api_port:
+            env["KUBERNETES_SERVICE_HOST"] = self.runner.node_ip
+            env["KUBERNETES_SERVICE_PORT"] = str(self.runner.api_port)
+            env["KUBERNETES_SERVICE_PORT_HTTPS"] = str(self.runner.api_port)
         if os.environ.get("LANG"):
             env["LANG"] = os.environ["LANG"]
         env.update(cenv)
@@ -604,10 +611,53 @@ class PodWorker(threading.Thread):
         r.started_at, r.finished_at = now_iso(), None
         r.container_id = f"runner://{popen.pid}"
         r.ever_started = True
+        r.probe_ready = self._start_readiness_probe(c, popen)
         self.say("started container %s (pid %d): %s", name, popen.pid, " ".join(argv)[:200])
         self.event("Started", f"Started container {name} (pid {popen.pid})", name)
         self.push_status()
         return True
+
+    def _start_readiness_probe(self, c: dict, popen: subprocess.Popen) -> bool:
+        """Probe the container's readinessProbe (httpGet, tcpSocket) from the node, as the
+        kubelet does, until the process ends; return whether it starts out ready."""
+        probe = c.get("readinessProbe") or {}
+        target = podspec.probe_target(probe, c) if probe else None
+        if target is None or not self.pod_ip:
+            return True
+        kind, port, path = target
+        url = f"http://{self.pod_ip}:{port}{path}"
+        period = float(probe.get("periodSeconds", 10))
+        timeout = float(probe.get("timeoutSeconds", 1))
+        first = float(probe.get("initialDelaySeconds", 0))
+        record = self.records[c["name"]]
+
+        def passes() -> bool:
+            try:
+                if kind == "tcp":
+                    import socket
+
+                    socket.create_connection((self.pod_ip, port), timeout=timeout).close()
+                    return True
+                import urllib.request
+
+                with urllib.request.urlopen(url, timeout=timeout) as r:
+                    return 200 <= r.status < 400
+            except OSError:
+                return False
+
+        def loop() -> None:
+            # Until ready, probe every half second (a kubelet probes every period; the quicker
+            # first success only makes the runner's pods ready sooner, never wrongly).
+            time.sleep(first)
+            while popen.poll() is None and not self.gone:
+                ok = passes()
+                if ok != record.probe_ready and popen.poll() is None:
+                    record.probe_ready = ok
+                    self.push_status()
+                time.sleep(period if ok else 0.5)
+
+        threading.Thread(target=loop, daemon=True, name=f"probe-{c['name']}").start()
+        return False
 
     def _etc_mounts(self, hostname: str, mounts: list[dict]) -> list[dict]:
         """A pod-managed /etc/hosts (its hostname on its IP, as the kubelet writes it) and an
@@ -653,7 +703,7 @@ class PodWorker(threading.Thread):
         r.finished_at = now_iso()
         r.reason = podspec.exit_reason(code)
         message = ""
-        if p.fail_file.exists():
+        if p.fail_file.exists() and p.fail_file.stat().st_size:
             r.reason = "StartError"
             message = p.fail_file.read_text(errors="replace")
         else:
@@ -969,6 +1019,7 @@ class Runner:
         self.pod_cidr = args.pod_cidr
         self.state_dir = Path(args.state_dir).resolve()
         self.kubelet_port = args.kubelet_port
+        self.port_forward = args.port_forward
         self.api = Api(args.kubeconfig)
         self.network = Network(
             args.bridge, args.node_ip, args.pod_cidr, str(self.state_dir / "netns.txt")
@@ -980,6 +1031,7 @@ class Runner:
         self.deleting: set[str] = set()
         self.node_uid = ""
         self.port = 0
+        self.api_port = 0  # the API server forwarder on the node address
         bindir = os.path.dirname(sys.executable)
         path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         self.path = path if bindir in path.split(os.pathsep) else f"{bindir}{os.pathsep}{path}"
@@ -1008,15 +1060,22 @@ class Runner:
             self.network.teardown()
             return 2
         try:
+            socket_path = self._start_port_forward()
             server = serve(
                 self.node_ip,
                 self.kubelet_port,
                 self.state_dir / "pki",
                 self.node_name,
                 self.log_lookup,
+                self.pod_ip_lookup,
+                socket_path,
             )
             self.port = server.server_address[1]
             log.info("log server listening on https://%s:%d", self.node_ip, self.port)
+            self.api_port = forward_api_server(self.node_ip, self.api.host)
+            log.info(
+                "API server forwarded at %s:%d for in-cluster clients", self.node_ip, self.api_port
+            )
             self.register_node()
             threading.Thread(target=self._lease_loop, daemon=True, name="lease").start()
             threading.Thread(target=self._node_status_loop, daemon=True, name="node").start()
@@ -1414,17 +1473,93 @@ class Runner:
             if e.status not in (404, 409):
                 log.warning("pod %s: delete failed: %s", pod_key(pod), e)
 
-    # -- logs -----------------------------------------------------------------------------------
+    # -- logs and port-forward ------------------------------------------------------------------
 
-    def log_lookup(self, ns: str, pod: str, container: str, previous: bool) -> LogSource:
+    def _start_port_forward(self) -> Path | None:
+        """Start the port-forward helper (ended with the runner: it dies with its parent)."""
+        if not self.port_forward:
+            log.info("no port-forward helper: kubectl port-forward will be refused")
+            return None
+        socket_path = self.state_dir / "portforward.sock"
+        helper = subprocess.Popen(
+            [self.port_forward, "--socket", str(socket_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.state_dir / "portforward.log", "ab"),  # noqa: SIM115
+            preexec_fn=_die_with_parent,
+        )
+        deadline = time.monotonic() + 10
+        while not socket_path.exists() and helper.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log.info("port-forward helper (pid %d) on %s", helper.pid, socket_path)
+        return socket_path
+
+    def _worker(self, ns: str, pod: str) -> PodWorker | None:
         with self.workers_lock:
             found = [w for w in self.workers.values() if w.ns == ns and w.name == pod]
-        w = found[-1] if found else None  # the newest, should a name have been reused
+        return found[-1] if found else None  # the newest, should a name have been reused
+
+    def pod_ip_lookup(self, ns: str, pod: str) -> str:
+        w = self._worker(ns, pod)
+        ip = w.pod_ip if w is not None else None
+        if not ip:
+            raise LogRequestError(
+                404, f'pod "{pod}" in namespace "{ns}" has no address on node {self.node_name}'
+            )
+        return ip
+
+    def log_lookup(self, ns: str, pod: str, container: str, previous: bool) -> LogSource:
+        w = self._worker(ns, pod)
         if w is None:
             raise LogRequestError(
                 404, f'pod "{pod}" in namespace "{ns}" is not running on node {self.node_name}'
             )
         return w.log_source(container, previous)
+
+
+def _die_with_parent() -> None:
+    """In a child before exec: SIGKILL it when the runner dies, however the runner dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def forward_api_server(node_ip: str, upstream: str, port: int = 6443) -> int:
+    """Relay TCP from ``node_ip:port`` (on the runner's bridge, reachable from pods only) to
+    the API server on loopback: what kube-proxy does for the ``kubernetes`` Service. TLS goes
+    through untouched (the API server's certificate names the node address)."""
+    import socket
+    import urllib.parse
+
+    target = urllib.parse.urlparse(upstream)
+    listener = socket.create_server((node_ip, port))
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+
+    def accept() -> None:
+        while True:
+            client, _ = listener.accept()
+            try:
+                server = socket.create_connection((target.hostname, target.port), timeout=10)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True, name="api-forward").start()
+    return listener.getsockname()[1]
 
 
 def _mounts_under(prefix: str) -> list[str]:
@@ -1448,6 +1583,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bridge", required=True)
     p.add_argument("--state-dir", required=True)
     p.add_argument("--kubelet-port", type=int, default=0)
+    p.add_argument("--port-forward", default="", help="the gft-portforward helper binary")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"

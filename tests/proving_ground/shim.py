@@ -32,11 +32,23 @@ def ensure_target(target: str, is_dir: bool) -> None:
         open(target, "a").close()
 
 
+def pinned(path: str) -> str:
+    """A name for ``path`` that stays valid once a mount covers where it lives (the runner's
+    own files are under /tmp, which a container may mount an emptyDir over)."""
+    fd = os.open(path, os.O_PATH)
+    return f"/proc/{os.getpid()}/fd/{fd}"  # mount(8) runs as a child: name our fd by pid
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    fail_file = spec["startFailFile"]
+    # Opened before any mount: the runner's files may be hidden by the container's mounts.
+    fail = open(spec["startFailFile"], "a")  # noqa: SIM115 (kept open until exec)
     try:
+        home = os.open(spec["home"], os.O_PATH | os.O_DIRECTORY)
+        sources = {id(m): pinned(m["source"]) for m in spec["mounts"] if m["kind"] != "tmpfs"}
+        term = spec.get("termination")
+        term_source = pinned(term["source"]) if term else None
         if spec.get("hostname"):
             socket.sethostname(spec["hostname"])
         for m in sorted(spec["mounts"], key=lambda m: m["target"].rstrip("/").count("/")):
@@ -45,35 +57,35 @@ def main() -> None:
                 ensure_target(target, True)
                 mount("-t", "tmpfs", "-o", m.get("options") or "mode=1777", "tmpfs", target)
             else:
-                ensure_target(target, os.path.isdir(m["source"]))
-                mount("--bind", m["source"], target)
+                ensure_target(target, os.path.isdir(sources[id(m)]))
+                mount("--bind", sources[id(m)], target)
             if m.get("readOnly"):
                 mount("-o", "remount,bind,ro", target)
-        term = spec.get("termination")
         if term:
             ensure_target(term["target"], False)
-            mount("--bind", term["source"], term["target"])
+            mount("--bind", term_source, term["target"])
         workdir = spec.get("workingDir")
         if workdir:
             os.makedirs(workdir, exist_ok=True)
             os.chdir(workdir)
         else:
-            os.chdir(spec["home"])
+            os.fchdir(home)
     except OSError as e:
-        with open(fail_file, "w") as f:
-            f.write(f"failed to set up the container: {e}")
+        fail.write(f"failed to set up the container: {e}")
+        fail.close()
         sys.exit(128)
     argv = spec["argv"]
     env = spec["env"]
     try:
+        os.set_inheritable(fail.fileno(), False)
         os.execvpe(argv[0], argv, env)
     except OSError as e:
-        with open(fail_file, "w") as f:
-            path = env.get("PATH", "")
-            f.write(
-                f'exec: "{argv[0]}": {e.strerror} (the runner runs commands of this '
-                f"machine; PATH={path})"
-            )
+        path = env.get("PATH", "")
+        fail.write(
+            f'exec: "{argv[0]}": {e.strerror} (the runner runs commands of this '
+            f"machine; PATH={path})"
+        )
+        fail.close()
         sys.exit(128)
 
 

@@ -23,6 +23,15 @@ def test_pod_cidr_skips_ranges_that_routes_use() -> None:
     assert cluster.choose_pod_cidr(routes) == ipaddress.ip_network("10.246.0.0/16")
 
 
+def test_pod_cidr_never_holds_a_dns_resolver(tmp_path) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("search example\nnameserver 10.244.0.53\nnameserver ::1\n")
+    taken = [f"{ns}/32" for ns in cluster.nameservers(resolv)]
+    assert taken == ["10.244.0.53/32"]
+    assert cluster.choose_pod_cidr([], taken) == ipaddress.ip_network("10.245.0.0/16")
+    assert cluster.nameservers(tmp_path / "missing") == []
+
+
 def test_pod_cidr_ignores_the_default_route() -> None:
     assert cluster.choose_pod_cidr(["default via 10.244.0.1 dev eth0"]) == ipaddress.ip_network(
         "10.244.0.0/16"

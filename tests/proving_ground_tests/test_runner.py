@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 from proving_ground import cluster as pg
+from proving_ground.forwarding import port_forward
 
 pytestmark = pytest.mark.cluster
 
@@ -160,12 +161,53 @@ def test_pod_serves_http_on_its_ip_directly_and_through_the_api_server(cluster, 
         "get", "--raw", f"/api/v1/namespaces/{namespace}/pods/web:8080/proxy/"
     ).stdout
     assert "Directory listing" in proxied
+    # ... and through `kubectl port-forward`: the kubelet's port-forward API on the runner.
+    forward, port = port_forward(cluster, namespace, "pod/web", 8080)
+    try:
+        for _ in range(2):  # each request is its own forwarded stream
+            assert "Directory listing" in (http_get(f"http://127.0.0.1:{port}/", timeout=10) or "")
+    finally:
+        forward.kill()
     logs = wait_for(
         "the request in the log",
         lambda: "GET / HTTP" in cluster.kubectl("logs", "web", "-n", namespace).stdout,
         timeout=10,
     )
     assert logs
+
+
+def test_readiness_probe_gates_ready(cluster, namespace):
+    """A running container is not Ready until its readinessProbe passes (as `kubectl rollout
+    status` and Services rely on): this one listens only after a pause."""
+    server = container(
+        "web",
+        """
+        import http.server, time
+        time.sleep(4)
+        handler = http.server.SimpleHTTPRequestHandler
+        http.server.HTTPServer(("0.0.0.0", 8080), handler).serve_forever()
+        """,
+        ports=[{"name": "http", "containerPort": 8080}],
+        readinessProbe={"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+    )
+    apply(cluster, namespace, runner_pod("slow", [server]))
+    pod = wait_for(
+        "the container running",
+        lambda: (p := get_pod(cluster, namespace, "slow"))
+        and "running" in (p["status"].get("containerStatuses") or [{}])[0].get("state", {})
+        and p,
+    )
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "False", pod["status"]
+    wait_for(
+        "Ready once the probe passes",
+        lambda: cluster.kubectl(
+            "get", "pod", "slow", "-n", namespace,
+            "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+        ).stdout == "True",
+        timeout=30,
+    )  # fmt: skip
+    assert http_get(f"http://{pod['status']['podIP']}:8080/")
 
 
 def test_kubectl_logs_follow_streams_output(cluster, namespace):
@@ -901,3 +943,80 @@ def test_runner_cleans_up_on_sigterm_and_after_a_crash(cluster, namespace, tmp_p
             "delete", "pods", "--all", "-n", namespace, "--force", "--grace-period=0", check=False
         )
         cluster.kubectl("delete", "node", node, "--wait=false", check=False)
+
+
+def test_a_pod_reaches_the_api_server_with_its_service_account(cluster, namespace):
+    """As on a real node: KUBERNETES_SERVICE_HOST/PORT point at the API server (the runner
+    relays its node address to it, as kube-proxy does for the `kubernetes` Service), and the
+    service account's token, CA and namespace are mounted where in-cluster clients look. The
+    pod may do what its RBAC allows, and no more."""
+    cluster.kubectl(
+        "create", "role", "pod-reader", "-n", namespace, "--verb=get", "--resource=pods"
+    )
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "pod-reader",
+        "-n",
+        namespace,
+        "--role=pod-reader",
+        f"--serviceaccount={namespace}:default",
+    )
+    script = """
+        import json, os
+        import kubernetes
+        kubernetes.config.load_incluster_config()
+        api = kubernetes.client.CoreV1Api()
+        ns = open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read()
+        me = api.read_namespaced_pod(os.environ["HOSTNAME"], ns)
+        try:
+            api.list_namespaced_secret(ns)
+            refused = "no"
+        except kubernetes.client.ApiException as e:
+            refused = str(e.status)
+        print(json.dumps({"host": os.environ["KUBERNETES_SERVICE_HOST"], "uid": me.metadata.uid,
+                          "secrets": refused}))
+    """
+    apply(cluster, namespace, runner_pod("incluster", [container("c", script)]))
+    pod = wait_phase(cluster, namespace, "incluster", ("Succeeded", "Failed"), timeout=90)
+    out = cluster.kubectl("logs", "incluster", "-n", namespace).stdout
+    assert pod["status"]["phase"] == "Succeeded", out
+    said = json.loads(out.strip().splitlines()[-1])
+    assert said == {"host": cluster.node_ip, "uid": pod["metadata"]["uid"], "secrets": "403"}
+
+
+def test_a_container_tmp_is_its_own_and_its_volumes_still_mount(cluster, namespace):
+    """An emptyDir at /tmp hides this machine's /tmp from the container (as a container's /tmp
+    is its own), while its other volumes, whose files the runner keeps under /tmp, mount."""
+    marker = Path("/tmp") / f"gft-host-only-{namespace}"
+    marker.write_text("host")
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg"}, "data": {"k": "v"}}
+    script = f"""
+        import os
+        print("host-file-visible", os.path.exists({str(marker)!r}))
+        print("config", open("/etc/cfg/k").read())
+        open("/tmp/scratch", "w").write("x")
+        print("scratch", open("/tmp/scratch").read())
+    """
+    pod = runner_pod(
+        "owntmp",
+        [
+            container(
+                "c",
+                script,
+                volumeMounts=[
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "cfg", "mountPath": "/etc/cfg"},
+                ],
+            )
+        ],
+        volumes=[{"name": "tmp", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}}],
+    )
+    try:
+        apply(cluster, namespace, cm, pod)
+        done = wait_phase(cluster, namespace, "owntmp", ("Succeeded", "Failed"), timeout=60)
+        out = cluster.kubectl("logs", "owntmp", "-n", namespace).stdout
+        assert done["status"]["phase"] == "Succeeded", out
+        assert out.split() == ["host-file-visible", "False", "config", "v", "scratch", "x"], out
+    finally:
+        marker.unlink()

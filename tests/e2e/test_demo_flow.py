@@ -1,0 +1,182 @@
+"""The demo's path, driven as a user drives it (kubectl, helm, kubectl port-forward) and checked:
+the chart installs the operator in the cluster, the example fine-tunes the real Gemma 3 270M,
+live progress and loss show in ``kubectl get gft``, a suspend mid-run checkpoints and a resume
+continues from that step, the eval loss falls at least 5x, the adapter on the output volume
+loads with peft and answers in the trained direction, TensorBoard serves the run's scalars
+through the port-forward the demo prints, and a delete leaves only the retained output claim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import urllib.parse
+
+import pytest
+from conftest import wait_for
+from proving_ground import demo as demo_mod
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.e2e]
+
+NS, NAME = demo_mod.NAMESPACE, demo_mod.NAME
+REPO = demo_mod.REPO
+TRAINER_READY = 240  # seconds: a new trainer process imports torch and loads 270M on 2 cores
+
+
+@pytest.fixture(scope="module")
+def demo(cluster):
+    d = demo_mod.Demo(cluster=cluster, say=lambda line: print(line, flush=True))
+    try:
+        d.install()
+        yield d
+    finally:
+        # Even when the install failed half-way: an operator left running in the cluster
+        # would act on every later test's fine-tunes beside that test's own operator.
+        for proc in (d._live_forward, *d.background):
+            if proc is not None:
+                proc.kill()
+        cluster.kubectl("delete", "namespace", NS, "--wait=false", check=False)
+        with contextlib.suppress(demo_mod.DemoError):
+            demo_mod.uninstall(d)
+
+
+def gft(c) -> dict:
+    return c.kubectl_json("get", "gft", NAME, "-n", NS)
+
+
+def row(c) -> dict[str, str]:
+    """``kubectl get gft``'s row by column name, as the user reads it."""
+    header, line = c.kubectl("get", "gft", NAME, "-n", NS).stdout.splitlines()[:2]
+    starts = [m.start() for m in re.finditer(r"\S+", header)]
+    names = header.split()
+    cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    return dict(zip(names, cells, strict=True))
+
+
+def test_the_demo_path(demo):
+    c = demo.cluster
+    demo.apply()
+
+    # Live progress and loss in the row while it trains.
+    live = wait_for(
+        "progress and loss in kubectl get gft",
+        lambda: (r := row(c))["PHASE"] == "Running" and r["PROGRESS"] and r["LOSS"] and r,
+        timeout=TRAINER_READY,
+    )
+    assert 0 <= float(live["PROGRESS"]) < 100 and float(live["LOSS"]) > 0
+
+    # Suspend once a checkpoint exists: the trainer checkpoints on the way out.
+    wait_for("a checkpoint", lambda: (gft(c).get("status") or {}).get("lastCheckpoint"),
+             timeout=TRAINER_READY)  # fmt: skip
+    c.kubectl("patch", "gft", NAME, "-n", NS, "--type", "merge", "-p", '{"spec":{"suspend":true}}')
+    # Phase Suspended, reason Suspending while the trainer saves; then reason Suspended.
+    suspended = wait_for(
+        "Suspended",
+        lambda: (s := gft(c).get("status") or {}).get("reason") == "Suspended" and s,
+        timeout=120,
+    )
+    assert suspended["phase"] == "Suspended"
+    saved = suspended["lastCheckpoint"]["step"]
+    assert 0 < saved < 30, suspended
+
+    # Resume: a new trainer continues from that checkpoint.
+    c.kubectl("patch", "gft", NAME, "-n", NS, "--type", "merge", "-p", '{"spec":{"suspend":false}}')
+    pod = wait_for(
+        "a new trainer",
+        lambda: (
+            (s := gft(c).get("status") or {}).get("phase") == "Running"
+            and s.get("podName") != suspended.get("podName")
+            and s["podName"]
+        ),
+        timeout=120,
+    )
+    resumed = wait_for(
+        "the resume in the trainer's log",
+        lambda: re.search(
+            r"resuming from \S+checkpoint-(\d+)",
+            c.kubectl("logs", "-n", NS, pod, "-c", "trainer", check=False).stdout,
+        ),
+        timeout=TRAINER_READY,
+    )
+    assert int(resumed.group(1)) == saved
+
+    done = wait_for(
+        "Succeeded",
+        lambda: (s := gft(c).get("status") or {}).get("phase") in ("Succeeded", "Failed") and s,
+        timeout=600,
+    )
+    assert done["phase"] == "Succeeded", done
+    assert done["result"]["globalStep"] == 30
+    assert row(c)["LOSS"], "the final loss stays in kubectl get gft"
+
+    # TensorBoard through the port-forward the demo prints: the run's scalars, by its name.
+    demo.tensorboard()
+    query = urllib.parse.urlencode({"run": f"{NS}/{NAME}", "tag": "eval/loss"})
+    evals = json.loads(demo_mod._get(f"{demo.tensorboard_url}data/plugin/scalars/scalars?{query}"))
+    steps = [int(step) for _, step, _ in evals]
+    assert steps[0] == 0 and steps[-1] == 30, evals
+    first, last = evals[0][2], done["result"]["evalLoss"]
+    assert last * 5 <= first, f"eval loss {first} -> {last}: not a 5x fall"
+    # TensorBoard's own page, in a real browser, through the same route: the run, its curve.
+    # And the dashboard's run page with the real run's curves (GFT_SCREENSHOTS=1 writes the
+    # screenshots the README shows).
+    import browser
+
+    with browser.chromium() as chromium:
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(demo.tensorboard_url)
+        page.get_by_text(f"{NS}/{NAME}").first.wait_for(timeout=60_000)
+        page.get_by_text("train/loss").first.wait_for(timeout=60_000)
+        page.close()
+        page = chromium.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(demo.dashboard_url)
+        page.fill("#token", demo.token_file.read_text().strip())
+        page.click("#signin")
+        page.locator(f"tr.row[data-key='{NS}/{NAME}']").wait_for()
+        shots = os.environ.get("GFT_SCREENSHOTS") and REPO / "docs"
+        if shots:
+            page.screenshot(path=str(shots / "dashboard-list.png"))
+        page.click(f"tr.row[data-key='{NS}/{NAME}']")
+        page.locator("#curves svg.chart").first.wait_for(timeout=60_000)  # from TensorBoard
+        assert page.locator("#stop").count() == 1  # the demo's user may edit the namespace
+        page.get_by_text("trained 30 steps").first.wait_for(timeout=10_000)  # the result
+        if shots:
+            page.screenshot(path=str(shots / "dashboard-run.png"), full_page=True)
+        page.close()
+
+    # The dashboard, in the cluster, through its port-forward: signed in as the demo's user,
+    # it lists the run and frames its TensorBoard (same-origin, after checking the user may).
+    import requests
+
+    browser = requests.Session()
+    browser.get(demo.dashboard_url, timeout=10)
+    csrf = {"X-CSRF-Token": browser.cookies.get("gft_csrf", "")}
+    signed = browser.post(f"{demo.dashboard_url}api/login", headers=csrf, timeout=30,
+                          json={"token": demo.token_file.read_text().strip()})  # fmt: skip
+    assert signed.status_code == 200 and signed.json()["user"].endswith(":demo-user")
+    listed = browser.get(f"{demo.dashboard_url}api/finetunes", timeout=30).json()["items"]
+    (row_,) = [r for r in listed if (r["namespace"], r["name"]) == (NS, NAME)]
+    assert row_["phase"] == "Succeeded" and row_["light"] == "done" and row_["percent"] == 100
+    detail = browser.get(f"{demo.dashboard_url}api/finetunes/{NS}/{NAME}", timeout=30).json()
+    assert detail["can"]["delete"] is True and detail["object"]["status"]["result"]
+    runs = browser.get(f"{demo.dashboard_url}tb/{NS}/{NAME}/data/runs", timeout=30)
+    assert runs.status_code == 200 and f"{NS}/{NAME}" in runs.json(), runs.text
+
+    # The adapter loads from the output volume with peft and answers in the trained direction.
+    from proving_ground.answers import base_and_adapter
+
+    adapter = demo._adapter_on_this_machine(done)
+    assert (adapter / "adapter_model.safetensors").exists()
+    ((before, after),) = base_and_adapter(demo.model, adapter, [demo_mod.PROMPT])
+    # Greedy answers vary with where the run was suspended; the facts it learnt do not.
+    facts = ("Pip", "otter", "tiny GPU", "kelp", "Kelp Harbor", "Lora", "lighthouse")
+    assert any(f in after for f in facts) and not any(f in before for f in facts), (before, after)
+
+    # Delete: every child goes, the output claim is retained (reclaimPolicy Retain).
+    c.kubectl("delete", "gft", NAME, "-n", NS, "--wait", "--timeout", "180s")
+    kinds = "job,service,configmap,deployment,networkpolicy,ingress"
+    left = c.kubectl_json("get", kinds, "-n", NS, "-l", f"finetune.gemma.dev/name={NAME}")
+    assert left["items"] == [], [i["metadata"]["name"] for i in left["items"]]
+    assert c.kubectl_json("get", "pvc", f"{NAME}-output", "-n", NS)["status"]["phase"] == "Bound"
