@@ -3,9 +3,13 @@ changed, the periodic resync, a queued retry) runs the same level-based ``reconc
 exists, let ``children`` and ``status`` decide, create what is missing, patch the status,
 record an Event.
 
+Reads come from memory (``cache``): kopf's watches, filtered by the API server to what this
+operator made, keep every fine-tune, child, pod and Warning event there; the API server sees
+only writes, and a reconcile writes only what changed.
+
 Idempotent and restart-safe by construction: children have fixed names (a second create is a
-409, never a second Job), the status lives on the object (nothing is kept in memory between
-reconciles), and a live Job's pod template is never patched.
+409, never a second Job), the status lives on the object (the cache is only what the watches
+said), and a live Job's pod template is never patched.
 
 Safe for the run's results:
 - a run that ended stays ended: the Job and the pod that prove it carry a finalizer until the
@@ -36,6 +40,7 @@ from gft_api.v1alpha1 import TERMINAL_PHASES, GemmaFineTuneSpec, Phase
 from pydantic import ValidationError
 
 from gft_operator import children, monitoring, policy, status, trainer_metrics
+from gft_operator.cache import CACHE, INDEX_OF_KIND, version
 from gft_operator.kube import (
     ApiError,
     ApiUnavailable,
@@ -43,7 +48,6 @@ from gft_operator.kube import (
     Kube,
     Manifest,
     NamespaceTerminating,
-    NotFound,
     NotLeader,
 )
 from gft_operator.leader import LeaderElector
@@ -55,6 +59,8 @@ log = logging.getLogger("gft_operator")
 MANAGED = {"app.kubernetes.io/managed-by": children.MANAGED_BY}
 GONE_RETRY_SECONDS = 2.0
 """How soon to look again while a deleted run's children are still going away."""
+CATCH_UP_SECONDS = 2.0
+"""How long to wait for the watch to deliver an object a write says exists (or changed)."""
 
 
 class Runtime:
@@ -81,23 +87,31 @@ class LiveState:
     pods have served their metrics."""
 
     def __init__(self) -> None:
+        self.body: dict[tuple[str, str], Manifest] = {}
         self.status: dict[tuple[str, str], Manifest] = {}
         self.version: dict[tuple[str, str], str] = {}
         self.served: set[tuple[str, str, str]] = set()  # (namespace, name, pod)
 
     def remember(self, key: tuple[str, str], stored: Manifest) -> None:
         """Keep the status and resourceVersion of an object as the API server returned it."""
+        self.body[key] = stored
         self.status[key] = stored.get("status") or {}
         self.version[key] = stored["metadata"]["resourceVersion"]
 
     def forget(self, namespace: str, name: str) -> None:
+        self.body.pop((namespace, name), None)
         self.status.pop((namespace, name), None)
         self.version.pop((namespace, name), None)
         self.served = {s for s in self.served if s[:2] != (namespace, name)}
 
 
 class StatusConflict(Exception):
-    """The object changed between the read a status was computed from and its write."""
+    """The object changed between the read a status was computed from and its write (made
+    from the version ``seen``; 0 when something else than the status changed under it)."""
+
+    def __init__(self, message: str = "", seen: int = 0) -> None:
+        super().__init__(message)
+        self.seen = seen
 
 
 RUNTIME = Runtime()
@@ -147,6 +161,7 @@ def _create(kube: Kube, desired: Manifest, who: str) -> Manifest | None:
         created = kube.create(desired)
     except Conflict:
         return None
+    CACHE.wrote(created)
     extra = f" (suspend={desired['spec']['suspend']})" if desired["kind"] == "Job" else ""
     log.info("%s: created %s %s%s", who, desired["kind"], desired["metadata"]["name"], extra)
     return created
@@ -175,6 +190,11 @@ def _foreign(live: Manifest, desired: Manifest, owner: children.Owner) -> tuple[
             f"the {kind} {name} of a deleted GemmaFineTune of the same name is still going away "
             "(garbage collection removes it); this run starts once it is gone",
         )
+    return _not_ours(kind, name)
+
+
+def _not_ours(kind: str, name: str) -> tuple[str, str]:
+    """Why a child cannot be had: an object of its name exists and is someone else's."""
     if kind == "PersistentVolumeClaim":
         return (
             "ChildConflict",
@@ -189,24 +209,19 @@ def _foreign(live: Manifest, desired: Manifest, owner: children.Owner) -> tuple[
 
 
 def _sync_child(
-    kube: Kube,
-    desired: Manifest,
-    owner: children.Owner,
-    finished: bool,
-    fresh: bool,
-    who: str,
+    kube: Kube, desired: Manifest, owner: children.Owner, finished: bool, who: str
 ) -> tuple[str, str] | None:
     """Create a missing child (not after the run finished); keep an Ingress's spec current.
-    On a fresh run the children are created without looking first (a 409 says one exists).
     Returns why the child cannot be had, when something else holds its name."""
-    if fresh and _create(kube, desired, who) is not None:
-        return None
-    meta = desired["metadata"]
-    live = kube.get(desired["kind"], meta["namespace"], meta["name"])
+    kind, meta = desired["kind"], desired["metadata"]
+    live = CACHE.get(kind, meta["namespace"], meta["name"])
     if live is None:
-        if not finished:
-            _create(kube, desired, who)
-        return None
+        if finished or _create(kube, desired, who) is not None:
+            return None
+        # 409: it exists. The watches show everything labelled as this operator's children.
+        live = _caught_up(kind, meta["namespace"], meta["name"])
+        if live is None:
+            return _not_ours(kind, meta["name"])
     problem = _foreign(live, desired, owner)
     if problem is not None or desired["kind"] != "Ingress":
         return problem  # other children are fixed at creation, like the spec they come from
@@ -215,7 +230,7 @@ def _sync_child(
     ):
         live["spec"] = desired["spec"]
         live["metadata"]["annotations"] = meta.get("annotations") or {}
-        kube.replace(live)
+        CACHE.wrote(kube.replace(live))
         log.info("%s: updated Ingress %s", who, meta["name"])
     return None
 
@@ -227,13 +242,18 @@ def _release(kube: Kube, obj: Manifest, who: str) -> None:
         log.debug("%s: released %s %s", who, obj.get("kind"), obj["metadata"]["name"])
 
 
-def _job_events(kube: Kube, namespace: str, names: list[str]) -> list[Manifest]:
-    events: list[Manifest] = []
-    for name in names:
-        events += kube.list(
-            "Event", namespace, fieldSelector=f"involvedObject.name={name},type=Warning"
-        )
-    return events
+def _caught_up(kind: str, namespace: str, name: str) -> Manifest | None:
+    """The object a create was refused for (409), once the watch delivers it; ``None`` when
+    none comes: then it is not labelled as one of this operator's, so it is someone else's."""
+    return CACHE.wait_for(kind, namespace, name, newer_than=0, timeout=CATCH_UP_SECONDS)
+
+
+def _fresher(cached: Manifest | None, written: Manifest | None) -> Manifest | None:
+    """The fine-tune as the watch delivered it, or as this operator's last write returned it
+    when the watch has not echoed that write yet. Gone when the watch says it is gone."""
+    if cached is None or written is None:
+        return cached
+    return written if version(written) > version(cached) else cached
 
 
 def record_event(
@@ -280,19 +300,20 @@ def reconcile(namespace: str, name: str) -> None:
             try:
                 _reconcile(kube, namespace, name)
                 return
-            except StatusConflict:
+            except StatusConflict as e:
                 monitoring.STATUS_CONFLICTS.inc()
                 log.info(
                     "%s/%s: the object changed while it was reconciled; again", namespace, name
                 )
+                if e.seen:  # let the watch deliver the version that won
+                    CACHE.wait_for(KIND, namespace, name, e.seen, CATCH_UP_SECONDS)
         raise ApiUnavailable(409, "the object kept changing while it was being reconciled")
 
 
 def _reconcile(kube: Kube, namespace: str, name: str) -> None:
     key = (namespace, name)
-    try:
-        body = kube.request("GET", kube.custom_path(namespace, name))
-    except NotFound:
+    body = _fresher(CACHE.finetune(namespace, name), LIVE.body.get(key))
+    if body is None:
         _gone(kube, namespace, name)
         return
     meta = body["metadata"]
@@ -324,12 +345,11 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
     if spec is not None and not blocked:
         desired = children.desired_children(owner, spec, RUNTIME.defaults)
         desired_job = desired[-1]
-        fresh = not finished and not old_status.get("jobName")
         for child in desired[:-1]:
-            blocked = _sync_child(kube, child, owner, finished, fresh, who) or blocked
+            blocked = _sync_child(kube, child, owner, finished, who) or blocked
         _drop_unwanted_ingress(kube, owner, desired, who)
 
-    job = kube.get("Job", namespace, name)
+    job = CACHE.get("Job", namespace, name)
     if job is not None and not _owned_by(job, owner.uid):
         if _owned_by_a_finetune(job):
             _release(kube, job, who)  # its run was deleted: let it go
@@ -357,6 +377,7 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
         patch = children.job_patch(spec, job, status.job_finished(job))
         if patch:
             job = kube.merge_patch("Job", namespace, name, patch)
+            CACHE.wrote(job)
             log.info("%s: patched Job %s: %s", who, name, patch["spec"])
 
     # Pods of this name: the current Job's, this run's earlier ones (a Job deleted before it
@@ -364,8 +385,7 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
     current: list[Manifest] = []
     earlier: list[Manifest] = []
     job_uid = job["metadata"]["uid"] if job is not None else None
-    for pod in kube.list("Pod", namespace, labelSelector=f"{children.NAME_LABEL}={name}"):
-        pod.setdefault("kind", "Pod")
+    for pod in CACHE.pods(namespace, name):
         run = (pod["metadata"].get("labels") or {}).get(children.UID_LABEL)
         if job_uid is not None and _controller_uid(pod) == job_uid:
             current.append(pod)
@@ -397,9 +417,11 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
         if old_status.get("jobName"):
             log.info("%s: Job %s is gone while the run is live; recreating it", who, name)
         created = _create(kube, desired_job, who)
+        if created is None and _caught_up("Job", namespace, name) is not None:
+            raise StatusConflict  # one of ours exists after all: look again from the start
+        if created is None:
+            observed.blocked = _not_ours("Job", name)
         observed.job = created
-        if created is None:  # it exists after all: look again from the start
-            raise StatusConflict
     job = observed.job
     if job is not None and not blocked:
         running = any(p.get("status", {}).get("phase") == "Running" for p in current)
@@ -409,7 +431,7 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
                 for p in current
                 if p.get("status", {}).get("phase") == "Pending"
             ]
-            observed.events = _job_events(kube, namespace, [name, *pending])
+            observed.events = CACHE.warnings(namespace, [name, *pending])
 
     at = now()
     decision = status.decide(observed, now=at)
@@ -457,7 +479,7 @@ def _write_status(kube: Kube, body: Manifest, new_status: Manifest, kind: str) -
             content_type="application/merge-patch+json",
         )
     except Conflict as e:
-        raise StatusConflict(str(e)) from e
+        raise StatusConflict(str(e), version(body)) from e
     monitoring.STATUS_WRITES.labels(kind).inc()
     return stored
 
@@ -513,11 +535,11 @@ def _gone(kube: Kube, namespace: str, name: str) -> None:
     """The fine-tune is gone or going: no more metrics reads or live status for it, and
     nothing of its run held back by the operator (garbage collection removes the rest)."""
     _stop_reading(namespace, name)
-    job = kube.get("Job", namespace, name)
+    job = CACHE.get("Job", namespace, name)
     if job is not None and (job["metadata"].get("labels") or {}).get(children.NAME_LABEL) == name:
-        _release(kube, {"kind": "Job", **job}, f"{namespace}/{name}")
-    for pod in kube.list("Pod", namespace, labelSelector=f"{children.NAME_LABEL}={name}"):
-        _release(kube, {"kind": "Pod", **pod}, f"{namespace}/{name}")
+        _release(kube, job, f"{namespace}/{name}")
+    for pod in CACHE.pods(namespace, name):
+        _release(kube, pod, f"{namespace}/{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,12 +588,11 @@ def write_live_status(
         for _ in range(3):
             try:
                 return _write_live_status(kube, target, reading, problem)
-            except StatusConflict:
+            except StatusConflict as e:
                 monitoring.STATUS_CONFLICTS.inc()
-                try:
-                    fresh = kube.request("GET", kube.custom_path(namespace, name))
-                except NotFound:
-                    return False
+                fresh = CACHE.wait_for(KIND, namespace, name, e.seen, CATCH_UP_SECONDS)
+                if fresh is None:
+                    return False  # gone, or the watch is behind: the next reading tries again
                 LIVE.remember(target.key, fresh)
         return False
 
@@ -633,7 +654,7 @@ def _tensorboard_after_run(
     keep_until = status.tensorboard_kept_until(
         new_status.get("completionTime"), spec.tensorboard.keep_after_finish_seconds
     )
-    live = kube.get("Deployment", owner.namespace, name)
+    live = CACHE.get("Deployment", owner.namespace, name)
     if keep_until is not None and time.time() < keep_until:
         if RUNTIME.requeue is not None:
             RUNTIME.requeue.after((owner.namespace, owner.name), keep_until - time.time())
@@ -660,7 +681,7 @@ def _drop_unwanted_ingress(kube: Kube, owner: children.Owner, desired: list[Mani
     if any(d["kind"] == "Ingress" for d in desired):
         return
     name = children.child_names(owner.name)["ingress"]
-    live = kube.get("Ingress", owner.namespace, name)
+    live = CACHE.get("Ingress", owner.namespace, name)
     if live is not None and _owned_by(live, owner.uid):
         kube.delete("Ingress", owner.namespace, name, uid=live["metadata"]["uid"])
         log.info("%s: deleted Ingress %s (no longer asked for)", who, name)
@@ -715,11 +736,62 @@ def _safely(namespace: str, name: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Triggers
 # ---------------------------------------------------------------------------------------------
+# The caches: kopf keeps what these return, per object, until the object is deleted.
+WATCHED_CHILDREN = {
+    "Job": ("batch", "v1", "jobs"),
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Service": ("", "v1", "services"),
+    "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
+    "Ingress": ("networking.k8s.io", "v1", "ingresses"),
+    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
+    "Deployment": ("apps", "v1", "deployments"),
+}
+MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
+
+
+def _by_name(kind: str, group: str, version_: str, plural: str) -> None:
+    labels = None if kind == KIND else MANAGED  # (also filtered by the API server)
+
+    @kopf.index(group, version_, plural, labels=labels, id=INDEX_OF_KIND[kind])
+    async def index(namespace: str, name: str, body: kopf.Body, **_: Any) -> Any:
+        CACHE.saw()
+        return {(namespace, name): dict(body)}
+
+
+for _kind, _resource in WATCHED_CHILDREN.items():
+    _by_name(_kind, *_resource)
+_by_name(KIND, GROUP, VERSION, PLURAL)
+
+
+@kopf.index("", "v1", "pods", labels=MANAGED, id="gft_pods")
+async def _pods(namespace: str, labels: Any, body: kopf.Body, **_: Any) -> Any:
+    owner = labels.get(children.NAME_LABEL)
+    return {(namespace, owner): dict(body)} if owner else None
+
+
+@kopf.index("", "v1", "events", id="gft_warnings")
+async def _warnings(namespace: str, body: kopf.Body, **_: Any) -> Any:
+    involved = body.get("involvedObject") or {}
+    if body.get("type") != "Warning" or involved.get("kind") not in ("Job", "Pod"):
+        return None
+    return {(namespace, involved.get("name")): dict(body)}
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
 def on_finetune(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+    key = (namespace, name)
     if event.get("type") == "DELETED" and RUNTIME.requeue is not None:
-        RUNTIME.requeue.forget((namespace, name))
+        RUNTIME.requeue.forget(key)
+    elif _own_write(key, event.get("object") or {}):
+        return
     _safely(namespace, name)
+
+
+def _own_write(key: tuple[str, str], obj: Manifest) -> bool:
+    """The event echoes a version this operator already reconciled (its own status write,
+    or the version a reconcile triggered otherwise read): nothing new to react to."""
+    seen = LIVE.version.get(key)
+    return seen is not None and seen == (obj.get("metadata") or {}).get("resourceVersion")
 
 
 def _stop_reading(namespace: str, name: str) -> None:
@@ -745,41 +817,30 @@ def on_pod(labels: dict[str, str], namespace: str, **_: Any) -> None:
 
 
 def resync_forever(stop: threading.Event) -> None:
-    """Reconcile every unfinished GemmaFineTune periodically: catches what no watch event
-    announces (a FailedCreate on the Job, a child deleted while the operator was down)."""
+    """Reconcile every unfinished GemmaFineTune periodically: catches what no watch event of
+    a fine-tune, Job or pod announces (a Warning event on the Job, a child deleted)."""
     while not stop.wait(RUNTIME.resync_seconds):
         resync()
 
 
 def resync(everything: bool = False) -> None:
-    """One pass over the GemmaFineTunes (with ``everything``, finished ones too: a new leader
-    looks at all of them once)."""
-    kube = RUNTIME.kube
-    if kube is None or not leading():
+    """Queue a reconcile of every fine-tune in the cache (with ``everything``, finished ones
+    too: a new leader looks at all of them once), spread over one resync period so that the
+    workers see a steady trickle rather than a burst."""
+    requeue = RUNTIME.requeue
+    if requeue is None or not CACHE.attached or not leading():
         return
-    scopes = RUNTIME.namespaces or [None]
-    for ns in scopes:
-        try:
-            items = kube.request("GET", kube.custom_path(ns)).get("items") or []
-        except ApiUnavailable as e:
-            log.warning(
-                "resync: the API server is unavailable (%s); trying again in %.0fs",
-                e.message,
-                RUNTIME.resync_seconds,
-            )
-            continue
-        except Exception as e:
-            log.warning("resync: cannot list GemmaFineTunes: %s", e)
-            continue
-        for item in items:
-            st = item.get("status") or {}
-            if (
-                not everything
-                and st.get("phase") in TERMINAL_PHASES
-                and not (st.get("tensorboardURL") or st.get("jobName"))
-            ):
-                continue  # finished: no TensorBoard to take down, no Job to expire
-            _safely(item["metadata"]["namespace"], item["metadata"]["name"])
+    keys = [
+        (ns, name)
+        for ns, name, st in CACHE.finetunes()
+        if everything
+        or st.get("phase") not in TERMINAL_PHASES
+        or st.get("tensorboardURL")  # finished: a TensorBoard to take down,
+        or st.get("jobName")  # or a Job to expire
+    ]
+    spread = 0.0 if everything else RUNTIME.resync_seconds
+    for i, key in enumerate(keys):
+        requeue.after(key, spread * i / max(1, len(keys)))
 
 
 def took_over() -> None:
@@ -792,7 +853,7 @@ _stop_resync = threading.Event()
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, **kwargs: Any) -> None:
     # kopf's own bookkeeping in annotations: the structural schema would prune status.kopf.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
@@ -802,7 +863,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = int(os.environ.get("GFT_OPERATOR_WORKERS", "8"))
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
-    RUNTIME.requeue = Requeue(_safely)
+    # Filtered by the API server: only what this operator made, only Warning events.
+    for group, version_, plural in [*WATCHED_CHILDREN.values(), ("", "v1", "pods")]:
+        settings.watching.label_selectors[group, version_, plural] = MANAGED_SELECTOR
+    settings.watching.field_selectors["", "v1", "events"] = "type=Warning"
+    CACHE.attach(kwargs)  # kopf hands its indexes to every handler
+    RUNTIME.requeue = Requeue(_safely, workers=settings.execution.max_workers)
     threading.Thread(
         target=RUNTIME.requeue.run, args=(_stop_resync,), daemon=True, name="gft-requeue"
     ).start()

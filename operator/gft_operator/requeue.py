@@ -1,8 +1,10 @@
 """Reconciles asked for later: a retry after an error (with a per-object back-off), or a
 deadline the status depends on (a finished Job's TTL).
 
-One thread and a heap. Each fine-tune is queued at most once, at the earliest time asked for;
-``succeeded`` resets its back-off. The back-off doubles from ``first`` to ``longest``.
+One thread and a heap decide what is due; a pool of workers reconciles, never one fine-tune
+twice at once (one that comes due while it is being reconciled waits for that to end). Each
+fine-tune is queued at most once, at the earliest time asked for; ``succeeded`` resets its
+back-off. The back-off doubles from ``first`` to ``longest``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("gft_operator.requeue")
 
@@ -24,12 +27,17 @@ def backoff(failures: int, first: float = 1.0, longest: float = 60.0) -> float:
 
 
 class Requeue:
-    def __init__(self, reconcile: Callable[[str, str], None]) -> None:
+    RUNNING_RETRY_SECONDS = 0.2
+    """How soon to look again at a due fine-tune that is being reconciled right now."""
+
+    def __init__(self, reconcile: Callable[[str, str], None], workers: int = 1) -> None:
         self._reconcile = reconcile
         self._heap: list[tuple[float, Key]] = []
         self._due: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
+        self._running: set[Key] = set()
         self._wake = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gft-requeue")
 
     def at(self, key: Key, when: float) -> None:
         """Reconcile ``key`` at ``when`` (``time.monotonic()`` clock), unless sooner already."""
@@ -81,7 +89,20 @@ class Requeue:
                     continue
                 heapq.heappop(self._heap)
                 del self._due[key]
-            try:
-                self._reconcile(*key)
-            except Exception:  # the reconcile logs its own errors; this keeps the thread alive
-                log.exception("%s/%s: queued reconcile failed", *key)
+                if key in self._running:
+                    when = now + self.RUNNING_RETRY_SECONDS
+                    self._due[key] = when
+                    heapq.heappush(self._heap, (when, key))
+                    continue
+                self._running.add(key)
+            self._pool.submit(self._run_one, key)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run_one(self, key: Key) -> None:
+        try:
+            self._reconcile(*key)
+        except Exception:  # the reconcile logs its own errors; this keeps the worker alive
+            log.exception("%s/%s: queued reconcile failed", *key)
+        finally:
+            with self._wake:
+                self._running.discard(key)

@@ -557,9 +557,11 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
                 },
             ],
         }
-        kube.request(
+        stored = kube.request(
             "PATCH", path, body={"status": ended}, content_type="application/merge-patch+json"
         )
+        # The test plays the operator's watch: it has delivered the ended version.
+        handlers.CACHE.attach({"gft_finetunes": {(namespace, "stale"): [stored]}})
 
         reading = parse(
             "gft_global_step 7\ngft_total_steps 20\ngft_train_loss 1.5\n"
@@ -573,6 +575,7 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
         assert [x["type"] for x in status["conditions"]] == ["Ready", "Complete"], status
     finally:
         handlers.LIVE.forget(namespace, "stale")
+        handlers.CACHE.attach({})
         operator.start()
 
 

@@ -23,11 +23,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The operator's permissions on the API it serves and the children it makes. */}}
 {{- define "gft.rules" -}}
+# Every read is a list and a watch: the operator keeps what it needs in memory and never GETs.
 # The API it serves. finalizers: children carry an owner reference with blockOwnerDeletion,
 # which needs update on the owner's finalizers (OwnerReferencesPermissionEnforcement).
 - apiGroups: [finetune.gemma.dev]
   resources: [gemmafinetunes]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
 - apiGroups: [finetune.gemma.dev]
   resources: [gemmafinetunes/status]
   verbs: [patch]
@@ -39,21 +40,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 # run's outcome is in the status.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
-# The other children; garbage collection removes them with the fine-tune.
+  verbs: [list, watch, create, patch, delete]
+# The other children (watched with a label selector: only the operator's own); garbage
+# collection removes them with the fine-tune.
 - apiGroups: [""]
   resources: [configmaps, services, persistentvolumeclaims]
-  verbs: [get, create]
+  verbs: [list, watch, create]
 - apiGroups: [networking.k8s.io]
   resources: [ingresses]
-  verbs: [get, create, update, delete]
+  verbs: [list, watch, create, update, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create]
+  verbs: [list, watch, create]
 # TensorBoard after the run, for spec.tensorboard.keepAfterFinishSeconds.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, create, delete]
+  verbs: [list, watch, create, delete]
 # Training pods: watched to explain the phase; patch: taking the outcome finalizer off once the
 # status holds what the pod says; delete: stopping a trainer whose Job was deleted under it.
 - apiGroups: [""]
@@ -68,7 +70,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 # Why a pod is stuck (FailedScheduling, FailedMount, FailedCreate), and one Event per transition.
 - apiGroups: [""]
   resources: [events]
-  verbs: [list, create]
+  verbs: [list, watch, create]
 {{- end }}
 
 {{/* The dashboard's labels: a name of its own, so no selector of the operator's matches it. */}}
