@@ -8,7 +8,8 @@ resource is in: a reconcile never sees a half-filled cache.
 
 A watch echoes a write a moment after it succeeded. So that a reconcile right after a create
 does not take the child for missing, what this operator wrote is kept too (``wrote``) until the
-watch delivers that version or a newer one, or for ``WRITE_MEMORY_SECONDS`` at most.
+watch delivers that version or a newer one, and what it deleted is hidden (``deleted``) until
+the watch says it is gone; each for ``WRITE_MEMORY_SECONDS`` at most.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class Cache:
     def __init__(self) -> None:
         self._indices: Mapping[str, Any] = {}
         self._written: dict[Key, tuple[float, Manifest]] = {}
+        self._deleted: dict[Key, tuple[float, str]] = {}  # -> (when, uid)
         self._changed = threading.Condition()
 
     def attach(self, indices: Mapping[str, Any]) -> None:
@@ -73,13 +75,14 @@ class Cache:
         found = seen[0] if seen else None
         key = (kind, namespace, name)
         with self._changed:
-            written = self._written.get(key)
-            if written is not None:
-                at, obj = written
-                if version(found) >= version(obj) or time.monotonic() - at > WRITE_MEMORY_SECONDS:
-                    del self._written[key]  # the watch caught up (or never will: it was deleted)
+            gone = self._deleted.get(key)
+            if gone is not None:
+                uid = ((found or {}).get("metadata") or {}).get("uid")
+                if uid != gone[1] or time.monotonic() - gone[0] > WRITE_MEMORY_SECONDS:
+                    del self._deleted[key]  # the watch caught up (or a new one of that name)
                 else:
-                    found = obj
+                    found = None
+        found = self._newer_written(key, found) or found
         if found is None:
             return None
         found = copy.deepcopy(found)
@@ -100,11 +103,27 @@ class Cache:
         return out
 
     def pods(self, namespace: str, finetune: str) -> list[Manifest]:
-        """The pods labelled for the fine-tune of that name (any run of it)."""
-        pods = copy.deepcopy(self._values(PODS_INDEX, (namespace, finetune)))
-        for pod in pods:
+        """The pods labelled for the fine-tune of that name (any run of it), each as last
+        seen or written."""
+        pods = []
+        for seen in self._values(PODS_INDEX, (namespace, finetune)):
+            key = ("Pod", namespace, seen["metadata"]["name"])
+            pod = copy.deepcopy(self._newer_written(key, seen) or seen)
             pod.setdefault("kind", "Pod")
+            pods.append(pod)
         return pods
+
+    def _newer_written(self, key: Key, seen: Manifest | None) -> Manifest | None:
+        """What this operator wrote of the object, while the watch has not delivered it."""
+        with self._changed:
+            written = self._written.get(key)
+            if written is None:
+                return None
+            at, obj = written
+            if version(seen) >= version(obj) or time.monotonic() - at > WRITE_MEMORY_SECONDS:
+                del self._written[key]  # the watch caught up (or never will: it was deleted)
+                return None
+            return obj
 
     def warnings(self, namespace: str, involved: Iterable[str]) -> list[Manifest]:
         """Warning events about the objects of these names in the namespace."""
@@ -119,9 +138,13 @@ class Cache:
         with self._changed:
             self._written[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
 
-    def forget(self, kind: str, namespace: str, name: str) -> None:
+    def deleted(self, obj: Manifest) -> None:
+        """Remember that this operator deleted the object (uid and all)."""
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["namespace"], meta["name"])
         with self._changed:
-            self._written.pop((kind, namespace, name), None)
+            self._written.pop(key, None)
+            self._deleted[key] = (time.monotonic(), meta["uid"])
 
     def saw(self) -> None:
         """Called by the index handlers: wake whoever waits for a newer version."""

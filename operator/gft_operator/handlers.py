@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -115,6 +116,7 @@ class StatusConflict(Exception):
 
 
 RUNTIME = Runtime()
+_CHILDREN_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gft-children")
 LIVE = LiveState()
 _locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
@@ -238,7 +240,10 @@ def _sync_child(
 def _release(kube: Kube, obj: Manifest, who: str) -> None:
     """Take the operator's outcome finalizer off a Job or pod."""
     if children.OUTCOME_FINALIZER in (obj["metadata"].get("finalizers") or []):
-        kube.remove_finalizer({"kind": obj.get("kind") or "Pod", **obj}, children.OUTCOME_FINALIZER)
+        kind = obj.get("kind") or "Pod"
+        stored = kube.remove_finalizer({**obj, "kind": kind}, children.OUTCOME_FINALIZER)
+        if stored is not None:
+            CACHE.wrote({**stored, "kind": kind})
         log.debug("%s: released %s %s", who, obj.get("kind"), obj["metadata"]["name"])
 
 
@@ -345,8 +350,13 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
     if spec is not None and not blocked:
         desired = children.desired_children(owner, spec, RUNTIME.defaults)
         desired_job = desired[-1]
-        for child in desired[:-1]:
-            blocked = _sync_child(kube, child, owner, finished, who) or blocked
+        # Side by side: on a new run that is one round trip for all of them, not one each.
+        problems = list(
+            _CHILDREN_POOL.map(
+                lambda child: _sync_child(kube, child, owner, finished, who), desired[:-1]
+            )
+        )
+        blocked = next((p for p in problems if p is not None), None)
         _drop_unwanted_ingress(kube, owner, desired, who)
 
     job = CACHE.get("Job", namespace, name)
@@ -521,6 +531,7 @@ def _expire(
         return
     meta = job["metadata"]
     kube.delete("Job", meta["namespace"], meta["name"], uid=meta["uid"])
+    CACHE.deleted(job)
     log.info(
         "%s: deleted the finished Job %s (ttlSecondsAfterFinished: %ds)", who, meta["name"], ttl
     )
@@ -669,6 +680,7 @@ def _tensorboard_after_run(
         return children.tensorboard_url(owner, spec)
     if live is not None and _owned_by(live, owner.uid):
         kube.delete("Deployment", owner.namespace, name, uid=live["metadata"]["uid"])
+        CACHE.deleted(live)
         log.info(
             "%s: removed TensorBoard (kept %ds after the run)",
             who,
@@ -684,6 +696,7 @@ def _drop_unwanted_ingress(kube: Kube, owner: children.Owner, desired: list[Mani
     live = CACHE.get("Ingress", owner.namespace, name)
     if live is not None and _owned_by(live, owner.uid):
         kube.delete("Ingress", owner.namespace, name, uid=live["metadata"]["uid"])
+        CACHE.deleted(live)
         log.info("%s: deleted Ingress %s (no longer asked for)", who, name)
 
 

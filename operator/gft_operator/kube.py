@@ -257,15 +257,18 @@ class Kube:
             content_type="application/strategic-merge-patch+json",
         )
 
-    def remove_finalizer(self, obj: Manifest, finalizer: str) -> None:
+    def remove_finalizer(self, obj: Manifest, finalizer: str) -> Manifest | None:
         """Take one finalizer off a built-in object, leaving the others (the Job controller
-        keeps its own on pods) whatever happens meanwhile; an object already gone is fine."""
+        keeps its own on pods) whatever happens meanwhile; returns the object as stored, or
+        ``None`` when there was nothing to take off or it is gone already."""
         meta = obj["metadata"]
         if finalizer not in (meta.get("finalizers") or []):
-            return
+            return None
         patch = {"metadata": {"$deleteFromPrimitiveList/finalizers": [finalizer]}}
-        with contextlib.suppress(NotFound):
-            self.strategic_patch(obj["kind"], meta["namespace"], meta["name"], patch)
+        try:
+            return self.strategic_patch(obj["kind"], meta["namespace"], meta["name"], patch)
+        except NotFound:
+            return None
 
     def delete(
         self,

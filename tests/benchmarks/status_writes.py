@@ -7,13 +7,15 @@ loopback owns the whole range; one process there (``proving_ground.fake_trainers
 pod's trainer, each pod's step advancing once a second. So the operator does exactly what it
 does in a cluster (reads each pod IP, patches each status) and no traffic leaves this machine.
 
-Measured over a window once every fine-tune shows live numbers:
-- the operator's API writes per second, from the audit log (user
-  ``system:serviceaccount:gft-system:gft-operator``; all write verbs, and status patches alone),
-  against the bound ``N / interval``;
+Measured from the apply: how long until all N Jobs exist. Then over a window once every
+fine-tune shows live numbers:
+- the operator's API requests, from the audit log (user
+  ``system:serviceaccount:gft-system:gft-operator``): writes per second (all write verbs, and
+  status patches alone) against the bound ``N / interval``, and reads (GET and LIST; the
+  leader-election Lease and the long-lived watches apart) per minute, whose goal is 0;
 - freshness: for every step of every fine-tune in the window, the time from the step to the
   first status (seen by a watch) that shows it or a later one; median and p90;
-- the operator's CPU use (cores) over the window.
+- the operator's CPU use (cores) over the window, and its resident memory at the end.
 
     PYTHONPATH=tests .venv/bin/python -m benchmarks.status_writes [--finetunes 200] \\
         [--interval 10] [--window 60]
@@ -45,6 +47,7 @@ from operator_process import OperatorProcess, install, service_account_kubeconfi
 from operator_samples import finetune  # noqa: E402
 
 OPERATOR_USER = "system:serviceaccount:gft-system:gft-operator"
+READS = ("get", "list")
 NAMESPACE = "bench"
 
 
@@ -62,6 +65,13 @@ def manifests(n: int) -> str:
         )
         items.append(m)
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -109,7 +119,8 @@ def watch_status(c: pg.Cluster, seen: dict[str, list[tuple[float, int]]], stop: 
     proc.kill()
 
 
-def audit_writes(log: Path, start: int, t_from: float, t_to: float) -> dict[str, int]:
+def audit_requests(log: Path, start: int, t_from: float, t_to: float) -> dict[str, int]:
+    """The operator's requests in the window, counted by ``verb resource[/subresource]``."""
     counts: dict[str, int] = {}
     with log.open() as f:
         f.seek(start)
@@ -180,10 +191,15 @@ def main() -> int:
                 "pod-ip",
             )
             op.start()
+            applied = time.monotonic()
             c.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=manifests(n))
-            print(
-                f"applied {n} fine-tunes; waiting until every status shows live numbers", flush=True
-            )
+            print(f"applied {n} fine-tunes; waiting for their Jobs", flush=True)
+            while len(c.kubectl_json("get", "jobs", "-n", NAMESPACE)["items"]) < n:
+                if time.monotonic() - applied > 600:
+                    raise SystemExit(f"not all {n} Jobs exist after 10 min: {op.log()[-3000:]}")
+                time.sleep(0.5)
+            all_jobs_s = time.monotonic() - applied
+            print(f"all {n} Jobs exist {all_jobs_s:.1f}s after the apply", flush=True)
             deadline = time.monotonic() + 900
             while True:
                 items = c.kubectl_json("get", "gft", "-n", NAMESPACE)["items"]
@@ -221,15 +237,20 @@ def main() -> int:
             cpu0, w0 = cpu_seconds(op.proc.pid), time.time()
             time.sleep(args.window)
             cpu1, w1 = cpu_seconds(op.proc.pid), time.time()
+            rss = rss_mb(op.proc.pid)
             time.sleep(3)  # let the audit log catch up
             stop.set()
-            writes = audit_writes(audit, offset, w0, w1)
+            requests = audit_requests(audit, offset, w0, w1)
     finally:
         if op is not None:
             op.kill(signal.SIGTERM)
         pg.stop(state, say=lambda m: None)
 
     seconds = w1 - w0
+    writes = {k: v for k, v in requests.items() if k.split()[0] not in (*READS, "watch")}
+    reads = {
+        k: v for k, v in requests.items() if k.split()[0] in READS and not k.endswith(" leases")
+    }
     total_writes = sum(writes.values())
     status_patches = writes.get("patch gemmafinetunes/status", 0)
     delays = []
@@ -246,7 +267,10 @@ def main() -> int:
     result = {
         "finetunes": n,
         "interval_s": interval,
+        "all_jobs_after_apply_s": round(all_jobs_s, 1),
         "window_s": round(seconds, 1),
+        "operator_reads_per_min": round(sum(reads.values()) * 60 / seconds, 1),
+        "reads_by_kind": reads,
         "operator_writes_per_s": round(total_writes / seconds, 2),
         "status_patches_per_s": round(status_patches / seconds, 2),
         "bound_per_s": round(n / interval, 2),
@@ -255,6 +279,7 @@ def main() -> int:
         "freshness_p90_s": round(delays[int(0.9 * (len(delays) - 1))], 2) if delays else None,
         "freshness_samples": len(delays),
         "operator_cpu_cores": round((cpu1 - cpu0) / seconds, 3),
+        "operator_rss_mb": round(rss, 1),
     }
     print("RESULT " + json.dumps(result))
     ok = total_writes / seconds <= n / interval
