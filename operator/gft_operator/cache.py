@@ -89,6 +89,14 @@ class Cache:
         found.setdefault("kind", kind)
         return found
 
+    def has(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether the object exists as far as the watch and this operator's writes say."""
+        key = (kind, namespace, name)
+        with self._changed:
+            if key in self._written or key in self._deleted:
+                return self.get(kind, namespace, name) is not None
+        return bool(self._values(INDEX_OF_KIND[kind], (namespace, name)))
+
     def finetune(self, namespace: str, name: str) -> Manifest | None:
         return self.get("GemmaFineTune", namespace, name)
 

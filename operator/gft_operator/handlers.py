@@ -29,8 +29,9 @@ import os
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -253,6 +254,55 @@ def _caught_up(kind: str, namespace: str, name: str) -> Manifest | None:
     return CACHE.wait_for(kind, namespace, name, newer_than=0, timeout=CATCH_UP_SECONDS)
 
 
+@dataclass(frozen=True)
+class Understood:
+    """What a version of the spec says: the model (or why it is invalid), the fields of a newer
+    CRD it ignores, the policy's objections, and the children it asks for."""
+
+    spec: GemmaFineTuneSpec | None
+    error: str | None
+    ignored: list[str]
+    refused: list[str]
+    desired: list[Manifest]
+
+
+_UNDERSTOOD: OrderedDict[tuple[str, int], Understood] = OrderedDict()
+_UNDERSTOOD_KEPT = 4096
+_understood_guard = threading.Lock()
+
+
+def _understand(owner: children.Owner, body: Manifest) -> Understood:
+    """Validate the spec and build its children once per (uid, generation): the spec changes
+    only with the generation, and a reconcile comes many times in between."""
+    key = (owner.uid, int(body["metadata"].get("generation") or 0))
+    with _understood_guard:
+        if key in _UNDERSTOOD:
+            _UNDERSTOOD.move_to_end(key)
+            return _UNDERSTOOD[key]
+    # Fields of a newer CRD are ignored (and said so), never a reason to fail a run.
+    known, ignored = known_fields(GemmaFineTuneSpec, body.get("spec") or {})
+    spec: GemmaFineTuneSpec | None = None
+    error = None
+    try:
+        spec = GemmaFineTuneSpec.model_validate(known)
+    except ValidationError as e:
+        error = format_validation_error(e)
+    understood = Understood(
+        spec=spec,
+        error=error,
+        ignored=ignored,
+        refused=policy.violations(spec, RUNTIME.defaults.image, RUNTIME.defaults.policy)
+        if spec
+        else [],
+        desired=children.desired_children(owner, spec, RUNTIME.defaults) if spec else [],
+    )
+    with _understood_guard:
+        _UNDERSTOOD[key] = understood
+        while len(_UNDERSTOOD) > _UNDERSTOOD_KEPT:
+            _UNDERSTOOD.popitem(last=False)
+    return understood
+
+
 def _fresher(cached: Manifest | None, written: Manifest | None) -> Manifest | None:
     """The fine-tune as the watch delivered it, or as this operator's last write returned it
     when the watch has not echoed that write yet. Gone when the watch says it is gone."""
@@ -329,32 +379,26 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
     owner = children.Owner.from_body(body)
     old_status: Manifest = body.get("status") or {}
     raw_spec = body.get("spec") or {}
-    # Fields of a newer CRD are ignored (and said so), never a reason to fail a run.
-    known, ignored = known_fields(GemmaFineTuneSpec, raw_spec)
-    spec: GemmaFineTuneSpec | None = None
-    spec_error = None
-    try:
-        spec = GemmaFineTuneSpec.model_validate(known)
-    except ValidationError as e:
-        spec_error = format_validation_error(e)
+    understood = _understand(owner, body)
+    spec, spec_error, ignored = understood.spec, understood.error, understood.ignored
     finished = old_status.get("phase") in TERMINAL_PHASES
 
     blocked: tuple[str, str] | None = None
     desired_job = None
-    refused = (
-        policy.violations(spec, RUNTIME.defaults.image, RUNTIME.defaults.policy) if spec else []
-    )
+    refused = understood.refused
     if refused and not finished and not old_status.get("jobName"):
         # Nothing is created for it (a run that started before the policy did goes on).
         blocked = ("PolicyViolation", "refused by the cluster's policy: " + "; ".join(refused))
     if spec is not None and not blocked:
-        desired = children.desired_children(owner, spec, RUNTIME.defaults)
+        desired = understood.desired
         desired_job = desired[-1]
+        missing = [
+            c for c in desired[:-1] if not CACHE.has(c["kind"], namespace, c["metadata"]["name"])
+        ]
         # Side by side: on a new run that is one round trip for all of them, not one each.
+        run = _CHILDREN_POOL.map if len(missing) > 1 else map
         problems = list(
-            _CHILDREN_POOL.map(
-                lambda child: _sync_child(kube, child, owner, finished, who), desired[:-1]
-            )
+            run(lambda child: _sync_child(kube, child, owner, finished, who), desired[:-1])
         )
         blocked = next((p for p in problems if p is not None), None)
         _drop_unwanted_ingress(kube, owner, desired, who)
@@ -433,6 +477,10 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
             observed.blocked = _not_ours("Job", name)
         observed.job = created
     job = observed.job
+    if job is not None and status.pods_behind_job(job, current, time.time(), CATCH_UP_SECONDS * 5):
+        if RUNTIME.requeue is not None:
+            RUNTIME.requeue.after(key, 0.2)
+        return  # the pods' watch has not caught up with the Job's: decide once it has
     if job is not None and not blocked:
         running = any(p.get("status", {}).get("phase") == "Running" for p in current)
         if not running and not status.job_finished(job):
@@ -790,14 +838,22 @@ async def _warnings(namespace: str, body: kopf.Body, **_: Any) -> Any:
     return {(namespace, involved.get("name")): dict(body)}
 
 
+# The watch handlers only queue a reconcile: a burst of events for one fine-tune (its pod
+# going through its states, its Job and its own status changing) becomes one reconcile, and the
+# reconciles run in the queue's worker pool, one at a time per fine-tune.
+def _queue(namespace: str, name: str) -> None:
+    if RUNTIME.requeue is not None:
+        RUNTIME.requeue.after((namespace, name), 0)
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def on_finetune(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
+async def on_finetune(event: dict[str, Any], namespace: str, name: str, **_: Any) -> None:
     key = (namespace, name)
     if event.get("type") == "DELETED" and RUNTIME.requeue is not None:
         RUNTIME.requeue.forget(key)
     elif _own_write(key, event.get("object") or {}):
         return
-    _safely(namespace, name)
+    _queue(namespace, name)
 
 
 def _own_write(key: tuple[str, str], obj: Manifest) -> bool:
@@ -816,17 +872,17 @@ def _stop_reading(namespace: str, name: str) -> None:
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=MANAGED)
-def on_job(labels: dict[str, str], namespace: str, **_: Any) -> None:
+async def on_job(labels: dict[str, str], namespace: str, **_: Any) -> None:
     owner = labels.get(children.NAME_LABEL)
     if owner:
-        _safely(namespace, owner)
+        _queue(namespace, owner)
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)
-def on_pod(labels: dict[str, str], namespace: str, **_: Any) -> None:
+async def on_pod(labels: dict[str, str], namespace: str, **_: Any) -> None:
     owner = labels.get(children.NAME_LABEL)
     if owner:
-        _safely(namespace, owner)
+        _queue(namespace, owner)
 
 
 def resync_forever(stop: threading.Event) -> None:

@@ -27,7 +27,7 @@ def backoff(failures: int, first: float = 1.0, longest: float = 60.0) -> float:
 
 
 class Requeue:
-    RUNNING_RETRY_SECONDS = 0.2
+    RUNNING_RETRY_SECONDS = 0.05
     """How soon to look again at a due fine-tune that is being reconciled right now."""
 
     def __init__(self, reconcile: Callable[[str, str], None], workers: int = 1) -> None:

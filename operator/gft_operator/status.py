@@ -104,6 +104,21 @@ def job_finished(job: Manifest) -> bool:
     return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
 
 
+def pods_behind_job(job: Manifest, pods: list[Manifest], now: float, patience: float) -> bool:
+    """The Job has ended but fewer of its pods show as ended than it counts: what was read of
+    the pods (a watch of their own) is behind what was read of the Job. Deciding the run's
+    outcome now would freeze a half-seen one (attempts, the trainer's result), so wait, for
+    ``patience`` seconds after the Job ended at most."""
+    ended_cond = _job_condition(job, "Complete") or _job_condition(job, "Failed")
+    if ended_cond is None:
+        return False
+    counted = int(job["status"].get("failed") or 0) + int(job["status"].get("succeeded") or 0)
+    if sum(not alive(p) for p in pods) >= counted:
+        return False
+    stamp = ended_cond.get("lastTransitionTime")
+    return not stamp or now - unix_time(stamp) < patience
+
+
 def _job_condition(job: Manifest, type_: str) -> Manifest | None:
     for cond in job.get("status", {}).get("conditions") or []:
         if cond.get("type") == type_ and cond.get("status") == "True":

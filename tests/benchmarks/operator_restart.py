@@ -13,6 +13,7 @@ duplicate), and the tracebacks in the operator's log.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -23,8 +24,9 @@ from pathlib import Path
 
 import yaml
 from proving_ground import cluster as pg
+from proving_ground.fake_trainers import kwok_pods_served
 
-from benchmarks.status_writes import manifests
+from benchmarks.status_writes import add_kwok_nodes, manifests
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))
@@ -64,8 +66,12 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="gft-bench-"))
     c = pg.start(state, say=lambda m: print(f"[proving ground] {m}", flush=True), runner=False)
     op = None
-    try:
+    # Every pod answers as a trainer (at its pod IP), as in a cluster.
+    with kwok_pods_served(time.time()), contextlib.ExitStack() as stop:
+        stop.callback(pg.stop, state, say=lambda m: None)
+        stop.callback(lambda: op is not None and op.kill(signal.SIGTERM))
         install(c)
+        add_kwok_nodes(c, n)
         claim = {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
@@ -79,14 +85,16 @@ def main() -> int:
             c.kubectl("create", "namespace", ns)
             c.kubectl("apply", "-n", ns, "-f", "-", input=yaml.safe_dump(claim))
         kubeconfig = service_account_kubeconfig(c, work / "operator.kubeconfig")
-        op = OperatorProcess(c, kubeconfig, work / "operator.log")
+        op = OperatorProcess(c, kubeconfig, work / "operator.log", "--metrics-access", "pod-ip")
         op.start()
         t0 = time.monotonic()
         for ns in spaces:
-            c.kubectl("apply", "-n", ns, "-f", "-", input=manifests(per_space))
+            c.kubectl("create", "-n", ns, "-f", "-", input=manifests(per_space), timeout=600)
         total = per_space * len(spaces)
         print(f"applied {total} fine-tunes in {len(spaces)} namespaces", flush=True)
         while len(c.kubectl_json("get", "jobs", "-A")["items"]) < total // 2:
+            if time.monotonic() - t0 > 900:
+                raise SystemExit(f"not half the Jobs exist after 15 min: {op.log()[-3000:]}")
             time.sleep(0.5)
         op.kill(signal.SIGKILL)
         killed_at = time.monotonic() - t0
@@ -105,11 +113,6 @@ def main() -> int:
         time.sleep(5)  # let the audit log catch up
         creates = job_creates(c.state_dir / "logs" / "audit.log")
         log = op.log()
-    finally:
-        if op is not None:
-            op.kill(signal.SIGTERM)
-        pg.stop(state, say=lambda m: None)
-
     result = {
         "finetunes": total,
         "namespaces": len(spaces),

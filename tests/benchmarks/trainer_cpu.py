@@ -43,9 +43,17 @@ def small_gemma3(root: Path) -> Path:
 
     tok = make_tokenizer()
     cfg = Gemma3TextConfig(
-        vocab_size=len(tok), hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        sliding_window=128, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        sliding_window=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
@@ -56,17 +64,26 @@ def small_gemma3(root: Path) -> Path:
 
 
 def config_for(model_dir: Path, out: Path, steps: int) -> TrainerConfig:
-    return TrainerConfig.model_validate({
-        "model": {"nameOrPath": str(model_dir), "attnImplementation": "eager"},
-        "dataset": {"trainFiles": [str(REPO / "tests/data/chat_small.jsonl")]},
-        "data": {"format": "chat", "evalFraction": 0, "maxSeqLength": 256, "packing": True},
-        "method": {"type": "lora", "lora": {"r": 16, "alpha": 16, "dropout": 0.0}},
-        "training": {"maxSteps": steps, "batchSize": 2, "gradientAccumulationSteps": 1,
-                     "learningRate": 1e-4, "warmupRatio": 0.0, "gradientCheckpointing": False,
-                     "precision": "fp32", "loggingEverySteps": 1},
-        "output": {"dir": str(out), "checkpointEverySteps": 0},
-        "observability": {"metricsPort": 0},
-    })
+    return TrainerConfig.model_validate(
+        {
+            "model": {"nameOrPath": str(model_dir), "attnImplementation": "eager"},
+            "dataset": {"trainFiles": [str(REPO / "tests/data/chat_small.jsonl")]},
+            "data": {"format": "chat", "evalFraction": 0, "maxSeqLength": 256, "packing": True},
+            "method": {"type": "lora", "lora": {"r": 16, "alpha": 16, "dropout": 0.0}},
+            "training": {
+                "maxSteps": steps,
+                "batchSize": 2,
+                "gradientAccumulationSteps": 1,
+                "learningRate": 1e-4,
+                "warmupRatio": 0.0,
+                "gradientCheckpointing": False,
+                "precision": "fp32",
+                "loggingEverySteps": 1,
+            },
+            "output": {"dir": str(out), "checkpointEverySteps": 0},
+            "observability": {"metricsPort": 0},
+        }
+    )
 
 
 class StepTimer(TrainerCallback):
@@ -82,8 +99,9 @@ class StepTimer(TrainerCallback):
 
 
 def load(config: TrainerConfig):
-    loaded = modeling.load(config.model, config.method, config.training.precision, None,
-                           modeling.Hardware.detect())
+    loaded = modeling.load(
+        config.model, config.method, config.training.precision, None, modeling.Hardware.detect()
+    )
     loaded.model.config.use_cache = False
     tok = data.Tokenizer(loaded.tokenizer)
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
@@ -103,11 +121,21 @@ def run_ours(config: TrainerConfig, monitored: bool, workdir: Path) -> list[floa
     if monitored:
         prometheus = PrometheusMetrics("bench")
         prometheus.serve("127.0.0.1", 0)
-        callbacks = [TensorBoardScalars(workdir / "tb"), prometheus, LogLine(),
-                     StopOnSignal(StopFlag()), timer]
-    trainer = GemmaTrainer(model=loaded.model, args=args, train_dataset=prepared.train,
-                           data_collator=collator, processing_class=loaded.tokenizer,
-                           callbacks=callbacks)
+        callbacks = [
+            TensorBoardScalars(workdir / "tb"),
+            prometheus,
+            LogLine(),
+            StopOnSignal(StopFlag()),
+            timer,
+        ]
+    trainer = GemmaTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=prepared.train,
+        data_collator=collator,
+        processing_class=loaded.tokenizer,
+        callbacks=callbacks,
+    )
     trainer.remove_callback(PrinterCallback)  # as gft-train does
     trainer.train()
     if prometheus:
@@ -127,8 +155,9 @@ def run_bare(config: TrainerConfig) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=h.learning_rate, weight_decay=h.weight_decay)
     schedule = get_linear_schedule_with_warmup(optimizer, 0, h.max_steps)
-    loader = torch.utils.data.DataLoader(prepared.train, batch_size=h.batch_size, shuffle=True,
-                                         collate_fn=collator)
+    loader = torch.utils.data.DataLoader(
+        prepared.train, batch_size=h.batch_size, shuffle=True, collate_fn=collator
+    )
     times: list[float] = []
     batches = iter(loader)
     for _ in range(h.max_steps):
@@ -167,16 +196,20 @@ def main() -> None:
                 else:
                     times = run_ours(config, name == "ours", work)
                 results[name] += times[WARMUP:]
-                print(f"round {r} {name:10s} median step {statistics.median(times[WARMUP:]):.4f}s",
-                      flush=True)
+                print(
+                    f"round {r} {name:10s} median step {statistics.median(times[WARMUP:]):.4f}s",
+                    flush=True,
+                )
     med = {name: statistics.median(t) for name, t in results.items()}
     print(f"\nsteps per loop: {len(results['bare'])} (after {WARMUP} warm-up steps per round)")
     for name, m in med.items():
         print(f"{name:10s} median seconds/step {m:.4f}")
     print(f"ours / bare              = {med['ours'] / med['bare']:.3f}x")
     print(f"ours-quiet / bare        = {med['ours-quiet'] / med['bare']:.3f}x")
-    print(f"monitoring cost (ours / ours-quiet - 1) = "
-          f"{(med['ours'] / med['ours-quiet'] - 1) * 100:+.2f}%")
+    print(
+        f"monitoring cost (ours / ours-quiet - 1) = "
+        f"{(med['ours'] / med['ours-quiet'] - 1) * 100:+.2f}%"
+    )
 
 
 if __name__ == "__main__":

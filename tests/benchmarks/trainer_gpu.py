@@ -43,17 +43,47 @@ from benchmarks.trainer_cpu import WARMUP, StepTimer
 
 # Published shapes of the real models (random weights here).
 SHAPES: dict[str, tuple[type, dict[str, Any], str]] = {
-    "gemma-2-2b": (Gemma2Config, dict(
-        vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=4096,
-        final_logit_softcapping=30.0, attn_logit_softcapping=50.0), "eager"),
-    "gemma-3-1b": (Gemma3TextConfig, dict(
-        vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512),
-        "sdpa"),
+    "gemma-2-2b": (
+        Gemma2Config,
+        dict(
+            vocab_size=256000,
+            hidden_size=2304,
+            intermediate_size=9216,
+            num_hidden_layers=26,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=4096,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+        ),
+        "eager",
+    ),
+    "gemma-3-1b": (
+        Gemma3TextConfig,
+        dict(
+            vocab_size=262144,
+            hidden_size=1152,
+            intermediate_size=6912,
+            num_hidden_layers=26,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=256,
+            sliding_window=512,
+        ),
+        "sdpa",
+    ),
 }
-TINY = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=64)
+TINY = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    sliding_window=64,
+)
 
 
 class Rows(torch.utils.data.Dataset):
@@ -76,8 +106,9 @@ def build(shape: str, tiny: bool, device: str) -> Any:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention)
     model.to(device)
-    lora = LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lora), cfg
 
 
@@ -113,14 +144,30 @@ def run(loop: str, shape: str, a: argparse.Namespace, device: str, work: Path) -
             times.append(time.perf_counter() - t)
     else:
         args = TrainingArguments(
-            output_dir=str(work / "out"), max_steps=a.steps, per_device_train_batch_size=a.batch,
-            learning_rate=1e-4, max_grad_norm=1.0, bf16=device == "cuda", logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device != "cuda",
-            remove_unused_columns=False, prediction_loss_only=True, lr_scheduler_type="constant")
+            output_dir=str(work / "out"),
+            max_steps=a.steps,
+            per_device_train_batch_size=a.batch,
+            learning_rate=1e-4,
+            max_grad_norm=1.0,
+            bf16=device == "cuda",
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            use_cpu=device != "cuda",
+            remove_unused_columns=False,
+            prediction_loss_only=True,
+            lr_scheduler_type="constant",
+        )
         timer = StepTimer()
         prometheus = PrometheusMetrics("bench")
-        callbacks = [TensorBoardScalars(work / "tb"), prometheus, LogLine(),
-                     StopOnSignal(StopFlag()), timer]
+        callbacks = [
+            TensorBoardScalars(work / "tb"),
+            prometheus,
+            LogLine(),
+            StopOnSignal(StopFlag()),
+            timer,
+        ]
         trainer = GemmaTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
         trainer.train()
@@ -133,8 +180,12 @@ def run(loop: str, shape: str, a: argparse.Namespace, device: str, work: Path) -
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"step_s": step, "tokens_per_s": tokens_per_s,
-            "mfu": flops / (a.peak_tflops * 1e12), "peak_gib": peak / 2**30}
+    return {
+        "step_s": step,
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops / (a.peak_tflops * 1e12),
+        "peak_gib": peak / 2**30,
+    }
 
 
 def main() -> None:
@@ -151,18 +202,26 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not a.tiny:
         raise SystemExit("no CUDA GPU here: real-size shapes need one (use --tiny for a smoke run)")
-    print(f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
-          f"seq {a.seq}, batch {a.batch}, steps {a.steps} (median after {WARMUP} warm-up)")
+    print(
+        f"device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+        f"seq {a.seq}, batch {a.batch}, steps {a.steps} (median after {WARMUP} warm-up)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for shape in a.shapes:
-            got = {loop: run(loop, shape, a, device, Path(tmp) / f"{shape}-{loop}")
-                   for loop in ("bare", "ours")}
+            got = {
+                loop: run(loop, shape, a, device, Path(tmp) / f"{shape}-{loop}")
+                for loop in ("bare", "ours")
+            }
             for loop, r in got.items():
-                print(f"{shape:11s} {loop:5s} step {r['step_s']:.3f}s  "
-                      f"{r['tokens_per_s']:,.0f} tokens/s  MFU {r['mfu'] * 100:.1f}%  "
-                      f"peak {r['peak_gib']:.1f} GiB")
-            print(f"{shape:11s} ours/bare step time = "
-                  f"{got['ours']['step_s'] / got['bare']['step_s']:.3f}x")
+                print(
+                    f"{shape:11s} {loop:5s} step {r['step_s']:.3f}s  "
+                    f"{r['tokens_per_s']:,.0f} tokens/s  MFU {r['mfu'] * 100:.1f}%  "
+                    f"peak {r['peak_gib']:.1f} GiB"
+                )
+            print(
+                f"{shape:11s} ours/bare step time = "
+                f"{got['ours']['step_s'] / got['bare']['step_s']:.3f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gft_api.contract import ExitCode, Outcome, TrainerSummary
-from gft_operator.status import Observed, decide, should_create_job
+from gft_operator.status import Observed, decide, pods_behind_job, should_create_job, unix_time
 
 NOW = "2026-01-01T00:10:00Z"
 
@@ -574,3 +574,15 @@ def test_a_spec_this_operator_cannot_use_creates_nothing_and_fails_nothing():
     d = decide(obs, NOW)
     assert d.status["phase"] == "Running"
     assert conditions(d.status)["SpecUnderstood"]["reason"] == "InvalidSpec"
+
+
+def test_a_job_that_ended_waits_for_its_pods_to_be_seen_ended():
+    """The pods come from a watch of their own: one that lags the Job's must not freeze a
+    half-seen outcome (a failure counted once of two), but the wait is bounded."""
+    failed = job(("Failed", "BackoffLimitExceeded", "too many"), failed=2)
+    first, second = pod("demo-1", phase="Failed"), pod("demo-2", phase="Running")
+    now = unix_time(NOW)
+    assert pods_behind_job(failed, [first, second], now + 1, patience=10)
+    assert not pods_behind_job(failed, [first, pod("demo-2", phase="Failed")], now + 1, 10)
+    assert not pods_behind_job(failed, [first, second], now + 11, patience=10)  # waited enough
+    assert not pods_behind_job(job(), [second], now, patience=10)  # not ended: nothing to wait
