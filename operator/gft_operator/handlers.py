@@ -24,6 +24,7 @@ Safe for the run's results:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -266,15 +267,16 @@ class Understood:
     desired: list[Manifest]
 
 
-_UNDERSTOOD: OrderedDict[tuple[str, int], Understood] = OrderedDict()
+_UNDERSTOOD: OrderedDict[tuple[str, str], Understood] = OrderedDict()
 _UNDERSTOOD_KEPT = 4096
 _understood_guard = threading.Lock()
 
 
 def _understand(owner: children.Owner, body: Manifest) -> Understood:
-    """Validate the spec and build its children once per (uid, generation): the spec changes
-    only with the generation, and a reconcile comes many times in between."""
-    key = (owner.uid, int(body["metadata"].get("generation") or 0))
+    """Validate the spec and build its children once per spec as read: a reconcile comes many
+    times between two changes. (Keyed by the spec itself, not the generation: a newer CRD's
+    defaults change what is read without a new generation.)"""
+    key = (owner.uid, json.dumps(body.get("spec") or {}, sort_keys=True))
     with _understood_guard:
         if key in _UNDERSTOOD:
             _UNDERSTOOD.move_to_end(key)
