@@ -112,8 +112,24 @@ def run_one(args: argparse.Namespace) -> int:
         )
         summaries.write(result, config.output.dir if config else None, termination)
     stop.uninstall()
+    _leave_process_group()
     log.info("exit %d (%s)", result.exit_code, result.reason)
     return result.exit_code
+
+
+def _leave_process_group() -> None:
+    """Leave the ranks' process group before the interpreter exits: a group left to the exit
+    can abort the process while its threads are torn down ("terminate called without an
+    active exception", exit 134 instead of the code chosen here)."""
+    if "torch.distributed" not in sys.modules:
+        return  # never started one
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # the exit code is already decided; say it and go on
+            log.warning("could not leave the process group: %s", e)
 
 
 def entrypoint() -> None:
