@@ -211,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         run_as_user=args.run_as_user,
         policy=policy_of(args, args.leader_election_namespace),
     )
-    handlers.RUNTIME.namespaces = list(args.namespace)
     handlers.RUNTIME.resync_seconds = args.resync_seconds
     access = _access(args.metrics_access, kubeconfig)
     if args.metrics_interval > 0:

@@ -71,7 +71,6 @@ class Runtime:
 
     kube: Kube | None = None
     defaults: children.Defaults = children.Defaults()
-    namespaces: list[str] = []  # empty: all namespaces
     resync_seconds: float = 10.0
     component: str = "gft-operator"
     instance: str = socket.gethostname()
@@ -84,27 +83,29 @@ class Runtime:
 
 
 class LiveState:
-    """What the status writers know between reconciles: the status as last read or written,
+    """What the status writers know between reconciles: each object as last read or written,
     with the resourceVersion it was read at (every status write of this operator happens under
     the object's lock and carries that version, so a write from elsewhere is noticed), and which
     pods have served their metrics."""
 
     def __init__(self) -> None:
         self.body: dict[tuple[str, str], Manifest] = {}
-        self.status: dict[tuple[str, str], Manifest] = {}
-        self.version: dict[tuple[str, str], str] = {}
         self.served: set[tuple[str, str, str]] = set()  # (namespace, name, pod)
 
     def remember(self, key: tuple[str, str], stored: Manifest) -> None:
-        """Keep the status and resourceVersion of an object as the API server returned it."""
+        """Keep an object as the API server returned it."""
         self.body[key] = stored
-        self.status[key] = stored.get("status") or {}
-        self.version[key] = stored["metadata"]["resourceVersion"]
+
+    def status(self, key: tuple[str, str]) -> Manifest | None:
+        body = self.body.get(key)
+        return None if body is None else body.get("status") or {}
+
+    def version(self, key: tuple[str, str]) -> str | None:
+        body = self.body.get(key)
+        return None if body is None else body["metadata"]["resourceVersion"]
 
     def forget(self, namespace: str, name: str) -> None:
         self.body.pop((namespace, name), None)
-        self.status.pop((namespace, name), None)
-        self.version.pop((namespace, name), None)
         self.served = {s for s in self.served if s[:2] != (namespace, name)}
 
 
@@ -665,8 +666,8 @@ def _write_live_status(
     problem: Problem | None,
 ) -> bool:
     namespace, name = target.key
-    current = LIVE.status.get(target.key)
-    version = LIVE.version.get(target.key)
+    current = LIVE.status(target.key)
+    version = LIVE.version(target.key)
     if current is None or version is None or current.get("phase") != Phase.RUNNING.value:
         return False  # not (or no longer) running: the reconcile owns the status now
     if current.get("podName") not in (None, target.pod):
@@ -861,7 +862,7 @@ async def on_finetune(event: dict[str, Any], namespace: str, name: str, **_: Any
 def _own_write(key: tuple[str, str], obj: Manifest) -> bool:
     """The event echoes a version this operator already reconciled (its own status write,
     or the version a reconcile triggered otherwise read): nothing new to react to."""
-    seen = LIVE.version.get(key)
+    seen = LIVE.version(key)
     return seen is not None and seen == (obj.get("metadata") or {}).get("resourceVersion")
 
 
