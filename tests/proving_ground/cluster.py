@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -119,6 +120,35 @@ def free_port(host: str = "127.0.0.1") -> int:
             f"no free TCP port on {host} ({e}); the machine's ephemeral ports are exhausted. "
             "Stop stray servers (ss -ltnp) and try again"
         ) from e
+
+
+def component_port(host: str = "127.0.0.1") -> int:
+    """A free port for a control-plane component, below the kernel's ephemeral range.
+
+    A port the kernel handed out (``free_port``) may be given again, meanwhile, as the source
+    port of one of the many client connections a busy test session opens; the component that
+    binds it seconds later then fails with "address already in use". Ports from outside that
+    range are never given to clients."""
+    low, high = _ephemeral_range()
+    band = range(20000, low) if low > 21000 else range(high + 1, 65536)
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(band)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    return free_port(host)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,19 +286,24 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-def _wait(what: str, check, timeout: float, cluster: Cluster, log_name: str | None) -> None:
+def _wait(
+    what: str, check, timeout: float, cluster: Cluster, log_name: str | tuple[str, ...] | None
+) -> None:
+    """Wait for ``check``; give up early when a watched component dies, showing its log."""
+    watched = (log_name,) if isinstance(log_name, str) else (log_name or ())
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    dead: str | None = None
+    while time.monotonic() < deadline and dead is None:
         if check():
             return
-        if log_name and not _pid_alive(cluster.pids.get(log_name, 0)):
-            break
+        dead = next((n for n in watched if not _pid_alive(cluster.pids.get(n, 0))), None)
         time.sleep(0.2)
-    hint = ""
-    if log_name:
-        log = cluster.state_dir / "logs" / f"{log_name}.log"
+    shown = dead or (watched[0] if len(watched) == 1 else None)
+    hint = f" ({dead} exited)" if dead else ""
+    if shown:
+        log = cluster.state_dir / "logs" / f"{shown}.log"
         tail = log.read_text(errors="replace").splitlines()[-20:] if log.exists() else []
-        hint = f"\n  log: {log}\n--- last lines ---\n" + "\n".join(tail)
+        hint += f"\n  log: {log}\n--- last lines ---\n" + "\n".join(tail)
     raise ClusterError(f"{what} did not become ready within {timeout:.0f}s{hint}")
 
 
@@ -558,7 +593,7 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
     state_dir.mkdir(parents=True, exist_ok=True)
     (state_dir / "logs").mkdir(exist_ok=True)
     ports = {
-        name: free_port()
+        name: component_port()
         for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
     }
     cluster = Cluster(
@@ -708,10 +743,14 @@ def _start_processes(c: Cluster, runner: bool) -> None:
     objects = [*BOOTSTRAP_OBJECTS, *_fake_nodes()]
     c.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
 
+    want = {*KWOK_CPU_NODES, *KWOK_GPU_NODES} | ({RUNNER_NODE} if runner else set())
+    missing: list[str] = []
+
     def settled() -> bool:
         try:
             nodes = c.kubectl_json("get", "nodes")["items"]
         except (subprocess.SubprocessError, ValueError):
+            missing[:] = ["an answer to `kubectl get nodes`"]
             return False
         ready = {
             n["metadata"]["name"]
@@ -721,17 +760,23 @@ def _start_processes(c: Cluster, runner: bool) -> None:
                 for cond in n.get("status", {}).get("conditions", [])
             )
         }
-        want = {*KWOK_CPU_NODES, *KWOK_GPU_NODES} | ({RUNNER_NODE} if runner else set())
         sa = c.kubectl("get", "serviceaccount", "default", "-n", "default", check=False)
-        return want <= ready and sa.returncode == 0
+        missing[:] = [f"node {n} Ready" for n in sorted(want - ready)]
+        if sa.returncode != 0:
+            missing.append("ServiceAccount default/default (kube-controller-manager makes it)")
+        return not missing
 
-    # If the runner dies (say, its range was taken meanwhile), its log is what explains it.
-    _wait(
-        "nodes Ready and the default ServiceAccount", settled, 60, c, "runner" if runner else None
+    components = ("kube-controller-manager", "kube-scheduler", "kwok") + (
+        ("runner",) if runner else ()
     )
-    for name in ("kube-controller-manager", "kube-scheduler", "kwok", "runner"):
-        if name in c.pids and not _pid_alive(c.pids[name]):
-            _wait(name, lambda: False, 0, c, name)
+    try:
+        # A component that dies (say, its port was taken meanwhile) is named, with its log.
+        _wait("nodes Ready and the default ServiceAccount", settled, 90, c, components)
+    except ClusterError as e:
+        raise ClusterError(f"{e}\n  still missing: {', '.join(missing)}") from None
+    for name in components:
+        if not _pid_alive(c.pids[name]):
+            _wait(name, lambda: False, 0, c, name)  # raises, with its log
 
 
 # ---------------------------------------------------------------------------------------------
