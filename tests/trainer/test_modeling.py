@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from gft_api.contract import ConfigError, ModelSource
+from gft_api.contract import ConfigError, ExitCode, ModelSource
 from gft_api.training import Method, MethodType, Precision
 from gft_trainer import data, modeling
-from gft_trainer.errors import ModelNotFoundError, UnsupportedError
+from gft_trainer.errors import ModelNotFoundError, UnsupportedError, exit_code_for
 
 from trainer.tiny import MODEL_TYPES, make_model_dir
 
@@ -40,6 +40,15 @@ def test_attention_gemma2_never_sdpa() -> None:
     assert modeling.choose_attention("auto", "gemma3_text", CPU) == "sdpa"
     with pytest.raises(UnsupportedError):
         modeling.choose_attention("flash_attention_2", "gemma", CPU)
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "gemma4", "gemma3"])
+def test_flash_attention_is_refused_up_front_where_it_cannot_run(model_type: str) -> None:
+    # Refused as unsupported (exit 69, not retried), before any weight is loaded.
+    with pytest.raises(UnsupportedError, match=f"cannot run {model_type}") as refused:
+        modeling.choose_attention("flash_attention_2", model_type, A100)
+    assert exit_code_for(refused.value) == ExitCode.UNSUPPORTED
+    assert modeling.choose_attention("auto", model_type, A100) == "sdpa"
 
 
 def test_unknown_family_is_a_config_error() -> None:
@@ -135,3 +144,49 @@ def test_packed_batch_gives_same_loss_as_unpacked(
         loss_reordered = model(**collate(data.pack(examples[::-1], 64))).loss
     assert torch.allclose(loss_packed, loss_unpacked, atol=1e-5), (loss_packed, loss_unpacked)
     assert torch.allclose(loss_packed, loss_reordered, atol=1e-5)
+
+
+def _kernels() -> list:
+    """Every (family, kernel) the trainer may pick; FlashAttention needs a GPU."""
+    out = []
+    for model_type in MODEL_TYPES:
+        for kernel in ("eager", "sdpa", "flash_attention_2"):
+            gpu = kernel == "flash_attention_2"
+            try:
+                modeling.choose_attention(kernel, model_type, A100 if gpu else CPU)
+            except (ConfigError, UnsupportedError):
+                continue
+            marks = [pytest.mark.gpu] if gpu else []
+            out.append(pytest.param(model_type, kernel, marks=marks, id=f"{model_type}-{kernel}"))
+    return out
+
+
+@pytest.mark.parametrize(("model_type", "kernel"), _kernels())
+def test_packed_micro_batches_of_several_rows_never_leak(
+    tiny_models: Path, model_type: str, kernel: str, examples: list[data.Example]
+) -> None:
+    # Several packed rows per micro-batch: FlashAttention-2 reads packing from the positions
+    # only for a batch of one row; with two rows it ran causal attention across examples.
+    hw = A100 if kernel == "flash_attention_2" else CPU
+    path = make_model_dir(tiny_models, model_type)
+    source = ModelSource(name_or_path=str(path), attn_implementation=kernel)
+    precision = Precision.BF16 if hw.cuda else Precision.AUTO
+    loaded = modeling.load(source, Method(type=MethodType.FULL), precision, None, hw)
+    model = loaded.model.to("cuda" if hw.cuda else "cpu").eval()
+    model.config.use_cache = False
+    collate = data.Collator(0, modeling.needs_token_type_ids(model))
+    rows = data.pack(examples, 16)
+    assert len(rows) >= 3  # the micro-batch really holds several packed rows
+
+    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(**{k: v.to(model.device) for k, v in batch.items()}).loss.float()
+
+    flattened = collate(rows)
+    assert flattened["input_ids"].shape[0] == 1
+    assert data.examples_in(flattened) == len(examples)
+    reference = loss(collate(data.unpacked(examples)))
+    reordered = loss(collate(data.pack(examples[::-1], 16)))
+    tol = 2e-2 if hw.cuda else 1e-5
+    assert torch.allclose(loss(flattened), reference, atol=tol), (loss(flattened), reference)
+    assert torch.allclose(reordered, reference, atol=tol), (reordered, reference)

@@ -5,8 +5,9 @@ Records come from JSONL, JSON or Parquet files (or a hub dataset). Each keeps wh
 ``input_ids`` on the tokens the model learns and -100 elsewhere (prompts, user turns).
 
 Packing puts several examples into one row with ``position_ids`` restarting at 0 for each example
-and no ``attention_mask``: transformers then builds a block-diagonal causal mask (eager, SDPA) or
-uses varlen FlashAttention, so attention never crosses examples. The first token of each packed
+and no ``attention_mask``; the collator flattens a micro-batch's rows into one, so that
+transformers builds a block-diagonal causal mask (eager, SDPA) or runs varlen FlashAttention, and
+attention never crosses examples. The first token of each packed
 example gets label -100, because its prediction would come from the previous example.
 """
 
@@ -336,34 +337,46 @@ def unpacked(examples: Sequence[Example]) -> list[dict[str, list[int]]]:
 
 
 class Collator:
-    """Pads a batch. Packed rows (with ``position_ids``) get no attention mask: the padding tail is
-    one more position run, with labels -100, so the mask builder sees it as its own example."""
+    """Makes a batch. Packed rows are flattened, padding-free, into one row of the whole
+    micro-batch with ``position_ids`` restarting per example and no attention mask: every kernel
+    then keeps examples apart (eager and SDPA through the block-diagonal mask transformers builds
+    from the positions, FlashAttention-2 through varlen ``cu_seq_lens``, which transformers
+    derives from the positions only when the batch holds one row). Unpacked rows are padded."""
 
     def __init__(self, pad_id: int, token_type_ids: bool = False) -> None:
         self.pad_id = pad_id
         self.token_type_ids = token_type_ids
 
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        packed = "position_ids" in rows[0]
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-        if packed:
-            batch["position_ids"] = []
+        if "position_ids" in rows[0]:
+            batch = {
+                key: [[token for r in rows for token in r[key]]]
+                for key in ("input_ids", "labels", "position_ids")
+            }
         else:
-            batch["attention_mask"] = []
+            batch = self._padded(rows)
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if self.token_type_ids:
+            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
+        return out
+
+    def _padded(self, rows: list[dict[str, list[int]]]) -> dict[str, list[list[int]]]:
+        width = max(len(r["input_ids"]) for r in rows)
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
         for r in rows:
             n = len(r["input_ids"])
             pad = width - n
             batch["input_ids"].append(r["input_ids"] + [self.pad_id] * pad)
             batch["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
-            if packed:
-                batch["position_ids"].append(r["position_ids"] + list(range(pad)))
-            else:
-                batch["attention_mask"].append([1] * n + [0] * pad)
-        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-        if self.token_type_ids:
-            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
-        return out
+            batch["attention_mask"].append([1] * n + [0] * pad)
+        return batch
+
+
+def examples_in(batch: dict[str, torch.Tensor]) -> int:
+    """How many examples a collated batch holds (a flattened packed row holds several)."""
+    if "position_ids" in batch:
+        return int((batch["position_ids"] == 0).sum())
+    return int(batch["input_ids"].shape[0])
 
 
 class ListDataset(torch.utils.data.Dataset):

@@ -40,6 +40,12 @@ FROZEN_PARTS = (
     "embed_audio",
 )
 NEVER_ADAPTED = ("lm_head",)
+# Families FlashAttention-2 cannot run correctly, and why.
+NO_FLASH_ATTENTION = {
+    "gemma3": "it drops Gemma 3's bidirectional mask over image tokens",
+    "gemma4": "Gemma 4's global layers have head_dim 512, beyond FlashAttention-2's 256",
+    "gemma4_text": "Gemma 4's global layers have head_dim 512, beyond FlashAttention-2's 256",
+}
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
@@ -100,6 +106,11 @@ def choose_attention(requested: str, model_type: str, hw: Hardware) -> str:
     fa_ok = hw.cuda and hw.flash_attn_version is not None
     gemma2 = model_type == "gemma2"
     if requested == "flash_attention_2":
+        if model_type in NO_FLASH_ATTENTION:
+            raise UnsupportedError(
+                f"model.attnImplementation: flash_attention_2 cannot run {model_type}: "
+                f"{NO_FLASH_ATTENTION[model_type]}; use auto (sdpa)"
+            )
         if not fa_ok:
             raise UnsupportedError(
                 "model.attnImplementation: flash_attention_2 needs CUDA and the flash-attn "

@@ -72,7 +72,7 @@ class GemmaTrainer(Trainer):
             acc[1] += mask.sum()
             if model.training:
                 self._tokens += (inputs["input_ids"] != self.pad_id).sum()
-                self._rows += labels.shape[0]
+                self._rows += data.examples_in(inputs)
         del logits
         outputs["logits"] = None  # nothing downstream needs the 256k-wide logits
         return (loss, outputs) if return_outputs else loss
