@@ -379,6 +379,6 @@ def test_component_ports_are_never_ones_the_kernel_gives_to_clients() -> None:
     # A port from the ephemeral range can be taken, between choosing and binding, by one of the
     # session's many client connections (seen: a second control plane never got its default
     # ServiceAccount, its controller manager having died on "address already in use").
-    low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    low, high = pg._ephemeral_range()
     ports = [pg.component_port() for _ in range(50)]
     assert not [p for p in ports if low <= p <= high], ports

@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; run on a GPU machine (see docs/benchmarks.md)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run it on a GPU machine")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -12,6 +12,7 @@ from gft_trainer.callbacks import (
     format_log_line,
     tensorboard_run_dir,
 )
+from gft_trainer.data import Truncation
 from gft_trainer.metrics import PrometheusMetrics
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -56,6 +57,7 @@ def test_log_line_is_readable() -> None:
 
 def test_prometheus_serves_gft_metrics_and_no_gpu_series(tmp_path: Path) -> None:
     metrics = PrometheusMetrics("ns/run")
+    metrics.set_data(120, Truncation(examples=7, answers_cut=2))
     port = metrics.serve("127.0.0.1", 0)
     try:
         args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
@@ -75,6 +77,8 @@ def test_prometheus_serves_gft_metrics_and_no_gpu_series(tmp_path: Path) -> None
     assert value["gft_total_steps"] == 50 and value["gft_global_step"] == 10
     assert value["gft_last_checkpoint_step"] == 10 and value["gft_eta_seconds"] == 83
     assert got["gft_train_loss"][0].labels == {"run": "ns/run"}
+    data = {sample.labels["kind"]: sample.value for sample in got["gft_data_examples"]}
+    assert data == {"total": 120, "truncated": 7, "answer_cut": 2}
     # This machine has no GPU: the GPU series are absent, and scraping did not fail.
     assert not [n for n in got if n.startswith("gft_gpu_")]
 

@@ -54,6 +54,7 @@ BAD_CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant
         ("missing-field", ExitCode.DATA_ERROR, r"bad\.jsonl:2: field `output` is missing"),
         ("empty-file", ExitCode.DATA_ERROR, r"bad\.jsonl: the file holds no records"),
         ("roles-out-of-order", ExitCode.DATA_ERROR, r"bad\.jsonl:2: roles out of order"),
+        ("not-utf8", ExitCode.DATA_ERROR, r"bad\.jsonl:3: byte 0xe9 at column 41 is not UTF-8"),
         ("no-model", ExitCode.MODEL_NOT_FOUND, r"model\.nameOrPath: .*does-not-exist"),
         ("fp16-gemma3", ExitCode.CONFIG_ERROR, r"training\.precision: fp16"),
     ],
@@ -77,6 +78,9 @@ def test_bad_input_fails_fast_and_non_retryable(
     }.get(case, good)
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(line + "\n" for line in lines))
+    if case == "not-utf8":  # a Latin-1 "é" inside the third record
+        bad = '{"text": "fine"}\n{"text": "fine"}\n{"text": "a record saved as Latin-1: caf\xe9"}\n'
+        data.write_bytes(bad.encode("latin-1"))
     model = tmp_path / "does-not-exist" if case == "no-model" else tiny_gemma3
     extra = {"training": {"precision": "fp16"}} if case == "fp16-gemma3" else {}
     cfg = write_config(

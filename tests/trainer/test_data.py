@@ -148,6 +148,56 @@ def test_packing_restarts_positions_and_masks_boundaries() -> None:
     assert [r["position_ids"] for r in rows] == [[0, 1, 2, 0, 1], [0, 1, 2, 3]]
     assert rows[0]["labels"] == [-100, 5, 6, -100, 7]
     batch = data.Collator(pad_id=0)(rows)
+    # Padding-free: the micro-batch is one row, no pad token, no mask.
     assert "attention_mask" not in batch
-    assert batch["position_ids"][1].tolist() == [0, 1, 2, 3, 0]
-    assert batch["labels"][1].tolist()[-1] == -100
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert batch["labels"].tolist() == [[-100, 5, 6, -100, 7, -100, 8, 9, 10]]
+    assert data.examples_in(batch) == 3
+
+
+def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path: Path) -> None:
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"latin1\.jsonl:3: byte 0xe9 at column 14 is not UTF-8"):
+        data.read_file(jsonl)
+    as_json = tmp_path / "latin1.json"
+    as_json.write_bytes(b'[\n  {"text": "ok"},\n  {"text": "\xff"}\n]\n')
+    with pytest.raises(DataError, match=r"latin1\.json:3: byte 0xff at column 13 is not UTF-8"):
+        data.read_file(as_json)
+
+
+def test_a_record_the_chat_template_refuses_is_a_data_error_naming_it(tmp_path: Path) -> None:
+    hf = make_tokenizer()
+    hf.chat_template = (
+        "{% for m in messages %}{% if 'forbidden' in m['content'] %}"
+        "{{ raise_exception('this template refuses the word forbidden') }}{% endif %}"
+        "<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            chat(("user", "a"), ("assistant", "b")),
+            chat(("user", "a forbidden word"), ("assistant", "b")),
+        ],
+    )
+    records = data.read_and_check(
+        DataSource(train_files=[str(path)]), DataShaping(eval_fraction=0.0), 0
+    )
+    with pytest.raises(DataError, match=r"chat\.jsonl:2: the chat template cannot render") as e:
+        data.prepare(data.Tokenizer(hf), records, DataShaping(eval_fraction=0.0), packing=True)
+    assert "refuses the word forbidden" in str(e.value)
+
+
+def test_truncation_is_counted_with_the_answers_it_cut(tok: data.Tokenizer, tmp_path: Path) -> None:
+    long_prompt = {"prompt": "word " * 60, "completion": "yes"}  # answer falls past the limit
+    long_answer = {"prompt": "q", "completion": "word " * 60}  # answer partly kept
+    short = {"prompt": "q", "completion": "a"}
+    path = write_jsonl(tmp_path / "pc.jsonl", [short, long_prompt, long_answer, short])
+    shaping = DataShaping(eval_fraction=0.0, max_seq_length=32)
+    records = data.read_and_check(DataSource(train_files=[str(path)]), shaping, 0)
+    prepared = data.prepare(tok, records, shaping, packing=False)
+    assert (prepared.truncated.examples, prepared.truncated.answers_cut) == (2, 2)
+    # The long prompt lost all of its answer, so nothing is left to learn from it.
+    assert prepared.train_examples == 3

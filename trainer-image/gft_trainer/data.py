@@ -69,13 +69,19 @@ def read_file(path: Path) -> list[Record]:
     suffix = path.suffix.lower()
     records: list[Record] = []
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for n, raw_line in enumerate(f, start=1):
+                line = _utf8(raw_line, f"{path}:{n}")
                 if not line.strip():
                     continue
                 records.append(Record(f"{path}:{n}", _parse_object(line, f"{path}:{n}")))
     elif suffix == ".json":
-        text = path.read_text(encoding="utf-8")
+        raw_bytes = path.read_bytes()
+        try:
+            text = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw_bytes[: e.start].count(b"\n") + 1
+            raise DataError(_not_utf8(f"{path}:{line}", raw_bytes, e)) from e
         if not text.strip():
             raise DataError(f"{path}: the file is empty; it must hold a JSON list of records")
         try:
@@ -105,6 +111,21 @@ def read_file(path: Path) -> list[Record]:
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(_not_utf8(where, raw, e)) from e
+
+
+def _not_utf8(where: str, raw: bytes, e: UnicodeDecodeError) -> str:
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    return (
+        f"{where}: byte 0x{raw[e.start]:02x} at column {column} is not UTF-8; "
+        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
 
 
 def _parse_object(line: str, where: str) -> dict[str, Any]:
@@ -295,8 +316,17 @@ def tokenize_record(tok: Tokenizer, record: Record, fmt: DatasetFormat, text_fie
     return Example(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
 
 
+@dataclass
+class Truncation:
+    """Examples longer than ``data.maxSeqLength``: all of them, and those whose answer (learned
+    tokens) was cut too."""
+
+    examples: int = 0
+    answers_cut: int = 0
+
+
 def tokenize_records(
-    tok: Tokenizer, records: Sequence[Record], shaping: DataShaping
+    tok: Tokenizer, records: Sequence[Record], shaping: DataShaping, cut: Truncation | None = None
 ) -> list[Example]:
     """Tokenize and truncate; examples left with nothing to learn are dropped."""
     if not records:
@@ -304,13 +334,31 @@ def tokenize_records(
     fmt = shaping.format
     if fmt == DatasetFormat.AUTO:
         fmt = detect_format(records[0])  # read_and_check made sure all records agree
+    cut = cut if cut is not None else Truncation()
+    limit = shaping.max_seq_length
     out = []
     for r in records:
-        ex = tokenize_record(tok, r, fmt, shaping.text_field)
-        ex = Example(ex.input_ids[: shaping.max_seq_length], ex.labels[: shaping.max_seq_length])
+        ex = _tokenize_one(tok, r, fmt, shaping.text_field)
+        if len(ex.input_ids) > limit:
+            cut.examples += 1
+            cut.answers_cut += any(label != IGNORE_INDEX for label in ex.labels[limit:])
+            ex = Example(ex.input_ids[:limit], ex.labels[:limit])
         if any(label != IGNORE_INDEX for label in ex.labels[1:]):
             out.append(ex)
     return out
+
+
+def _tokenize_one(tok: Tokenizer, record: Record, fmt: DatasetFormat, text_field: str) -> Example:
+    """One record; a chat template that cannot render it is the record's fault (exit 65)."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenize_record(tok, record, fmt, text_field)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        raise DataError(
+            f"{record.where}: the chat template cannot render this record: {e}; fix the record, "
+            "or the chat_template of the model's tokenizer"
+        ) from e
 
 
 # ---------------------------------------------------------------- packing and batching
@@ -396,6 +444,7 @@ class PreparedData:
     eval: ListDataset | None
     train_examples: int
     eval_examples: int
+    truncated: Truncation
 
 
 def read_and_check(source: DataSource, shaping: DataShaping, seed: int) -> tuple[list, list]:
@@ -430,8 +479,9 @@ def prepare(
 ) -> PreparedData:
     """From checked records to datasets of rows ready for the collator."""
     train_records, eval_records = records
-    train = tokenize_records(tok, train_records, shaping)
-    evals = tokenize_records(tok, eval_records, shaping)
+    truncated = Truncation()
+    train = tokenize_records(tok, train_records, shaping, truncated)
+    evals = tokenize_records(tok, eval_records, shaping, truncated)
     if not train:
         raise DataError(
             f"{train_records[0].where.rsplit(':', 1)[0]}: no example has anything to learn after "
@@ -443,4 +493,5 @@ def prepare(
         eval=ListDataset(shape(evals)) if evals else None,
         train_examples=len(train),
         eval_examples=len(evals),
+        truncated=truncated,
     )

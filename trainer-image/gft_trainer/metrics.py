@@ -12,11 +12,12 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from gft_trainer.data import Truncation
 from gft_trainer.gpu import read_gpus
 
 # logs key -> (metric name, help)
@@ -120,8 +121,21 @@ class PrometheusMetrics(TrainerCallback):
             "gft_train_samples", "Sequences trained on.", ["run"], registry=self.registry
         ).labels(run)
         self._counted = {"tokens_total": 0.0, "samples_total": 0.0}
+        data = Gauge(
+            "gft_data_examples",
+            "Examples after tokenization (train and eval), and how many of them were truncated "
+            "to data.maxSeqLength (kind=truncated) or lost answer tokens to it (kind=answer_cut).",
+            ["run", "kind"],
+            registry=self.registry,
+        )
+        self.data = {kind: data.labels(run, kind) for kind in ("total", "truncated", "answer_cut")}
         self.registry.register(GpuCollector(run))
         self.server: Any = None
+
+    def set_data(self, examples: int, truncated: Truncation) -> None:
+        self.data["total"].set(examples)
+        self.data["truncated"].set(truncated.examples)
+        self.data["answer_cut"].set(truncated.answers_cut)
 
     def serve(self, address: str, port: int) -> int:
         """Start the endpoint; returns the port it listens on."""

@@ -282,8 +282,18 @@ def run(
         p.total_steps,
         p.steps_per_epoch,
     )
+    cut = prepared.truncated
+    if cut.examples:
+        log.warning(
+            "data: %d examples were longer than data.maxSeqLength=%d and were truncated; "
+            "%d of them lost answer tokens (raise maxSeqLength or shorten those records)",
+            cut.examples,
+            config.data.max_seq_length,
+            cut.answers_cut,
+        )
     args = training_arguments(config, p, loaded.precision, hw.cuda, prepared.eval is not None)
     prometheus = PrometheusMetrics(config.run_name)
+    prometheus.set_data(prepared.train_examples + prepared.eval_examples, prepared.truncated)
     tb_root = Path(config.observability.tensorboard_dir or out / "tensorboard")
     tb_dir = tensorboard_run_dir(tb_root, config.run_name)
     # The log line last: once it shows a step, TensorBoard and /metrics already hold it.
