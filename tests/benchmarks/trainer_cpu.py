@@ -103,7 +103,7 @@ def load(config: TrainerConfig):
         config.model, config.method, config.training.precision, None, modeling.Hardware.detect()
     )
     loaded.model.config.use_cache = False
-    tok = data.Tokenizer(loaded.tokenizer)
+    tok = data.Tokenizer(loaded.tokenizer, loaded.generation)
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
     prepared = data.prepare(tok, records, config.data, True)
     collator = data.Collator(tok.pad_id, modeling.needs_token_type_ids(loaded.model))

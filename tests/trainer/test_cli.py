@@ -11,6 +11,7 @@ import pytest
 import yaml
 from gft_api.contract import NON_RETRYABLE_EXIT_CODES, ExitCode, TrainerSummary
 from gft_trainer import checkpoints, cli
+from transformers import AutoTokenizer
 
 from trainer.conftest import CHAT, write_config
 from trainer.tiny import make_model_dir
@@ -108,6 +109,11 @@ def test_lora_run_saves_adapter_and_resumes_past_truncated_checkpoint(
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "adapter" / "chat_template.jinja").exists()
     assert (out / "merged" / "config.json").exists() and "merged" in summary.artifacts
+    # Trained on chats: generation stops at <end_of_turn> (the tiny base stops only at EOS).
+    end_of_turn = AutoTokenizer.from_pretrained(tiny_gemma3).convert_tokens_to_ids("<end_of_turn>")
+    for folder in ("adapter", "merged"):
+        gen = json.loads((out / folder / "generation_config.json").read_text())
+        assert end_of_turn in gen["eos_token_id"] and 1 in gen["eos_token_id"], (folder, gen)
     assert json.loads((out / "summary.json").read_text())["globalStep"] == 6
     assert summary.eval_loss is not None and summary.eval_token_accuracy is not None
     ckpts = [p.name for p in checkpoints.all_checkpoints(out / "checkpoints")]
@@ -144,4 +150,6 @@ def test_full_finetune_of_multimodal_gemma3(tmp_path: Path, tiny_models: Path) -
     code, summary = run_cli(cfg)
     assert code == 0 and summary.artifacts == {"model": str(out / "model")}
     assert (out / "model" / "config.json").exists()
+    # fp32 master weights: the saved full model is fp32 whatever the compute precision.
+    assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "float32"
     shutil.rmtree(out)

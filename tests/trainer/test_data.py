@@ -201,3 +201,32 @@ def test_truncation_is_counted_with_the_answers_it_cut(tok: data.Tokenizer, tmp_
     assert (prepared.truncated.examples, prepared.truncated.answers_cut) == (2, 2)
     # The long prompt lost all of its answer, so nothing is left to learn from it.
     assert prepared.train_examples == 3
+
+
+SYSTEM_CHAT = chat(("system", "Answer like a pirate."), ("user", "Hi"), ("assistant", "Arr"))
+
+
+def test_gemma4_keeps_its_system_turn_and_earlier_generations_fold_it() -> None:
+    record = data.Record("chat.jsonl:1", SYSTEM_CHAT)
+    gemma4 = data.Tokenizer(make_tokenizer("gemma4_text"), generation=4)
+    ex = data.tokenize_record(gemma4, record, DatasetFormat.CHAT, "text")
+    text = gemma4.hf.decode(ex.input_ids)
+    assert text.startswith("<bos><|turn>system\nAnswer like a pirate.<turn|>\n<|turn>user\nHi")
+    learned = gemma4.hf.decode(
+        [t for t, label in zip(ex.input_ids, ex.labels, strict=True) if label != -100]
+    )
+    assert learned == "Arr<turn|>\n"  # only the model's turn, up to its end-of-turn
+    gemma3 = data.Tokenizer(make_tokenizer("gemma3_text"), generation=3)
+    folded = gemma3.hf.decode(
+        data.tokenize_record(gemma3, record, DatasetFormat.CHAT, "text").input_ids
+    )
+    assert "system" not in folded and "<start_of_turn>user\nAnswer like a pirate.\n\nHi" in folded
+
+
+def test_gemma4_without_a_template_gets_its_own_turn_format() -> None:
+    hf = make_tokenizer("gemma4_text")
+    hf.chat_template = None
+    tok = data.Tokenizer(hf, generation=4)
+    rendered = tok.render(SYSTEM_CHAT["messages"][:2], generation_prompt=True)
+    assert rendered.endswith("<|turn>user\nHi<turn|>\n<|turn>model\n")
+    assert data.end_of_turn(4) == "<turn|>" and data.end_of_turn(3) == "<end_of_turn>"

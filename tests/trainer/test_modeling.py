@@ -190,3 +190,41 @@ def test_packed_micro_batches_of_several_rows_never_leak(
     tol = 2e-2 if hw.cuda else 1e-5
     assert torch.allclose(loss(flattened), reference, atol=tol), (loss(flattened), reference)
     assert torch.allclose(reordered, reference, atol=tol), (reordered, reference)
+
+
+def test_full_finetuning_keeps_fp32_master_weights_and_adapters_a_compute_dtype_base() -> None:
+    assert modeling.load_dtype(MethodType.FULL, Precision.BF16) == torch.float32
+    assert modeling.load_dtype(MethodType.FULL, Precision.FP16) == torch.float32
+    assert modeling.load_dtype(MethodType.LORA, Precision.BF16) == torch.bfloat16
+    assert modeling.load_dtype(MethodType.QLORA, Precision.BF16) == torch.bfloat16
+
+
+def test_qlora_ranks_load_onto_their_own_gpu() -> None:
+    assert modeling.device_map(MethodType.QLORA, A100, 3) == {"": 3}
+    assert modeling.device_map(MethodType.LORA, A100, 3) is None  # the Trainer places it
+    assert modeling.device_map(MethodType.QLORA, CPU, 0) is None
+
+
+def test_quantized_base_upcasts_only_its_norms(tiny_models: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = make_model_dir(tiny_models, "gemma3_text")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    modeling.prepare_quantized(model)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    norms = [n for n in dtypes if "norm" in n]
+    assert norms and all(dtypes[n] == torch.float32 for n in norms)
+    assert dtypes["model.embed_tokens.weight"] == torch.bfloat16
+    assert all(d == torch.bfloat16 for n, d in dtypes.items() if "norm" not in n)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_fp16_with_half_precision_trainable_weights_is_refused(tiny_models: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        make_model_dir(tiny_models, "gemma"), dtype=torch.float16
+    )
+    with pytest.raises(UnsupportedError, match=r"training\.precision: fp16 .* cannot unscale"):
+        modeling.check_trainable_dtypes(model, Precision.FP16)
+    modeling.check_trainable_dtypes(model.float(), Precision.FP16)  # fp32 master weights: fine

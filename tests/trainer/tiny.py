@@ -14,7 +14,16 @@ from pathlib import Path
 import torch
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|turn>",
+    "<turn|>",
+]
 VOCAB = 384
 MODEL_TYPES = ["gemma", "gemma2", "gemma3_text", "gemma3", "gemma3n_text", "gemma4_text"]
 
@@ -104,19 +113,21 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def make_tokenizer():
-    from gft_trainer.data import DEFAULT_CHAT_TEMPLATE
+def make_tokenizer(model_type: str = "gemma3_text"):
+    """Gemma 1-3's turn tokens and template, or Gemma 4's (``<|turn>``, a system role)."""
+    from gft_trainer.data import DEFAULT_CHAT_TEMPLATE, GEMMA4_CHAT_TEMPLATE
     from transformers import PreTrainedTokenizerFast
 
+    gemma4 = model_type.startswith("gemma4")
     tok = PreTrainedTokenizerFast(
         tokenizer_object=__import__("tokenizers").Tokenizer.from_str(_tokenizer_json()),
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=SPECIALS[4:],
     )
-    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    tok.chat_template = GEMMA4_CHAT_TEMPLATE if gemma4 else DEFAULT_CHAT_TEMPLATE
     return tok
 
 
@@ -130,6 +141,6 @@ def make_model_dir(root: Path, model_type: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(model_config(model_type))
     model.save_pretrained(out)
-    make_tokenizer().save_pretrained(out)
+    make_tokenizer(model_type).save_pretrained(out)
     json.loads((out / "config.json").read_text())  # written and readable
     return out

@@ -28,6 +28,7 @@ from gft_api.contract import DatasetFormat, DataShaping, DataSource
 from gft_trainer.errors import DataError
 
 DEFAULT_CHAT_TEMPLATE = files("gft_trainer").joinpath("gemma_chat_template.jinja").read_text()
+GEMMA4_CHAT_TEMPLATE = files("gft_trainer").joinpath("gemma4_chat_template.jinja").read_text()
 IGNORE_INDEX = -100
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROLE_ALIASES = {"model": "assistant", "human": "user", "gpt": "assistant"}
@@ -220,8 +221,12 @@ def _field(record: Record, name: str, fmt: str, optional: bool = False) -> str:
     return value
 
 
-def to_messages(record: Record, fmt: DatasetFormat) -> list[dict[str, str]]:
-    """A chat or alpaca record as alternating user/assistant messages, system folded in."""
+def to_messages(
+    record: Record, fmt: DatasetFormat, keep_system: bool = False
+) -> list[dict[str, str]]:
+    """A chat or alpaca record as alternating user/assistant messages. A leading system message
+    is kept as its own turn where the model has that role (Gemma 4), else folded into the
+    first user turn (Gemma 1-3 know only user and model)."""
     if fmt == DatasetFormat.ALPACA:
         instruction = _field(record, "instruction", "alpaca")
         extra = _field(record, "input", "alpaca", optional=True)
@@ -241,11 +246,18 @@ def to_messages(record: Record, fmt: DatasetFormat) -> list[dict[str, str]]:
             raise DataError(f"{record.where}: messages[{i}].content must be a string")
         role = ROLE_ALIASES.get(m["role"], m["role"])
         messages.append({"role": role, "content": m["content"]})
+    system: list[dict[str, str]] = []
     if messages[0]["role"] == "system":
-        system = messages.pop(0)["content"]
+        first = messages.pop(0)
         if not messages or messages[0]["role"] != "user":
             raise DataError(f"{record.where}: a system message must be followed by a user message")
-        messages[0] = {"role": "user", "content": f"{system}\n\n{messages[0]['content']}"}
+        if keep_system:
+            system = [first]
+        else:
+            messages[0] = {
+                "role": "user",
+                "content": f"{first['content']}\n\n{messages[0]['content']}",
+            }
     for i, m in enumerate(messages):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
@@ -256,19 +268,27 @@ def to_messages(record: Record, fmt: DatasetFormat) -> list[dict[str, str]]:
             )
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{record.where}: the chat ends with a user turn; it has nothing to learn")
-    return messages
+    return system + messages
 
 
 # ---------------------------------------------------------------- tokenizing
 
 
+def end_of_turn(generation: int) -> str:
+    """The token that ends a model turn: generation must stop there."""
+    return "<turn|>" if generation >= 4 else "<end_of_turn>"
+
+
 class Tokenizer:
     """What the data pipeline needs from a Hugging Face tokenizer, with the chat template set."""
 
-    def __init__(self, hf_tokenizer: Any) -> None:
+    def __init__(self, hf_tokenizer: Any, generation: int = 3) -> None:
         self.hf = hf_tokenizer
         if not getattr(hf_tokenizer, "chat_template", None):
-            hf_tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+            hf_tokenizer.chat_template = (
+                GEMMA4_CHAT_TEMPLATE if generation >= 4 else DEFAULT_CHAT_TEMPLATE
+            )
+        self.system_role = generation >= 4
         if hf_tokenizer.pad_token_id is None:
             hf_tokenizer.pad_token = hf_tokenizer.eos_token
         self.bos_id: int | None = hf_tokenizer.bos_token_id
@@ -306,7 +326,7 @@ def tokenize_chat(tok: Tokenizer, messages: list[dict[str, str]]) -> Example:
 
 def tokenize_record(tok: Tokenizer, record: Record, fmt: DatasetFormat, text_field: str) -> Example:
     if fmt in (DatasetFormat.CHAT, DatasetFormat.ALPACA):
-        return tokenize_chat(tok, to_messages(record, fmt))
+        return tokenize_chat(tok, to_messages(record, fmt, keep_system=tok.system_role))
     bos = [tok.bos_id] if tok.bos_id is not None else []
     if fmt == DatasetFormat.TEXT:
         body = [*tok.encode(_field(record, text_field, "text")), tok.eos_id]
@@ -445,6 +465,7 @@ class PreparedData:
     train_examples: int
     eval_examples: int
     truncated: Truncation
+    format: DatasetFormat
 
 
 def read_and_check(source: DataSource, shaping: DataShaping, seed: int) -> tuple[list, list]:
@@ -494,4 +515,11 @@ def prepare(
         train_examples=len(train),
         eval_examples=len(evals),
         truncated=truncated,
+        format=_format_of(train_records, shaping),
     )
+
+
+def _format_of(records: Sequence[Record], shaping: DataShaping) -> DatasetFormat:
+    if shaping.format != DatasetFormat.AUTO:
+        return shaping.format
+    return detect_format(records[0])

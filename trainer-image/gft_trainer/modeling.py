@@ -138,6 +138,20 @@ def torch_dtype(precision: Precision) -> torch.dtype:
     )
 
 
+def load_dtype(method: MethodType, precision: Precision) -> torch.dtype:
+    """The dtype weights are loaded in. Full fine-tuning keeps fp32 master weights and runs
+    bf16/fp16 under autocast: an update smaller than a bf16 weight's spacing (lr 1e-5 on a
+    weight near 1 is 256 times smaller) would otherwise round away, and fp16 gradients could not
+    be unscaled. Adapters train in fp32 on a frozen base of the compute dtype."""
+    return torch.float32 if method == MethodType.FULL else torch_dtype(precision)
+
+
+def device_map(method: MethodType, hw: Hardware, local_rank: int) -> dict[str, int] | None:
+    """Quantized weights are placed at load time, so each rank loads onto its own GPU (without
+    this every rank of a multi-GPU QLoRA run would fill cuda:0)."""
+    return {"": local_rank} if method == MethodType.QLORA and hw.cuda else None
+
+
 def lora_target_regex(module_names: list[str], targets: list[str]) -> str:
     """A peft ``target_modules`` regex naming exactly the linear layers to adapt: those of the
     language model whose last name part is requested; ``all-linear`` means all of them. Never
@@ -247,13 +261,31 @@ def load(
     generation = family_of(model_type)
     chosen = choose_precision(precision, generation, hw)
     attention = choose_attention(source.attn_implementation, model_type, hw)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype(chosen), "attn_implementation": attention}
+    kwargs: dict[str, Any] = {
+        "dtype": load_dtype(method.type, chosen),
+        "attn_implementation": attention,
+    }
     if method.type == MethodType.QLORA:
         kwargs["quantization_config"] = _nf4_config(chosen)
+        kwargs["device_map"] = device_map(method.type, hw, int(os.environ.get("LOCAL_RANK", "0")))
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = apply_method(model, method)
+    check_trainable_dtypes(model, chosen)
     return LoadedModel(model, tokenizer, model_type, generation, chosen, attention, path)
+
+
+def check_trainable_dtypes(model: Any, precision: Precision) -> None:
+    """fp16 training scales the loss and unscales fp32 gradients; half-precision trainable
+    weights cannot be unscaled, so such a run would crash at its first step."""
+    if precision != Precision.FP16:
+        return
+    half = [n for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if half:
+        raise UnsupportedError(
+            f"training.precision: fp16 with fp16 trainable weights ({half[0]} and "
+            f"{len(half) - 1} more) cannot unscale gradients; use bf16 or fp32"
+        )
 
 
 def _nf4_config(precision: Precision) -> Any:
@@ -278,10 +310,10 @@ def apply_method(model: Any, method: Method) -> Any:
         for name, p in model.named_parameters():
             p.requires_grad = not _excluded(name) or name.startswith("lm_head")
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     if method.type == MethodType.QLORA:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_quantized(model)
     linear = [n for n, m in model.named_modules() if _is_linear(m)]
     config = LoraConfig(
         r=method.lora.r,
@@ -291,6 +323,19 @@ def apply_method(model: Any, method: Method) -> Any:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def prepare_quantized(model: Any) -> None:
+    """Freeze the quantized base and upcast only the norms to fp32 (they are tiny and
+    precision-sensitive). peft's ``prepare_model_for_kbit_training`` upcasts every
+    non-quantized weight, the 262k-row embedding included: gigabytes of fp32 for nothing."""
+    for name, param in model.named_parameters():
+        param.requires_grad = False
+        module = name.rsplit(".", 1)[0].rsplit(".", 1)[-1]
+        if "norm" in module.lower() and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # gradient checkpointing needs an input with grad
 
 
 def _is_linear(module: torch.nn.Module) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from gft_api.contract import ExitCode, Outcome, TrainerConfig, TrainerSummary
+from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, TrainerSummary
 from gft_api.training import MethodType, Precision
 from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments
 
@@ -217,9 +217,19 @@ def training_arguments(
         use_cpu=not cuda,
         ddp_backend="gloo" if p.world_size > 1 and not cuda else None,
         ddp_find_unused_parameters=False,
+        optim="adamw_torch_fused" if cuda else "adamw_torch",
         fsdp="full_shard auto_wrap" if full_sharded else "",
-        fsdp_config={"use_orig_params": True} if full_sharded else None,
+        fsdp_config=FSDP_CONFIG if full_sharded else None,
     )
+
+
+# Rank 0 alone reads the checkpoint into CPU memory and the others receive the shards: with
+# every rank loading the whole model, 8 ranks of a 27B model need 8 copies of host RAM.
+FSDP_CONFIG = {
+    "use_orig_params": True,
+    "cpu_ram_efficient_loading": True,
+    "sync_module_states": True,
+}
 
 
 @dataclass
@@ -271,7 +281,7 @@ def run(
         loaded.precision.value,
         loaded.attention,
     )
-    tok = data.Tokenizer(loaded.tokenizer)
+    tok = data.Tokenizer(loaded.tokenizer, loaded.generation)
     prepared = data.prepare(tok, records, config.data, config.data.packing)
     p = plan(config, len(prepared.train), world_size)
     log.info(
@@ -367,7 +377,8 @@ def run(
                 metrics = last_eval(trainer) or trainer.evaluate()
                 summary.eval_loss = metrics.get("eval_loss")
                 summary.eval_token_accuracy = metrics.get("eval_token_accuracy")
-            summary.artifacts = save_artifacts(trainer, loaded, config, out)
+            chat = prepared.format in (DatasetFormat.CHAT, DatasetFormat.ALPACA)
+            summary.artifacts = save_artifacts(trainer, loaded, config, out, chat)
             summary.message = f"trained {summary.global_step} steps"
         ckpt = checkpoints.newest_valid(Path(args.output_dir))
         if ckpt:
@@ -399,21 +410,70 @@ def last_eval(trainer: GemmaTrainer) -> dict[str, float] | None:
 
 
 def save_artifacts(
-    trainer: GemmaTrainer, loaded: modeling.LoadedModel, config: TrainerConfig, out: Path
+    trainer: GemmaTrainer,
+    loaded: modeling.LoadedModel,
+    config: TrainerConfig,
+    out: Path,
+    chat: bool,
 ) -> dict[str, str]:
-    """The adapter (or full model), and optionally the merged model; each folder appears whole."""
+    """The adapter (or full model), and optionally the merged model; each folder appears whole.
+    A model trained on chats stops generating at its end-of-turn token."""
     kind = "model" if config.method.type == MethodType.FULL else "adapter"
     artifacts = {kind: str(out / kind)}
     _atomic_save(out / kind, lambda tmp: trainer.save_model(str(tmp)), trainer)
     if trainer.args.should_save:
         _atomic_tokenizer(out / kind, loaded.tokenizer)
+    stops = stop_tokens(loaded.tokenizer, loaded.generation) if chat else []
+    if trainer.args.should_save:
+        _stop_at_end_of_turn(out / kind, loaded.path, stops)
     if config.method.merge_adapter and kind == "adapter":
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
         if trainer.args.should_save:
+            merged = merge_adapter(loaded, out / "adapter", config.method.type)
             _atomic_save(out / "merged", lambda tmp: merged.save_pretrained(tmp), trainer)
             _atomic_tokenizer(out / "merged", loaded.tokenizer)
+            _stop_at_end_of_turn(out / "merged", loaded.path, stops)
         artifacts["merged"] = str(out / "merged")
     return artifacts
+
+
+def merge_adapter(loaded: modeling.LoadedModel, adapter: Path, method: MethodType) -> Any:
+    """The base with the adapter merged in. After QLoRA the base is reloaded unquantized in
+    bf16 and the saved adapter merged into it: merging into the 4-bit base would round the
+    merged weights back to NF4 and lose most of what was learned."""
+    if method != MethodType.QLORA:
+        return loaded.model.merge_and_unload()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(loaded.path, dtype=torch.bfloat16)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
+def stop_tokens(tokenizer: Any, generation: int) -> list[int]:
+    """The ids a chat-trained model ends its turn with: its end-of-turn token and EOS."""
+    ids = [tokenizer.convert_tokens_to_ids(data.end_of_turn(generation)), tokenizer.eos_token_id]
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    return sorted({i for i in ids if i is not None and i != unknown})
+
+
+def _stop_at_end_of_turn(folder: Path, base: Path, stops: list[int]) -> None:
+    """Write ``generation_config.json`` so that generation stops where the model learned to end
+    its turn; a pretrained base's config stops only at EOS, and the model would talk on."""
+    if not stops:
+        return
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(str(folder))
+    except OSError:
+        try:
+            gen = GenerationConfig.from_pretrained(str(base))
+        except OSError:
+            gen = GenerationConfig()
+    current = gen.eos_token_id
+    current = [current] if isinstance(current, int) else list(current or [])
+    gen.eos_token_id = sorted({*current, *stops})
+    gen.save_pretrained(str(folder))
 
 
 def _atomic_save(target: Path, save: Any, trainer: GemmaTrainer) -> None:
