@@ -228,3 +228,31 @@ def test_fp16_with_half_precision_trainable_weights_is_refused(tiny_models: Path
     with pytest.raises(UnsupportedError, match=r"training\.precision: fp16 .* cannot unscale"):
         modeling.check_trainable_dtypes(model, Precision.FP16)
     modeling.check_trainable_dtypes(model.float(), Precision.FP16)  # fp32 master weights: fine
+
+
+def test_a_qlora_adapter_is_merged_into_a_bf16_reload_of_the_base(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    from gft_trainer.train import merge_adapter
+
+    path = make_model_dir(tiny_models, "gemma3_text")
+    loaded = modeling.load(
+        ModelSource(name_or_path=str(path)), Method(type=MethodType.LORA), Precision.AUTO, None, CPU
+    )
+    torch.manual_seed(0)
+    for name, p in loaded.model.named_parameters():
+        if "lora_B" in name:  # as after training: B starts at zero, which would merge nothing
+            p.data.normal_(0, 0.5)
+    loaded.model.save_pretrained(tmp_path / "adapter")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = dict(loaded.model.get_base_model().named_parameters())[
+        name.replace(".weight", ".base_layer.weight")
+    ]
+    base_before = base.detach().clone()
+    merged = merge_adapter(loaded, tmp_path / "adapter", MethodType.QLORA)
+    weight = dict(merged.named_parameters())[name]
+    assert weight.dtype == torch.bfloat16
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    expected = loaded.model.merge_and_unload().state_dict()[name]  # the fp32 merge, for reference
+    assert not torch.allclose(expected, base_before, atol=1e-3)  # the adapter changes the weight
+    torch.testing.assert_close(weight.float(), expected, atol=2e-2, rtol=1e-2)
