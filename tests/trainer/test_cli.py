@@ -93,7 +93,7 @@ def test_bad_input_fails_fast_and_non_retryable(
 
 
 def test_lora_run_saves_adapter_and_resumes_past_truncated_checkpoint(
-    tmp_path: Path, tiny_gemma3: Path
+    tmp_path: Path, tiny_gemma3: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     cfg = write_config(
@@ -128,11 +128,16 @@ def test_lora_run_saves_adapter_and_resumes_past_truncated_checkpoint(
         training={"maxSteps": 8},
         output={"dir": str(out), "checkpointEverySteps": 2, "keepCheckpoints": 2},
     )
+    capfd.readouterr()
     code, summary = run_cli(cfg)
+    log = capfd.readouterr().out
     state = json.loads((out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
     logged = [e["step"] for e in state["log_history"] if "loss" in e]
     assert code == 0 and summary.global_step == 8
     assert logged == [2, 4, 6, 8]  # history continues from the checkpoint of step 4
+    # The resumed run read the tokenized data back instead of tokenizing again.
+    assert "read from data-cache" in log, log
+    assert len([p for p in (out / "data-cache").iterdir() if not p.name.startswith(".")]) == 1
 
 
 def test_full_finetune_of_multimodal_gemma3(tmp_path: Path, tiny_models: Path) -> None:

@@ -230,3 +230,46 @@ def test_gemma4_without_a_template_gets_its_own_turn_format() -> None:
     rendered = tok.render(SYSTEM_CHAT["messages"][:2], generation_prompt=True)
     assert rendered.endswith("<|turn>user\nHi<turn|>\n<|turn>model\n")
     assert data.end_of_turn(4) == "<turn|>" and data.end_of_turn(3) == "<end_of_turn>"
+
+
+def test_tokenized_data_is_cached_and_rebuilt_when_the_file_changes(
+    tok: data.Tokenizer, tmp_path: Path
+) -> None:
+    path = write_jsonl(
+        tmp_path / "pc.jsonl", [{"prompt": f"q{i}", "completion": "a"} for i in range(9)]
+    )
+    shaping = DataShaping(eval_fraction=0.2, max_seq_length=64)
+    source = DataSource(train_files=[str(path)])
+    cache = tmp_path / "cache"
+    first = data.load_prepared(tok, source, shaping, 0, packing=True, cache_dir=cache)
+    again = data.load_prepared(tok, source, shaping, 0, packing=True, cache_dir=cache)
+    assert (first.from_cache, again.from_cache) == (False, True)
+    assert [again.train[i] for i in range(len(again.train))] == [
+        first.train[i] for i in range(len(first.train))
+    ]
+    assert again.eval is not None and again.eval[0] == first.eval[0]
+    assert (again.train_examples, again.eval_examples) == (7, 2)
+    write_jsonl(path, [{"prompt": f"q{i}", "completion": "a"} for i in range(12)])
+    changed = data.load_prepared(tok, source, shaping, 0, packing=True, cache_dir=cache)
+    assert not changed.from_cache and changed.train_examples + changed.eval_examples == 12
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def test_other_ranks_wait_for_rank_zeros_cache(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    monkeypatch.setenv("RANK", "1")
+    folder = tmp_path / "key"
+    found: list[bool] = []
+    waiter = threading.Thread(target=lambda: found.append(data._await_cache(folder, timeout=30)))
+    waiter.start()
+    waiter.join(1.5)
+    assert waiter.is_alive()  # still waiting: rank 0 has not written it yet
+    folder.mkdir()
+    (folder / "meta.json").write_text("{}")
+    waiter.join(10)
+    assert found == [True]
+    # Rank 0 could not write it (volume full): the others tokenize for themselves.
+    failed = tmp_path / "other"
+    failed.with_name("other.failed").touch()
+    assert data._await_cache(failed, timeout=30) is False

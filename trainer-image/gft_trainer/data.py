@@ -13,15 +13,23 @@ example gets label -100, because its prediction would come from the previous exa
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import math
+import os
 import random
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import shutil
+import time
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from gft_api.contract import DatasetFormat, DataShaping, DataSource
 
@@ -30,6 +38,7 @@ from gft_trainer.errors import DataError
 DEFAULT_CHAT_TEMPLATE = files("gft_trainer").joinpath("gemma_chat_template.jinja").read_text()
 GEMMA4_CHAT_TEMPLATE = files("gft_trainer").joinpath("gemma4_chat_template.jinja").read_text()
 IGNORE_INDEX = -100
+log = logging.getLogger("gft")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROLE_ALIASES = {"model": "assistant", "human": "user", "gpt": "assistant"}
 
@@ -67,15 +76,21 @@ def expand_paths(paths: Iterable[str]) -> list[Path]:
 
 def read_file(path: Path) -> list[Record]:
     """The records of one file; malformed content raises ``DataError`` naming file and line."""
+    return list(iter_file(path))
+
+
+def iter_file(path: Path) -> Iterator[Record]:
+    """The records of one file, one at a time (a JSONL file is never held in memory whole)."""
     suffix = path.suffix.lower()
-    records: list[Record] = []
+    count = 0
     if suffix == ".jsonl":
         with path.open("rb") as f:
             for n, raw_line in enumerate(f, start=1):
                 line = _utf8(raw_line, f"{path}:{n}")
                 if not line.strip():
                     continue
-                records.append(Record(f"{path}:{n}", _parse_object(line, f"{path}:{n}")))
+                count += 1
+                yield Record(f"{path}:{n}", _parse_object(line, f"{path}:{n}"))
     elif suffix == ".json":
         raw_bytes = path.read_bytes()
         try:
@@ -98,20 +113,25 @@ def read_file(path: Path) -> list[Record]:
                 raise DataError(
                     f"{path}: record {i}: expected an object, got {type(item).__name__}"
                 )
-            records.append(Record(f"{path}: record {i}", item))
+            count += 1
+            yield Record(f"{path}: record {i}", item)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
         try:
-            rows = pq.read_table(path).to_pylist()
+            batches = pq.ParquetFile(path).iter_batches()
+            for batch in batches:
+                for row in batch.to_pylist():
+                    yield Record(f"{path}: row {count}", row)
+                    count += 1
+        except DataError:
+            raise
         except Exception as e:  # pyarrow raises several types for a broken file
             raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-        records = [Record(f"{path}: row {i}", row) for i, row in enumerate(rows)]
     else:
         raise DataError(f"{path}: unknown file type; use one of {', '.join(DATA_SUFFIXES)}")
-    if not records:
+    if not count:
         raise DataError(f"{path}: the file holds no records")
-    return records
 
 
 def _utf8(raw: bytes, where: str) -> str:
@@ -154,38 +174,55 @@ def read_hub(source: DataSource, split: str) -> list[Record]:
     return [Record(f"{source.hub_id}[{split}]: row {i}", dict(r)) for i, r in enumerate(ds)]
 
 
-def load_records(source: DataSource, shaping: DataShaping, seed: int) -> tuple[list, list]:
-    """Train and eval records: a separate eval source, or ``evalFraction`` held out (seeded)."""
+def stream(source: DataSource, split: str) -> Iterator[Record]:
+    """The records of the ``train`` or ``eval`` source, read afresh each time."""
     if source.hub_id:
-        train = read_hub(source, source.hub_train_split)
-        evals = read_hub(source, source.hub_eval_split) if source.hub_eval_split else None
-    elif source.train_files:
-        train = [r for p in expand_paths(source.train_files) for r in read_file(p)]
-        evals = (
-            [r for p in expand_paths(source.eval_files) for r in read_file(p)]
-            if source.eval_files
-            else None
-        )
-    else:
-        from gft_api.contract import ConfigError
+        hub_split = source.hub_train_split if split == "train" else source.hub_eval_split
+        yield from read_hub(source, hub_split or source.hub_train_split)
+        return
+    for path in expand_paths(source.train_files if split == "train" else source.eval_files):
+        yield from iter_file(path)
 
-        raise ConfigError("dataset: give trainFiles or hubId")
-    if evals is None:
-        train, evals = split_eval(train, shaping.eval_fraction, seed)
-    return train, evals
+
+def has_eval_source(source: DataSource) -> bool:
+    return bool(source.eval_files) if not source.hub_id else bool(source.hub_eval_split)
+
+
+def held_out(count: int, fraction: float, seed: int) -> frozenset[int]:
+    """Indices of the train records kept for evaluation: ``fraction`` of them, seeded."""
+    if fraction <= 0 or count < 2:
+        return frozenset()
+    n_eval = min(count - 1, max(1, math.ceil(count * fraction)))
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return frozenset(order[:n_eval])
 
 
 def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
-    if fraction <= 0 or len(records) < 2:
-        return records, []
-    n_eval = min(len(records) - 1, max(1, math.ceil(len(records) * fraction)))
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:n_eval])
+    held = held_out(len(records), fraction, seed)
     return (
         [r for i, r in enumerate(records) if i not in held],
         [r for i, r in enumerate(records) if i in held],
     )
+
+
+@dataclass(frozen=True)
+class Records:
+    """Checked records. They are streamed from their source again when tokenized, never all
+    held in memory: a million-line JSONL costs its tokens, not its parsed JSON."""
+
+    source: DataSource
+    format: DatasetFormat
+    train_count: int
+    held: frozenset[int]  # train records held out for evaluation (data.evalFraction)
+
+    def train(self) -> Iterator[Record]:
+        return (r for i, r in enumerate(stream(self.source, "train")) if i not in self.held)
+
+    def eval(self) -> Iterator[Record]:
+        if has_eval_source(self.source):
+            return stream(self.source, "eval")
+        return (r for i, r in enumerate(stream(self.source, "train")) if i in self.held)
 
 
 # ---------------------------------------------------------------- formats
@@ -346,17 +383,15 @@ class Truncation:
 
 
 def tokenize_records(
-    tok: Tokenizer, records: Sequence[Record], shaping: DataShaping, cut: Truncation | None = None
-) -> list[Example]:
-    """Tokenize and truncate; examples left with nothing to learn are dropped."""
-    if not records:
-        return []
-    fmt = shaping.format
-    if fmt == DatasetFormat.AUTO:
-        fmt = detect_format(records[0])  # read_and_check made sure all records agree
-    cut = cut if cut is not None else Truncation()
+    tok: Tokenizer,
+    records: Iterable[Record],
+    fmt: DatasetFormat,
+    shaping: DataShaping,
+    cut: Truncation,
+) -> Tokens:
+    """Tokenize and truncate into flat arrays; examples left with nothing to learn are dropped."""
     limit = shaping.max_seq_length
-    out = []
+    ids, learn, offsets = array("i"), array("b"), array("q", [0])
     for r in records:
         ex = _tokenize_one(tok, r, fmt, shaping.text_field)
         if len(ex.input_ids) > limit:
@@ -364,8 +399,14 @@ def tokenize_records(
             cut.answers_cut += any(label != IGNORE_INDEX for label in ex.labels[limit:])
             ex = Example(ex.input_ids[:limit], ex.labels[:limit])
         if any(label != IGNORE_INDEX for label in ex.labels[1:]):
-            out.append(ex)
-    return out
+            ids.extend(ex.input_ids)
+            learn.extend(label != IGNORE_INDEX for label in ex.labels)
+            offsets.append(len(ids))
+    return Tokens(
+        np.frombuffer(ids, dtype=np.int32),
+        np.frombuffer(learn, dtype=np.int8),
+        np.frombuffer(offsets, dtype=np.int64),
+    )
 
 
 def _tokenize_one(tok: Tokenizer, record: Record, fmt: DatasetFormat, text_field: str) -> Example:
@@ -384,20 +425,81 @@ def _tokenize_one(tok: Tokenizer, record: Record, fmt: DatasetFormat, text_field
 # ---------------------------------------------------------------- packing and batching
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """Tokenized examples in flat arrays: 4 bytes a token and 1 for its label (a Python list of
+    ints costs about 40). Example ``i`` is ``ids[offsets[i]:offsets[i + 1]]``; its label at a
+    position is the token where ``learn`` is 1, else -100."""
+
+    ids: np.ndarray  # int32
+    learn: np.ndarray  # int8
+    offsets: np.ndarray  # int64, one more than there are examples
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @classmethod
+    def of(cls, examples: Sequence[Example]) -> Tokens:
+        ids = [t for e in examples for t in e.input_ids]
+        learn = [label != IGNORE_INDEX for e in examples for label in e.labels]
+        offsets = np.cumsum([0, *(len(e.input_ids) for e in examples)])
+        return cls(np.array(ids, np.int32), np.array(learn, np.int8), offsets.astype(np.int64))
+
+
+def pack_bounds(lengths: np.ndarray, max_len: int) -> np.ndarray:
+    """Greedy, in order: fill each row up to ``max_len``. Row ``r`` holds examples
+    ``bounds[r]:bounds[r + 1]``."""
+    bounds, fill = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if fill and fill + n > max_len:
+            bounds.append(i)
+            fill = 0
+        fill += n
+    bounds.append(len(lengths))
+    return np.array(bounds if len(lengths) else [0], dtype=np.int64)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Rows made on demand from the flat arrays: one example each, or several packed, with
+    ``position_ids`` restarting at 0 per example and the first token of each example unlabelled
+    (its prediction would come from the previous example)."""
+
+    def __init__(self, tokens: Tokens, bounds: np.ndarray, packed: bool) -> None:
+        self.tokens = tokens
+        self.bounds = bounds
+        self.packed = packed
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        first, last = int(self.bounds[i]), int(self.bounds[i + 1])
+        starts = self.tokens.offsets[first : last + 1]
+        lo, hi = int(starts[0]), int(starts[-1])
+        ids = self.tokens.ids[lo:hi].astype(np.int64)
+        labels = np.where(self.tokens.learn[lo:hi] == 1, ids, IGNORE_INDEX)
+        if not self.packed:
+            return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+        begins = starts[:-1] - lo
+        labels[begins] = IGNORE_INDEX
+        position = np.arange(hi - lo) - np.repeat(begins, np.diff(starts))
+        return {
+            "input_ids": ids.tolist(),
+            "labels": labels.tolist(),
+            "position_ids": position.tolist(),
+        }
+
+
+def rows(tokens: Tokens, packing: bool, max_len: int) -> TokenDataset:
+    if packing:
+        return TokenDataset(tokens, pack_bounds(np.diff(tokens.offsets), max_len), packed=True)
+    return TokenDataset(tokens, np.arange(len(tokens) + 1, dtype=np.int64), packed=False)
+
+
 def pack(examples: Sequence[Example], max_len: int) -> list[dict[str, list[int]]]:
-    """Greedy, in order: fill each row up to ``max_len``; positions restart per example."""
-    rows: list[dict[str, list[int]]] = []
-    row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-    for ex in examples:
-        if row["input_ids"] and len(row["input_ids"]) + len(ex.input_ids) > max_len:
-            rows.append(row)
-            row = {"input_ids": [], "labels": [], "position_ids": []}
-        row["input_ids"] += ex.input_ids
-        row["labels"] += [IGNORE_INDEX, *ex.labels[1:]]
-        row["position_ids"] += list(range(len(ex.input_ids)))
-    if row["input_ids"]:
-        rows.append(row)
-    return rows
+    """The packed rows of ``examples`` (as the trainer makes them), as lists."""
+    dataset = rows(Tokens.of(examples), True, max_len)
+    return [dataset[i] for i in range(len(dataset))]
 
 
 def unpacked(examples: Sequence[Example]) -> list[dict[str, list[int]]]:
@@ -447,42 +549,36 @@ def examples_in(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].shape[0])
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict[str, list[int]]]) -> None:
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.rows[i]
-
-
 @dataclass
 class PreparedData:
-    train: ListDataset
-    eval: ListDataset | None
+    train: TokenDataset
+    eval: TokenDataset | None
     train_examples: int
     eval_examples: int
     truncated: Truncation
     format: DatasetFormat
+    from_cache: bool = False
 
 
-def read_and_check(source: DataSource, shaping: DataShaping, seed: int) -> tuple[list, list]:
-    """Read and validate every record before any model is loaded: bad data fails in seconds."""
-    train, evals = load_records(source, shaping, seed)
-    all_records = sorted([*train, *evals], key=lambda r: _order(r.where))
-    fmt = shaping.format if shaping.format != DatasetFormat.AUTO else detect_format(all_records[0])
-    for r in all_records:
+def read_and_check(source: DataSource, shaping: DataShaping, seed: int) -> Records:
+    """Read and validate every record before any model is loaded: bad data fails in seconds,
+    at the first bad record, named by file and line."""
+    if not (source.hub_id or source.train_files):
+        from gft_api.contract import ConfigError
+
+        raise ConfigError("dataset: give trainFiles or hubId")
+    fmt = shaping.format if shaping.format != DatasetFormat.AUTO else None
+    count = 0
+    for r in stream(source, "train"):
+        fmt = fmt or detect_format(r)
         check_record(r, fmt, shaping.text_field)
-    return train, evals
-
-
-def _order(where: str) -> tuple[str, int]:
-    """Sort key: file order, then line number, so the first bad line is the one reported."""
-    head, _, tail = where.rpartition(":")
-    digits = "".join(c for c in tail if c.isdigit())
-    return (head, int(digits)) if digits else (where, 0)
+        count += 1
+    separate = has_eval_source(source)
+    if separate:
+        for r in stream(source, "eval"):
+            check_record(r, fmt or detect_format(r), shaping.text_field)
+    held = frozenset() if separate else held_out(count, shaping.eval_fraction, seed)
+    return Records(source, fmt or DatasetFormat.TEXT, count, held)
 
 
 def check_record(record: Record, fmt: DatasetFormat, text_field: str) -> None:
@@ -496,30 +592,124 @@ def check_record(record: Record, fmt: DatasetFormat, text_field: str) -> None:
 
 
 def prepare(
-    tok: Tokenizer, records: tuple[list, list], shaping: DataShaping, packing: bool
+    tok: Tokenizer,
+    records: Records,
+    shaping: DataShaping,
+    packing: bool,
+    cache_dir: Path | None = None,
 ) -> PreparedData:
-    """From checked records to datasets of rows ready for the collator."""
-    train_records, eval_records = records
-    truncated = Truncation()
-    train = tokenize_records(tok, train_records, shaping, truncated)
-    evals = tokenize_records(tok, eval_records, shaping, truncated)
-    if not train:
+    """From checked records to datasets of rows ready for the collator. With ``cache_dir`` the
+    tokenized arrays are kept there (built by rank 0, memory-mapped by every rank and by a
+    resumed run), keyed by everything that decides them."""
+    key = cache_key(tok, records, shaping)
+    folder = cache_dir / key if cache_dir else None
+    cached = folder is not None and _await_cache(folder)
+    if cached:
+        train, evals, cut = _read_cache(folder)
+    else:
+        cut = Truncation()
+        train = tokenize_records(tok, records.train(), records.format, shaping, cut)
+        evals = tokenize_records(tok, records.eval(), records.format, shaping, cut)
+        if folder is not None and _rank() == 0:
+            _write_cache(folder, train, evals, cut)
+    if not len(train):
+        where = records.source.hub_id or ", ".join(records.source.train_files)
         raise DataError(
-            f"{train_records[0].where.rsplit(':', 1)[0]}: no example has anything to learn after "
-            f"truncation to {shaping.max_seq_length} tokens (data.maxSeqLength)"
+            f"{where}: no example has anything to learn after truncation to "
+            f"{shaping.max_seq_length} tokens (data.maxSeqLength)"
         )
-    shape = (lambda ex: pack(ex, shaping.max_seq_length)) if packing else unpacked
     return PreparedData(
-        train=ListDataset(shape(train)),
-        eval=ListDataset(shape(evals)) if evals else None,
+        train=rows(train, packing, shaping.max_seq_length),
+        eval=rows(evals, packing, shaping.max_seq_length) if len(evals) else None,
         train_examples=len(train),
         eval_examples=len(evals),
-        truncated=truncated,
-        format=_format_of(train_records, shaping),
+        truncated=cut,
+        format=records.format,
+        from_cache=cached,
     )
 
 
-def _format_of(records: Sequence[Record], shaping: DataShaping) -> DatasetFormat:
-    if shaping.format != DatasetFormat.AUTO:
-        return shaping.format
-    return detect_format(records[0])
+def load_prepared(
+    tok: Tokenizer,
+    source: DataSource,
+    shaping: DataShaping,
+    seed: int,
+    packing: bool,
+    cache_dir: Path | None = None,
+) -> PreparedData:
+    return prepare(tok, read_and_check(source, shaping, seed), shaping, packing, cache_dir)
+
+
+# ---------------------------------------------------------------- the tokenization cache
+
+CACHE_VERSION = 1
+_ARRAYS = ("ids", "learn", "offsets")
+
+
+def cache_key(tok: Tokenizer, records: Records, shaping: DataShaping) -> str:
+    """Everything the tokenized arrays depend on: the data files as they are now (path, size,
+    modification time), the split, the tokenizer's vocabulary and template, the shaping."""
+    source = records.source
+    files = [
+        (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in expand_paths([*source.train_files, *source.eval_files])
+    ]
+    h = hashlib.sha256()
+    for part in (
+        CACHE_VERSION,
+        source.model_dump_json(),
+        files,
+        records.format.value,
+        sorted(records.held),
+        shaping.model_dump_json(),
+        tok.hf.chat_template,
+        tok.system_role,
+        (tok.bos_id, tok.eos_id, tok.pad_id),
+        tok.hf.backend_tokenizer.to_str() if hasattr(tok.hf, "backend_tokenizer") else "",
+    ):
+        h.update(json.dumps(part, default=str).encode())
+    return h.hexdigest()[:24]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _await_cache(folder: Path, timeout: float = 6 * 3600) -> bool:
+    """Rank 0 builds the cache; the other ranks wait for it rather than tokenize again (if
+    rank 0 fails, torchrun stops them). True when the cache is there to read."""
+    failed = folder.with_name(folder.name + ".failed")
+    deadline = time.monotonic() + timeout
+    while True:
+        if (folder / "meta.json").exists():
+            return True
+        if _rank() == 0 or failed.exists() or time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+
+
+def _read_cache(folder: Path) -> tuple[Tokens, Tokens, Truncation]:
+    meta = json.loads((folder / "meta.json").read_text())
+    splits = [
+        Tokens(*(np.load(folder / f"{split}-{a}.npy", mmap_mode="r") for a in _ARRAYS))
+        for split in ("train", "eval")
+    ]
+    return splits[0], splits[1], Truncation(**meta["truncated"])
+
+
+def _write_cache(folder: Path, train: Tokens, evals: Tokens, cut: Truncation) -> None:
+    """Written beside, then renamed into place: a reader sees the whole cache or none."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        for split, tokens in (("train", train), ("eval", evals)):
+            for a in _ARRAYS:
+                np.save(tmp / f"{split}-{a}.npy", getattr(tokens, a))
+        meta = {"version": CACHE_VERSION, "truncated": asdict(cut)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, folder)
+    except OSError as e:
+        log.warning("could not keep the tokenized data in %s (%s); training on without", folder, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.with_name(folder.name + ".failed").touch()

@@ -282,10 +282,14 @@ def run(
         loaded.attention,
     )
     tok = data.Tokenizer(loaded.tokenizer, loaded.generation)
-    prepared = data.prepare(tok, records, config.data, config.data.packing)
+    # Tokenized once, by rank 0, on the output volume: a retry or resume reads it back.
+    prepared = data.prepare(
+        tok, records, config.data, config.data.packing, cache_dir=out / "data-cache"
+    )
     p = plan(config, len(prepared.train), world_size)
     log.info(
-        "data: %d train examples -> %d rows, %d eval examples; %d steps (%d per epoch)",
+        "data%s: %d train examples -> %d rows, %d eval examples; %d steps (%d per epoch)",
+        " (tokenized before, read from data-cache)" if prepared.from_cache else "",
         prepared.train_examples,
         len(prepared.train),
         prepared.eval_examples,
