@@ -273,3 +273,29 @@ def test_other_ranks_wait_for_rank_zeros_cache(tmp_path: Path, monkeypatch) -> N
     failed = tmp_path / "other"
     failed.with_name("other.failed").touch()
     assert data._await_cache(failed, timeout=30) is False
+
+
+def test_tokenizing_in_worker_processes_gives_the_same_arrays(
+    tok: data.Tokenizer, tmp_path: Path
+) -> None:
+    rows = [
+        chat(("user", f"question {i}" * (i % 7 + 1)), ("assistant", f"answer {i}"))
+        for i in range(2500)
+    ]
+    rows[2100] = chat(("user", "q"), ("assistant", "word " * 80))  # truncated, answer cut
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    shaping = DataShaping(eval_fraction=0.0, max_seq_length=48)
+    records = data.read_and_check(DataSource(train_files=[str(path)]), shaping, 0)
+    cuts = data.Truncation(), data.Truncation()
+    serial = data.tokenize_records(tok, records.train(), records.format, shaping, cuts[0])
+    parallel = data.tokenize_records(tok, records.train(), records.format, shaping, cuts[1], 2)
+    for name in ("ids", "learn", "offsets"):
+        assert (getattr(serial, name) == getattr(parallel, name)).all(), name
+    assert cuts[0] == cuts[1] and cuts[0].answers_cut >= 1
+    # A record a worker cannot render is still reported by file and line.
+    tok.hf.chat_template, template = "{{ raise_exception('no') }}", tok.hf.chat_template
+    try:
+        with pytest.raises(DataError, match=r"chat\.jsonl:1: the chat template cannot render"):
+            data.tokenize_records(tok, records.train(), records.format, shaping, cuts[1], 2)
+    finally:
+        tok.hf.chat_template = template
