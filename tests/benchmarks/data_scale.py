@@ -95,6 +95,8 @@ print(json.dumps({
     "rows": len(prepared.train),
     "from_cache": prepared.from_cache,
     "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    "workers": data.data_workers(prepared.train_examples) if not prepared.from_cache else 0,
+    "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024),
 }))
 """
 
@@ -122,10 +124,16 @@ def main() -> None:
             ).stdout.splitlines()[-1]
             result = json.loads(out)
             rate = result["examples"] / max(result["seconds"], 1e-9)
+            workers = (
+                f" + {result['workers']} tokenizing workers of at most "
+                f"{result['worker_peak_rss_mb']:,} MB each"
+                if result["workers"] > 1
+                else ""
+            )
             print(
                 f"{label}: {result['examples']:,} examples -> {result['rows']:,} rows in "
                 f"{result['seconds']} s ({rate:,.0f} examples/s), peak RSS "
-                f"{result['peak_rss_mb']:,} MB, from cache: {result['from_cache']}"
+                f"{result['peak_rss_mb']:,} MB{workers}, from cache: {result['from_cache']}"
             )
 
 

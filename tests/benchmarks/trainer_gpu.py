@@ -1,17 +1,22 @@
 """GPU throughput of the trainer on real-size Gemma shapes with random weights, beside a baseline.
 
-For each shape (Gemma 2 2B, Gemma 3 1B), LoRA r=16 on all linear layers, bf16, the same rows of
-random tokens (full sequences, no packing) and the same attention kernel (eager for Gemma 2, whose
-soft-capping needs it; sdpa for Gemma 3), two loops run side by side:
+For each shape (Gemma 2 2B, Gemma 3 1B, Gemma 3 4B), LoRA r=16 on all linear layers, bf16, the
+same examples (random tokens with chat-like lengths: log-normal around 300 tokens, the first
+third of each a prompt that is not learned) go through two loops side by side:
 
-- ``bare``: a plain transformers + peft loop (AdamW, grad clipping),
-- ``ours``: ``GemmaTrainer`` with every monitoring callback gft-train runs with.
+- ``bare``: a plain transformers + peft loop: each step's examples padded to the longest, with an
+  attention mask, the model's default kernel, AdamW, grad clipping;
+- ``ours``: what gft-train runs by default: the trainer's own data path (packed rows of up to
+  ``--seq`` tokens flattened padding-free into one row per micro-batch), the kernel it picks,
+  its ``TrainingArguments`` (fused AdamW on CUDA, gradient checkpointing as configured) and
+  ``GemmaTrainer`` with every monitoring callback.
 
-Reported per loop: median step time, tokens/s, MFU (model FLOPs per second over the GPU's peak;
-LoRA counts 4 x params x tokens — forward plus the backward through the activations, as the frozen
-weights get no gradient — plus the attention score/value products), and peak memory.
+Both loops see the same examples in the same steps: a step is ``--batch`` packed rows for ours
+and exactly those examples, padded, for bare. Reported per loop: median step time, tokens/s (real
+tokens, padding not counted), MFU (model FLOPs per second over the GPU's peak; LoRA counts
+4 x frozen params x tokens plus the attention products), and peak memory.
 
-    PYTHONPATH=tests python -m benchmarks.trainer_gpu [--steps 20] [--seq 2048] [--batch 4]
+    PYTHONPATH=tests python -m benchmarks.trainer_gpu [--steps 20] [--seq 2048] [--batch 1]
         [--peak-tflops 989]   # H100/H200 SXM dense bf16
     PYTHONPATH=tests python -m benchmarks.trainer_gpu --tiny   # a smoke run on CPU
 """
@@ -25,19 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from gft_api.contract import DataSource, ModelSource, OutputSettings, TrainerConfig
+from gft_api.training import Hyperparameters, Method, Precision
+from gft_trainer import data, modeling
 from gft_trainer.callbacks import LogLine, StopOnSignal, TensorBoardScalars
 from gft_trainer.metrics import PrometheusMetrics
 from gft_trainer.signals import StopFlag
-from gft_trainer.train import GemmaTrainer
+from gft_trainer.train import GemmaTrainer, plan, training_arguments
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoModelForCausalLM,
-    Gemma2Config,
-    Gemma3TextConfig,
-    PrinterCallback,
-    TrainingArguments,
-)
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, PrinterCallback
 
 from benchmarks.trainer_cpu import WARMUP, StepTimer
 
@@ -73,6 +76,20 @@ SHAPES: dict[str, tuple[type, dict[str, Any], str]] = {
         ),
         "sdpa",
     ),
+    "gemma-3-4b": (
+        Gemma3TextConfig,
+        dict(
+            vocab_size=262208,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=1024,
+        ),
+        "sdpa",
+    ),
 }
 TINY = dict(
     vocab_size=1024,
@@ -86,26 +103,70 @@ TINY = dict(
 )
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int, vocab: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, vocab, (n, seq), generator=g)
+def examples(n: int, seq: int, vocab: int, mean: int) -> data.Tokens:
+    """Random tokens with chat-like lengths; the first third of each example is an unlearned
+    prompt."""
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(mean), 0.8, n).astype(int), 16, seq)
+    out = []
+    for length in lengths:
+        ids = [2, *rng.integers(3, vocab, length - 1).tolist()]
+        prompt = length // 3
+        out.append(data.Example(ids, [data.IGNORE_INDEX] * prompt + ids[prompt:]))
+    return data.Tokens.of(out)
+
+
+def steps_of(tokens: data.Tokens, a: argparse.Namespace) -> list[tuple[int, int]]:
+    """Each step's examples, as a range: ``--batch`` packed rows of up to ``--seq`` tokens."""
+    bounds = data.pack_bounds(np.diff(tokens.offsets), a.seq)
+    return [
+        (int(bounds[i]), int(bounds[min(i + a.batch, len(bounds) - 1)]))
+        for i in range(0, len(bounds) - 1, a.batch)
+    ][: a.steps]
+
+
+def padded(tokens: data.Tokens, first: int, last: int, device: str) -> dict[str, torch.Tensor]:
+    """Examples ``first:last`` as a plain loop batches them: padded to the longest, masked."""
+    one = data.TokenDataset(tokens, np.arange(len(tokens) + 1), packed=False)
+    return {
+        k: v.to(device) for k, v in data.Collator(0)([one[i] for i in range(first, last)]).items()
+    }
+
+
+class Steps(torch.utils.data.Dataset):
+    """The packed rows of the chosen steps, in order, for ``GemmaTrainer``."""
+
+    def __init__(self, tokens: data.Tokens, steps: list[tuple[int, int]], seq: int) -> None:
+        self.rows = data.rows(tokens, True, seq)
+        first, last = steps[0][0], steps[-1][1]
+        self.index = [
+            r
+            for r in range(len(self.rows))
+            if first <= self.rows.bounds[r] and self.rows.bounds[r + 1] <= last
+        ]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.index)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i].clone()}
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.rows[self.index[i]]
 
 
-def build(shape: str, tiny: bool, device: str) -> Any:
-    cls, kwargs, attention = SHAPES[shape]
+def build(shape: str, tiny: bool, device: str, ours: bool) -> Any:
+    cls, kwargs, default_attention = SHAPES[shape]
     cfg = cls(**(TINY if tiny else kwargs), max_position_embeddings=8192)
     cfg.use_cache = False
+    model_type = cfg.model_type
+    attention = default_attention
+    if ours:
+        attention = modeling.choose_attention("auto", model_type, modeling.Hardware.detect())
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation=attention)
     model.to(device)
+    if ours:
+        method = Method.model_validate({"type": "lora", "lora": {"r": 16, "alpha": 16}})
+        return modeling.apply_method(model, method), cfg
     lora = LoraConfig(
         r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
     )
@@ -119,17 +180,19 @@ def model_flops_per_token(model: Any, cfg: Any, seq: int) -> float:
 
 
 def run(loop: str, shape: str, a: argparse.Namespace, device: str, work: Path) -> dict:
-    model, cfg = build(shape, a.tiny, device)
-    rows = Rows(a.batch * (a.steps + 1), a.seq, cfg.vocab_size)
+    model, cfg = build(shape, a.tiny, device, ours=loop == "ours")
+    # Enough examples to fill every step's rows (a log-normal's mean is above its median).
+    n = 2 * a.batch * (a.steps + 1) * a.seq // a.mean_len + 8
+    tokens = examples(n, a.seq, cfg.vocab_size, a.mean_len)
+    steps = steps_of(tokens, a)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if loop == "bare":
         times = []
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        loader = torch.utils.data.DataLoader(rows, batch_size=a.batch)
-        for batch in list(loader)[: a.steps]:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for first, last in steps:
+            batch = padded(tokens, first, last, device)
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
@@ -143,39 +206,51 @@ def run(loop: str, shape: str, a: argparse.Namespace, device: str, work: Path) -
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     else:
-        args = TrainingArguments(
-            output_dir=str(work / "out"),
-            max_steps=a.steps,
-            per_device_train_batch_size=a.batch,
-            learning_rate=1e-4,
-            max_grad_norm=1.0,
-            bf16=device == "cuda",
-            logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            use_cpu=device != "cuda",
-            remove_unused_columns=False,
-            prediction_loss_only=True,
-            lr_scheduler_type="constant",
+        config = TrainerConfig(
+            model=ModelSource(name_or_path="random"),
+            dataset=DataSource(train_files=["random"]),
+            training=Hyperparameters(
+                max_steps=len(steps),
+                batch_size=a.batch,
+                gradient_accumulation_steps=1,  # a step is one micro-batch, as in bare
+                learning_rate=1e-4,
+                logging_every_steps=1,
+                precision=Precision.BF16 if device == "cuda" else Precision.FP32,
+            ),
+            output=OutputSettings(dir=str(work), checkpoint_every_steps=0),
         )
+        dataset = Steps(tokens, steps, a.seq)
+        precision = Precision.BF16 if device == "cuda" else Precision.FP32
+        args = training_arguments(
+            config, plan(config, len(dataset), 1), precision, device == "cuda", False
+        )
+        args.dataloader_drop_last = False
         timer = StepTimer()
-        prometheus = PrometheusMetrics("bench")
         callbacks = [
             TensorBoardScalars(work / "tb"),
-            prometheus,
+            PrometheusMetrics("bench"),
             LogLine(),
             StopOnSignal(StopFlag()),
             timer,
         ]
-        trainer = GemmaTrainer(model=model, args=args, train_dataset=rows, callbacks=callbacks)
+        trainer = GemmaTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=data.Collator(0),
+            callbacks=callbacks,
+        )
         trainer.remove_callback(PrinterCallback)
+        trainer.get_train_dataloader = lambda: torch.utils.data.DataLoader(  # in order, as bare
+            dataset, batch_size=a.batch, collate_fn=data.Collator(0)
+        )
         trainer.train()
         callbacks[0].close()
         times = timer.times
+    learned = [int(tokens.offsets[last] - tokens.offsets[first]) for first, last in steps]
     step = statistics.median(times[WARMUP:])
-    tokens_per_s = a.batch * a.seq / step
-    flops = model_flops_per_token(model, cfg, a.seq) * tokens_per_s
+    tokens_per_s = statistics.median(learned[WARMUP:]) / step
+    flops = model_flops_per_token(model, cfg, a.mean_len) * tokens_per_s
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     del model
     if device == "cuda":
@@ -192,13 +267,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, help="packed rows per step")
+    parser.add_argument("--mean-len", type=int, default=300, help="typical example length")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, for a CPU smoke run")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     a = parser.parse_args()
     if a.tiny:
-        a.seq, a.batch, a.steps = min(a.seq, 64), min(a.batch, 2), min(a.steps, 4)
+        a.seq, a.batch, a.steps, a.mean_len = min(a.seq, 64), min(a.batch, 2), min(a.steps, 12), 12
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not a.tiny:
         raise SystemExit("no CUDA GPU here: real-size shapes need one (use --tiny for a smoke run)")
@@ -219,8 +295,9 @@ def main() -> None:
                     f"peak {r['peak_gib']:.1f} GiB"
                 )
             print(
-                f"{shape:11s} ours/bare step time = "
-                f"{got['ours']['step_s'] / got['bare']['step_s']:.3f}x"
+                f"{shape:11s} ours/bare tokens/s = "
+                f"{got['ours']['tokens_per_s'] / got['bare']['tokens_per_s']:.2f}x, peak memory "
+                f"{got['ours']['peak_gib'] / max(got['bare']['peak_gib'], 1e-9):.2f}x"
             )
 
 
