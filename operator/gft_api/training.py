@@ -132,8 +132,11 @@ class Hyperparameters(ApiModel):
     max_grad_norm: Annotated[float, Field(ge=0.0, le=1000.0)] = 1.0
     """Gradient clipping threshold; 0 turns clipping off."""
 
-    gradient_checkpointing: bool = True
-    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass: less memory, about 30% more compute. Unset:
+    on when the weights, optimizer state, activations and logits of a micro-batch would take
+    more than 60% of the GPU's memory (full fine-tuning, big models, long rows), off otherwise
+    (LoRA on small models) and on CPU."""
 
     precision: Precision = Precision.AUTO
     """``auto`` picks bf16 on GPUs that have it, fp32 on CPU. fp16 is refused for Gemma 3

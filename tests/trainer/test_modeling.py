@@ -256,3 +256,26 @@ def test_a_qlora_adapter_is_merged_into_a_bf16_reload_of_the_base(
     expected = loaded.model.merge_and_unload().state_dict()[name]  # the fp32 merge, for reference
     assert not torch.allclose(expected, base_before, atol=1e-3)  # the adapter changes the weight
     torch.testing.assert_close(weight.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+GIB = 2**30
+GEMMA3_1B = (26, 1152, 262144)
+GEMMA2_9B = (42, 3584, 256000)
+
+
+@pytest.mark.parametrize(
+    ("requested", "method", "params", "shape", "gpu", "expected"),
+    [
+        (None, MethodType.LORA, 1.0e9, GEMMA3_1B, 80 * GIB, False),  # small LoRA: memory allows
+        (None, MethodType.FULL, 9.2e9, GEMMA2_9B, 80 * GIB, True),  # 166 GB of weights and state
+        (None, MethodType.LORA, 1.0e9, GEMMA3_1B, 16 * GIB, True),  # a small GPU
+        (None, MethodType.FULL, 1.0e9, GEMMA3_1B, None, False),  # CPU
+        (True, MethodType.LORA, 1.0e9, GEMMA3_1B, 80 * GIB, True),  # the user's choice wins
+        (False, MethodType.FULL, 9.2e9, GEMMA2_9B, 80 * GIB, False),
+    ],
+)
+def test_gradient_checkpointing_is_chosen_by_need(
+    requested, method, params, shape, gpu, expected
+) -> None:
+    got = modeling.needs_checkpointing(requested, method, int(params), shape, 4 * 2048, gpu)
+    assert got is expected

@@ -146,6 +146,30 @@ def load_dtype(method: MethodType, precision: Precision) -> torch.dtype:
     return torch.float32 if method == MethodType.FULL else torch_dtype(precision)
 
 
+def needs_checkpointing(
+    requested: bool | None,
+    method: MethodType,
+    params: int,
+    shape: tuple[int, int, int],
+    tokens: int,
+    gpu_memory: int | None,
+) -> bool:
+    """Gradient checkpointing by need: the user's choice if given; else on only when a rough
+    estimate of the micro-batch's memory passes 60% of the GPU's. ``shape`` is (layers, hidden,
+    vocab); ``tokens`` the tokens of one micro-batch. Weights: 2 bytes a parameter (0.5 for a
+    4-bit base); full fine-tuning adds fp32 master weights, gradients and AdamW state (16 bytes
+    a parameter). Activations: 34 bytes per token, layer and hidden unit in bf16 with a fused
+    attention kernel (Korthikanti et al., 2022). Logits: bf16 plus the loss's fp32 upcast."""
+    if requested is not None:
+        return requested
+    if gpu_memory is None:
+        return False  # on CPU memory is the host's, and time is what is short
+    layers, hidden, vocab = shape
+    per_param = {MethodType.FULL: 18.0, MethodType.QLORA: 0.5}.get(method, 2.0)
+    need = params * per_param + 34 * tokens * hidden * layers + 6 * tokens * vocab
+    return need > 0.6 * gpu_memory
+
+
 def device_map(method: MethodType, hw: Hardware, local_rank: int) -> dict[str, int] | None:
     """Quantized weights are placed at load time, so each rank loads onto its own GPU (without
     this every rank of a multi-GPU QLoRA run would fill cuda:0)."""

@@ -174,9 +174,15 @@ def plan(config: TrainerConfig, train_rows: int, world_size: int) -> Plan:
 
 
 def training_arguments(
-    config: TrainerConfig, p: Plan, precision: Precision, cuda: bool, has_eval: bool
+    config: TrainerConfig,
+    p: Plan,
+    precision: Precision,
+    cuda: bool,
+    has_eval: bool,
+    checkpointing: bool | None = None,
 ) -> TrainingArguments:
     h, out = config.training, config.output
+    checkpointing = bool(h.gradient_checkpointing) if checkpointing is None else checkpointing
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if h.eval_every_steps else "epoch"
@@ -193,10 +199,8 @@ def training_arguments(
         warmup_steps=p.warmup_steps,
         weight_decay=h.weight_decay,
         max_grad_norm=h.max_grad_norm if h.max_grad_norm > 0 else 0.0,
-        gradient_checkpointing=h.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False}
-        if h.gradient_checkpointing
-        else None,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         bf16=precision == Precision.BF16,
         fp16=precision == Precision.FP16,
         seed=h.seed,
@@ -305,7 +309,23 @@ def run(
             config.data.max_seq_length,
             cut.answers_cut,
         )
-    args = training_arguments(config, p, loaded.precision, hw.cuda, prepared.eval is not None)
+    text = loaded.model.config.get_text_config()
+    checkpointing = modeling.needs_checkpointing(
+        config.training.gradient_checkpointing,
+        config.method.type,
+        total,
+        (text.num_hidden_layers, text.hidden_size, text.vocab_size),
+        config.training.batch_size * config.data.max_seq_length,
+        torch.cuda.get_device_properties(0).total_memory if hw.cuda else None,
+    )
+    log.info(
+        "gradient checkpointing %s%s",
+        "on" if checkpointing else "off",
+        "" if config.training.gradient_checkpointing is not None else " (chosen by memory need)",
+    )
+    args = training_arguments(
+        config, p, loaded.precision, hw.cuda, prepared.eval is not None, checkpointing
+    )
     prometheus = PrometheusMetrics(config.run_name)
     prometheus.set_data(prepared.train_examples + prepared.eval_examples, prepared.truncated)
     tb_root = Path(config.observability.tensorboard_dir or out / "tensorboard")
