@@ -99,11 +99,15 @@ def test_read_json_and_parquet(tmp_path: Path) -> None:
     assert recs[2].where.endswith("b.parquet: row 0")
 
 
-def test_eval_split_is_seeded_and_disjoint() -> None:
-    recs = [data.Record(f"f:{i}", {"text": str(i)}) for i in range(20)]
-    a = data.split_eval(recs, 0.2, seed=1)
-    b = data.split_eval(recs, 0.2, seed=1)
-    assert a == b and len(a[1]) == 4 and not set(map(id, a[0])) & set(map(id, a[1]))
+def test_eval_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    assert data.held_out(20, 0.2, seed=1) == data.held_out(20, 0.2, seed=1)
+    assert len(data.held_out(20, 0.2, seed=1)) == 4 and data.held_out(1, 0.5, seed=1) == set()
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": str(i)} for i in range(20)])
+    source = DataSource(train_files=[str(path)])
+    records = data.read_and_check(source, DataShaping(eval_fraction=0.2), seed=1)
+    train = [r.data["text"] for r in records.train()]
+    evals = [r.data["text"] for r in records.eval()]
+    assert len(train) == 16 and len(evals) == 4 and not set(train) & set(evals)
 
 
 @pytest.mark.parametrize(

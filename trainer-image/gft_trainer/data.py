@@ -198,14 +198,6 @@ def held_out(count: int, fraction: float, seed: int) -> frozenset[int]:
     return frozenset(order[:n_eval])
 
 
-def split_eval(records: list[Record], fraction: float, seed: int) -> tuple[list, list]:
-    held = held_out(len(records), fraction, seed)
-    return (
-        [r for i, r in enumerate(records) if i not in held],
-        [r for i, r in enumerate(records) if i in held],
-    )
-
-
 @dataclass(frozen=True)
 class Records:
     """Checked records. They are streamed from their source again when tokenized, never all
