@@ -17,7 +17,14 @@ import yaml
 from pydantic import Field, ValidationError
 
 from gft_api.base import ApiModel
-from gft_api.training import Attention, DatasetFormat, DataShaping, Hyperparameters, Method
+from gft_api.training import (
+    Attention,
+    DatasetFormat,
+    DataShaping,
+    ExportChoice,
+    Hyperparameters,
+    Method,
+)
 
 CONFIG_FILE_NAME = "config.yaml"
 SUMMARY_FILE_NAME = "summary.json"
@@ -46,6 +53,7 @@ class ExitCode(IntEnum):
     STOPPED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint
     NOT_PERMITTED = 77  # EX_NOPERM: gated model: licence not accepted or token wrong
     CONFIG_ERROR = 78  # EX_CONFIG: the config file is invalid (field named in the message)
+    DIVERGED = 79  # the loss went NaN, infinite or far past its start: retrying repeats it
 
 
 NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(
@@ -57,6 +65,7 @@ NON_RETRYABLE_EXIT_CODES: tuple[int, ...] = tuple(
             ExitCode.UNSUPPORTED,
             ExitCode.NOT_PERMITTED,
             ExitCode.CONFIG_ERROR,
+            ExitCode.DIVERGED,
         )
     )
 )
@@ -72,6 +81,7 @@ def describe_exit_code(code: int) -> str:
         ExitCode.STOPPED: "StoppedAfterCheckpoint",
         ExitCode.NOT_PERMITTED: "ModelAccessDenied",
         ExitCode.CONFIG_ERROR: "InvalidConfig",
+        ExitCode.DIVERGED: "Diverged",
     }
     try:
         return reasons.get(ExitCode(code), "TrainerFailed")
@@ -128,6 +138,9 @@ class OutputSettings(ApiModel):
 
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
     """How many of the newest checkpoints to keep."""
+
+    export: ExportChoice = ExportChoice.BEST
+    """Which weights are saved as the adapter or model: the best checkpoint's or the last."""
 
     resume_from: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
     """Another run's checkpoint or adapter folder to start from, used only while this run has
@@ -208,6 +221,27 @@ class Outcome(StrEnum):
     FAILED = "Failed"
 
 
+class Sample(ApiModel):
+    """One answer generated at an evaluation, trimmed for the status."""
+
+    prompt: Annotated[str, Field(max_length=1024)]
+    """The prompt (the last user turn of a chat)."""
+
+    answer: Annotated[str, Field(max_length=2048)]
+    """What the model answered, greedily."""
+
+    reference: Annotated[str, Field(max_length=1024)] | None = None
+    """The evaluation record's own answer, when the prompt came from one."""
+
+
+SAMPLE_TEXT_LIMIT = 240
+"""Characters of a sample's prompt, answer and reference kept in the summary."""
+
+
+def trim(text: str, limit: int = SAMPLE_TEXT_LIMIT) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class TrainerSummary(ApiModel):
     """The final summary: written to ``summary.json`` and, trimmed, to the termination message."""
 
@@ -250,6 +284,25 @@ class TrainerSummary(ApiModel):
     runtime_seconds: float | None = None
     """Wall time of the run (this attempt)."""
 
+    eval_exact_match: float | None = None
+    """Final share of sampled evaluation answers equal to the reference."""
+
+    best_step: int | None = None
+    """The step whose evaluation was best by ``training.metricForBest``."""
+
+    best_eval_loss: float | None = None
+    """The evaluation loss at ``bestStep``."""
+
+    best_metric: float | None = None
+    """The value of ``training.metricForBest`` at ``bestStep``."""
+
+    exported_step: int | None = None
+    """The step whose weights were saved as the artifacts (``bestStep`` with ``output.export:
+    best``, else the last)."""
+
+    samples: Annotated[list[Sample], Field(max_length=8)] = Field(default_factory=list)
+    """The last evaluation's sample answers (trimmed)."""
+
     last_checkpoint: Annotated[str, Field(max_length=1024)] | None = None
     """Path of the newest checkpoint."""
 
@@ -262,9 +315,15 @@ class TrainerSummary(ApiModel):
     """What was saved, e.g. ``{"adapter": "/output/adapter"}``."""
 
     def to_termination_message(self) -> str:
-        """JSON that fits the kubelet's 4 KiB limit, cutting the message first if it must."""
+        """JSON that fits the kubelet's 4 KiB limit: samples go first, from the last, then the
+        message is cut."""
         data = self.to_wire()
         text = json.dumps(data, separators=(",", ":"))
+        while len(text.encode()) > TERMINATION_MESSAGE_LIMIT and data.get("samples"):
+            data["samples"].pop()
+            if not data["samples"]:
+                del data["samples"]
+            text = json.dumps(data, separators=(",", ":"))
         overflow = len(text.encode()) - TERMINATION_MESSAGE_LIMIT
         if overflow > 0:
             msg = data.get("message", "")
@@ -300,6 +359,7 @@ __all__ = [
     "Observability",
     "Outcome",
     "OutputSettings",
+    "Sample",
     "TrainerConfig",
     "TrainerSummary",
     "describe_exit_code",

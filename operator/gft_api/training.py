@@ -102,6 +102,53 @@ class LrScheduler(StrEnum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class BestMetric(StrEnum):
+    EVAL_LOSS = "eval_loss"
+    EVAL_TOKEN_ACCURACY = "eval_token_accuracy"
+    EVAL_EXACT_MATCH = "eval_exact_match"
+
+
+class ExportChoice(StrEnum):
+    BEST = "best"
+    LAST = "last"
+
+
+class EarlyStopping(ApiModel):
+    """Stop when the evaluation has not improved for a while."""
+
+    patience: Annotated[int, Field(ge=1, le=1000)] = 3
+    """Evaluations in a row without an improvement of more than ``minDelta`` before the run
+    stops (as Succeeded, reason ``EarlyStopped``)."""
+
+    min_delta: Annotated[float, Field(ge=0.0, le=1000.0)] = 0.0
+    """The smallest change of ``metricForBest`` that counts as an improvement."""
+
+
+class Samples(ApiModel):
+    """Answers generated greedily at each evaluation, to read how the model is doing."""
+
+    count: Annotated[int, Field(ge=0, le=32)] = 3
+    """How many prompts to answer: the first ``prompts``, then the first evaluation records
+    (their last model turn or completion is the reference). 0 turns samples off."""
+
+    prompts: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=4096)]], Field(max_length=32)
+    ] = Field(default_factory=list)
+    """Fixed prompts, asked as a user turn of a chat (chat and alpaca data) or as raw text."""
+
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
+    """Longest answer in tokens."""
+
+    max_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 30.0
+    """Time budget for all answers of one evaluation; prompts left when it is spent are
+    skipped, so evaluation stays cheap."""
+
+    exact_match_examples: Annotated[int, Field(ge=0, le=10_000)] = 0
+    """Also answer this many evaluation records (within the same budget) and report
+    ``eval_exact_match``: the share whose answer equals the reference, ignoring surrounding
+    whitespace. 0 turns it off."""
+
+
 class Hyperparameters(ApiModel):
     """The optimisation settings. Give exactly one of ``epochs`` and ``maxSteps``."""
 
@@ -153,6 +200,34 @@ class Hyperparameters(ApiModel):
 
     eval_on_start: bool = False
     """Also evaluate before the first step, so the run reports where it started from."""
+
+    metric_for_best: BestMetric = BestMetric.EVAL_LOSS
+    """Which evaluation metric picks the best checkpoint (lower loss, higher accuracy or exact
+    match is better). A checkpoint is saved whenever it improves, rotation never deletes the
+    best one, and it is what is exported unless ``output.export`` is ``last``."""
+
+    early_stopping: EarlyStopping | None = None
+    """Stop when ``metricForBest`` has stopped improving; off when unset."""
+
+    divergence_factor: Annotated[float, Field(ge=0.0, le=1e6)] = 4.0
+    """Stop the run as ``Diverged`` (not retried; the last good checkpoint is kept) when a
+    logged training loss passes this many times the run's first logged loss. A NaN or infinite
+    loss always stops it. 0 turns the factor check off."""
+
+    samples: Samples = Field(default_factory=Samples)
+    """Sample answers at each evaluation (TensorBoard's text tab, the log, the result)."""
+
+    @model_validator(mode="after")
+    def _exact_match_for_best(self) -> "Hyperparameters":
+        if self.metric_for_best == BestMetric.EVAL_EXACT_MATCH and not (
+            self.samples.exact_match_examples
+        ):
+            raise ValueError("metricForBest eval_exact_match needs samples.exactMatchExamples > 0")
+        if self.divergence_factor and self.divergence_factor <= 1.0:
+            raise ValueError(
+                "divergenceFactor must be above 1 (a loss above its start), or 0 to turn it off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_length(self) -> "Hyperparameters":

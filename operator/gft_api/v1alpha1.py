@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from gft_api.base import ApiModel
 from gft_api.contract import TrainerSummary
-from gft_api.training import DataShaping, Hyperparameters, Method, MethodType
+from gft_api.training import DataShaping, ExportChoice, Hyperparameters, Method, MethodType
 
 # ---------------------------------------------------------------------------------------------
 # Names. The Job is named after the GemmaFineTune and its pods carry the ``job-name`` label, which
@@ -354,7 +354,12 @@ class OutputSpec(ApiModel):
     resumes from the newest checkpoint."""
 
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
-    """How many of the newest checkpoints to keep."""
+    """How many of the newest checkpoints to keep (the best one is kept besides)."""
+
+    export: ExportChoice = ExportChoice.BEST
+    """Which weights become the adapter (or model) and the merged model: ``best`` (the
+    checkpoint with the best ``training.metricForBest``; the last weights when nothing was
+    evaluated) or ``last``."""
 
     model_config = ConfigDict(
         json_schema_extra=_rules(
@@ -577,6 +582,22 @@ class GemmaFineTuneSpec(ApiModel):
                     "give exactly one of training.epochs and training.maxSteps",
                     reason="FieldValueInvalid",
                 ),
+                _cel(
+                    "!has(self.metricForBest) || self.metricForBest != 'eval_exact_match' || "
+                    "(has(self.samples) && has(self.samples.exactMatchExamples) && "
+                    "self.samples.exactMatchExamples > 0)",
+                    "metricForBest eval_exact_match needs samples.exactMatchExamples > 0",
+                    field_path=".metricForBest",
+                    reason="FieldValueInvalid",
+                ),
+                _cel(
+                    "!has(self.divergenceFactor) || self.divergenceFactor == 0.0 || "
+                    "self.divergenceFactor > 1.0",
+                    "divergenceFactor must be above 1 (a loss above its start), or 0 to turn "
+                    "it off",
+                    field_path=".divergenceFactor",
+                    reason="FieldValueInvalid",
+                ),
             )
         ),
     ]
@@ -794,6 +815,10 @@ class Metrics(ApiModel):
 
     eval_token_accuracy: float | None = None
     """Share of next tokens predicted right on evaluation records."""
+
+    eval_exact_match: float | None = None
+    """Share of sampled evaluation answers equal to the reference
+    (``training.samples.exactMatchExamples``)."""
 
     learning_rate: float | None = None
     """Current learning rate."""

@@ -197,6 +197,7 @@ def trainer_config(owner: Owner, spec: GemmaFineTuneSpec) -> TrainerConfig:
             dir=run_dir(owner),
             checkpoint_every_steps=spec.output.checkpoint_every_steps,
             keep_checkpoints=spec.output.keep_checkpoints,
+            export=spec.output.export,
             resume_from=_join(OUTPUT_DIR, spec.resume_from.path) if spec.resume_from else None,
         ),
         observability=Observability(

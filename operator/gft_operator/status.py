@@ -346,6 +346,13 @@ def should_create_job(obs: Observed) -> bool:
     )
 
 
+def _success_reason(summary: TrainerSummary | None) -> str:
+    """``Completed``, or how the trainer says it succeeded (``EarlyStopped``)."""
+    if summary is not None and summary.outcome == Outcome.SUCCEEDED and summary.reason:
+        return summary.reason
+    return "Completed"
+
+
 def _verdict(obs: Observed) -> _Verdict:
     old_phase = obs.old_status.get("phase")
     if obs.blocked:
@@ -356,7 +363,7 @@ def _verdict(obs: Observed) -> _Verdict:
         if done is not None:
             summary = summary_of(done)
             message = (summary.message if summary else "") or "training finished"
-            return _Verdict(Phase.SUCCEEDED, "Completed", message)
+            return _Verdict(Phase.SUCCEEDED, _success_reason(summary), message)
         stopping = [p for p in obs.earlier_pods if alive(p)]
         if stopping:
             return _Verdict(
@@ -375,7 +382,7 @@ def _verdict(obs: Observed) -> _Verdict:
         pod = newest_pod([p for p in pods if _terminated(p)])
         summary = summary_of(pod) if pod else None
         message = (summary.message if summary and summary.message else "") or "training finished"
-        return _Verdict(Phase.SUCCEEDED, "Completed", message)
+        return _Verdict(Phase.SUCCEEDED, _success_reason(summary), message)
 
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
     if failed:
@@ -575,6 +582,8 @@ def _final_metrics(old: Manifest, summary: TrainerSummary) -> Manifest:
         metrics["evalLoss"] = summary.eval_loss
     if summary.eval_token_accuracy is not None:
         metrics["evalTokenAccuracy"] = summary.eval_token_accuracy
+    if summary.eval_exact_match is not None:
+        metrics["evalExactMatch"] = summary.eval_exact_match
     return metrics
 
 

@@ -26,6 +26,7 @@ _METRIC_FIELDS = {
     "gft_eval_loss": "evalLoss",
     "gft_train_token_accuracy_ratio": "tokenAccuracy",
     "gft_eval_token_accuracy_ratio": "evalTokenAccuracy",
+    "gft_eval_exact_match_ratio": "evalExactMatch",
     "gft_learning_rate": "learningRate",
     "gft_tokens_per_second": "tokensPerSecond",
     "gft_samples_per_second": "samplesPerSecond",

@@ -167,6 +167,11 @@ def test_sample_spec_validates_with_defaults():
         ({"resources": {"memory": "lots"}}, "resources.memory"),
         ({"suspend": "maybe"}, "suspend"),
         ({"nonsense": 1}, "nonsense"),
+        (
+            {"training": {"maxSteps": 5, "metricForBest": "eval_exact_match"}},
+            "needs samples.exactMatchExamples",
+        ),
+        ({"training": {"maxSteps": 5, "divergenceFactor": 0.5}}, "divergenceFactor must be above"),
     ],
 )
 def test_model_refuses_bad_specs(overrides, needle):

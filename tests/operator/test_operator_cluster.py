@@ -200,6 +200,22 @@ INVALID = [
         _bad(tensorboard={"pathPrefix": "tb"}),
         "spec.tensorboard.pathPrefix",
     ),
+    (
+        "exact-match-best-without-examples",
+        _bad(training={"maxSteps": 10, "metricForBest": "eval_exact_match"}),
+        "spec.training.metricForBest",
+    ),
+    (
+        "divergence-factor-at-one",
+        _bad(training={"maxSteps": 10, "divergenceFactor": 1}),
+        "spec.training.divergenceFactor",
+    ),
+    (
+        "early-stopping-without-patience",
+        _bad(training={"maxSteps": 10, "earlyStopping": {"patience": 0}}),
+        "spec.training.earlyStopping.patience",
+    ),
+    ("export-neither", _bad(output={"export": "middle"}), "spec.output.export"),
     ("unknown-field", _bad(learningRate=1e-4), "learningRate"),
     ("name-too-long", finetune(_LONG), "metadata.name"),
     ("name-not-dns-1035", finetune("1st-run"), "metadata.name"),

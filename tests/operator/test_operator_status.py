@@ -122,6 +122,29 @@ def test_succeeded_keeps_result_and_completion_time():
     assert after.status == s and after.transition is None
 
 
+def test_early_stopped_run_succeeds_with_the_trainers_reason_and_best_step():
+    message = TrainerSummary(
+        outcome=Outcome.SUCCEEDED,
+        exit_code=0,
+        reason="EarlyStopped",
+        message="stopped early at step 8 of 12: ...; best at step 4",
+        global_step=8,
+        total_steps=12,
+        best_step=4,
+        best_eval_loss=1.25,
+        exported_step=4,
+        eval_exact_match=0.5,
+    ).to_termination_message()
+    done = pod(
+        "demo-a", phase="Succeeded", trainer={"terminated": {"exitCode": 0, "message": message}}
+    )
+    j = job(("Complete", "", ""), succeeded=1, completionTime="2026-01-01T00:09:00Z")
+    s = decide(observe(j, [done]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Succeeded", "EarlyStopped")
+    assert (s["result"]["bestStep"], s["result"]["exportedStep"]) == (4, 4)
+    assert s["metrics"]["evalExactMatch"] == 0.5
+
+
 def test_a_run_that_ended_between_two_metric_reads_still_shows_its_loss():
     """The LOSS column after Succeeded: status.metrics filled from the trainer's summary where
     the last live read left a gap; its final evaluation replaces a mid-run one."""

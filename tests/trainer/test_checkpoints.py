@@ -54,3 +54,15 @@ def test_rank_exit_codes_combine_by_contract() -> None:
     assert combine_exit_codes([1, 65]) == 65
     assert combine_exit_codes([0, 1]) == 1
     assert combine_exit_codes([75, 137]) == 137
+
+
+def test_rotation_never_deletes_the_best(tmp_path: Path) -> None:
+    for step in (2, 4, 6, 8):
+        fake_checkpoint(tmp_path, step)
+    checkpoints.rotate(tmp_path, keep=1, protect=4)
+    assert [p.name for p in checkpoints.all_checkpoints(tmp_path)] == [
+        "checkpoint-4",
+        "checkpoint-8",
+    ]
+    checkpoints.rotate(tmp_path, keep=1, protect=8)  # a later best frees the old one
+    assert [p.name for p in checkpoints.all_checkpoints(tmp_path)] == ["checkpoint-8"]

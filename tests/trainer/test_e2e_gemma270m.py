@@ -51,7 +51,11 @@ def run270m(tmp_path_factory: pytest.TempPathFactory) -> Run:
         out,
         runName="e2e/gemma3-270m",
         data={"maxSeqLength": 128, "evalFraction": 0.2, "packing": True},
-        method={"type": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
+        method={
+            "type": "lora",
+            "mergeAdapter": True,
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.0},
+        },
         training={
             "maxSteps": STEPS,
             "batchSize": 2,
@@ -156,3 +160,36 @@ def test_metrics_endpoint_served_live(run270m: Run) -> None:
     assert m["gft_train_tokens"].value > 0 and m["gft_train_loss"].labels == {
         "run": "e2e/gemma3-270m"
     }
+
+
+def test_exports_load_from_the_volume_and_answer_as_trained(run270m: Run) -> None:
+    """What a serving stack does: load the adapter onto the base, and the merged model on its
+    own, from the output folder alone; both now answer in the trained form ("GEMMY SAYS: ..."),
+    which the base never does. The prompt is a held-out evaluation record."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert run270m.returncode == 0, run270m.log[-3000:]
+    (sample, *_) = [s for s in run270m.summary.samples if s.reference]
+    assert sample.answer.startswith("GEMMY SAYS"), sample  # the run's own last sample
+    tok = AutoTokenizer.from_pretrained(run270m.out / "adapter")
+    messages = [{"role": "user", "content": sample.prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+
+    def answer(model) -> str:
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+    base = AutoModelForCausalLM.from_pretrained(ensure_model(), dtype=torch.float32)
+    before = answer(base)
+    adapted = answer(PeftModel.from_pretrained(base, run270m.out / "adapter"))
+    merged = AutoModelForCausalLM.from_pretrained(run270m.out / "merged", dtype=torch.float32)
+    after_merge = answer(merged)
+    print("base:", repr(before), "| adapter:", repr(adapted), "| merged:", repr(after_merge))
+    assert "GEMMY SAYS" not in before
+    assert adapted.startswith("GEMMY SAYS") and after_merge.startswith("GEMMY SAYS")
+    # The merged model stops at the end of its turn, as its generation_config says.
+    assert merged.generation_config.eos_token_id and "<end_of_turn>" not in after_merge

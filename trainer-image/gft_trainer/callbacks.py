@@ -1,10 +1,11 @@
 """Side concerns of the loop, each a small ``TrainerCallback``: the log line, TensorBoard scalars
-and stop-on-signal. (Prometheus lives in ``metrics.py``.)
+and text, the best checkpoint and early stopping, and stop-on-signal. (Prometheus lives in
+``metrics.py``.)
 
 They read the ``logs`` dict that ``GemmaTrainer.log`` fills: ``loss``, ``token_accuracy``,
 ``learning_rate``, ``grad_norm``, ``tokens_per_second``, ``samples_per_second``,
 ``step_time_seconds``, ``eta_seconds``, ``tokens_total``, ``samples_total``, and for evaluation
-``eval_loss``, ``eval_token_accuracy``.
+``eval_loss``, ``eval_token_accuracy``, ``eval_exact_match``, ``eval_samples_seconds``.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gft_api.contract import Sample
+from gft_api.training import BestMetric, EarlyStopping
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from gft_trainer import judge, samples
 from gft_trainer.errors import StopRequested
 from gft_trainer.gpu import read_gpus
 from gft_trainer.signals import StopFlag, agreed
@@ -36,10 +40,17 @@ def format_log_line(step: int, total: int, logs: dict[str, float]) -> str | None
     pct = f" ({100 * step / total:.0f}%)" if total else ""
     if "eval_loss" in logs:
         acc = logs.get("eval_token_accuracy")
+        match = logs.get("eval_exact_match")
         return (
             f"eval  step {step}/{total} | eval_loss {logs['eval_loss']:.4f}"
             + (f" | eval_acc {acc:.4f}" if acc is not None else "")
+            + (f" | exact_match {match:.3f}" if match is not None else "")
             + f" | {logs.get('eval_runtime', 0.0):.1f}s"
+            + (
+                f" + samples {logs['eval_samples_seconds']:.1f}s"
+                if "eval_samples_seconds" in logs
+                else ""
+            )
         )
     if "loss" not in logs:
         return None
@@ -85,7 +96,11 @@ TB_TRAIN = {
     "step_time_seconds": "train/step_time_seconds",
     "epoch": "train/epoch",
 }
-TB_EVAL = {"eval_loss": "eval/loss", "eval_token_accuracy": "eval/token_accuracy"}
+TB_EVAL = {
+    "eval_loss": "eval/loss",
+    "eval_token_accuracy": "eval/token_accuracy",
+    "eval_exact_match": "eval/exact_match",
+}
 
 
 def tensorboard_run_dir(root: Path, run_name: str) -> Path:
@@ -140,10 +155,44 @@ class TensorBoardScalars(TrainerCallback):
     ) -> None:
         self.close()
 
+    def samples(self, step: int, answers: list[Sample]) -> None:
+        """Sample answers for TensorBoard's text tab, one tag per prompt."""
+        w = self._writer()
+        for i, sample in enumerate(answers, 1):
+            w.add_text(f"samples/{i}", samples.markdown(sample), step)
+        w.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+class KeepBest(TrainerCallback):
+    """After each evaluation: a new best ``metricForBest`` is checkpointed at once (so the best
+    weights can be exported and never rotated away), and with ``earlyStopping`` training
+    stops once the metric has stalled for ``patience`` evaluations."""
+
+    def __init__(self, metric: BestMetric, early: EarlyStopping | None) -> None:
+        self.metric = metric
+        self.early = early
+        self.stopped_early = False
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        if state.global_step == 0:
+            return
+        top = judge.best(state.log_history, self.metric)
+        if top is not None and top.step == state.global_step:
+            state.best_metric = top.value
+            state.best_global_step = top.step
+            control.should_save = True
+        if self.early and judge.should_stop_early(
+            state.log_history, self.metric, self.early.patience, self.early.min_delta
+        ):
+            self.stopped_early = True
+            control.should_training_stop = True
 
 
 class StopOnSignal(TrainerCallback):

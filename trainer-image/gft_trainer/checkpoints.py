@@ -62,12 +62,13 @@ def mark_complete(path: Path, global_step: int) -> None:
     os.replace(tmp, path / MARKER)
 
 
-def rotate(root: Path, keep: int) -> list[Path]:
-    """Keep the ``keep`` newest valid checkpoints; delete older ones and cut-short ones older
-    than the newest valid. Returns what was deleted."""
+def rotate(root: Path, keep: int, protect: int | None = None) -> list[Path]:
+    """Keep the ``keep`` newest valid checkpoints, and the one of step ``protect`` (the best);
+    delete older ones and cut-short ones older than the newest valid. Returns what was
+    deleted."""
     checkpoints = all_checkpoints(root)
     valid = [p for p in checkpoints if is_valid(p)]
-    keepers = set(valid[-keep:])
+    keepers = set(valid[-keep:]) | {p for p in valid if step_of(p) == protect}
     newest = step_of(valid[-1]) if valid else None
     deleted = []
     for p in checkpoints:

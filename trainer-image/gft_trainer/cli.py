@@ -4,8 +4,8 @@
 
 It reads the config the operator renders, fine-tunes, writes ``summary.json`` and the
 termination message, and exits with a code from ``gft_api.contract.ExitCode``: 0 success,
-75 stopped by a signal after a checkpoint, 65/66/69/77/78 non-retryable (bad data, no model,
-unsupported hardware, not permitted, bad config), anything else retryable.
+75 stopped by a signal after a checkpoint, 65/66/69/77/78/79 non-retryable (bad data, no
+model, unsupported hardware, not permitted, bad config, diverged), anything else retryable.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
         description="Fine-tune a Gemma model (LoRA, QLoRA or full) from one config file.",
         epilog="Exit codes: 0 success; 75 stopped by SIGTERM after a checkpoint (rerun to "
         "resume); 65 bad data, 66 model not found, 69 unsupported hardware, 77 model not "
-        "permitted, 78 bad config (fix, then rerun); any other code is retryable.",
+        "permitted, 78 bad config, 79 training diverged (fix, then rerun); any other code is "
+        "retryable.",
     )
     p.add_argument("--config", required=True, type=Path, help="the config file (YAML or JSON)")
     p.add_argument(

@@ -35,6 +35,13 @@ class UnsupportedError(TrainerError):
     exit_code = ExitCode.UNSUPPORTED
 
 
+class DivergedError(TrainerError):
+    """The loss went NaN, infinite or far past its start. Retrying from the last checkpoint
+    with the same settings would diverge again, so it is not retried."""
+
+    exit_code = ExitCode.DIVERGED
+
+
 class StopRequested(Exception):
     """A stop signal arrived; raised where training cannot simply finish its step."""
 

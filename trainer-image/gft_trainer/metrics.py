@@ -26,6 +26,10 @@ GAUGES = {
     "eval_loss": ("gft_eval_loss", "Evaluation loss."),
     "token_accuracy": ("gft_train_token_accuracy_ratio", "Next-token accuracy on training tokens."),
     "eval_token_accuracy": ("gft_eval_token_accuracy_ratio", "Next-token accuracy on eval tokens."),
+    "eval_exact_match": (
+        "gft_eval_exact_match_ratio",
+        "Share of sampled eval answers equal to the reference.",
+    ),
     "learning_rate": ("gft_learning_rate", "Current learning rate."),
     "grad_norm": ("gft_grad_norm", "Gradient norm before clipping."),
     "tokens_per_second": ("gft_tokens_per_second", "Training throughput in tokens per second."),

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gft_api.contract import SUMMARY_FILE_NAME, ConfigError, Outcome, TrainerSummary
+from gft_api.contract import (
+    SUMMARY_FILE_NAME,
+    ConfigError,
+    ExitCode,
+    Outcome,
+    TrainerSummary,
+)
 from gft_api.training import MethodType
 
 from gft_trainer import checkpoints
@@ -39,18 +45,28 @@ class Start:
 def finished_before(out: Path, config_text: str) -> TrainerSummary | None:
     """This run's summary when it already succeeded, with this config, and its artifacts are
     all there."""
+    summary = _previous(out, config_text)
+    if summary is None or summary.outcome != Outcome.SUCCEEDED:
+        return None
+    if not all(Path(p).exists() for p in summary.artifacts.values()):
+        return None
+    return summary
+
+
+def diverged_before(out: Path, config_text: str) -> TrainerSummary | None:
+    """This run's summary when it diverged before, with this config."""
+    summary = _previous(out, config_text)
+    return summary if summary is not None and summary.exit_code == ExitCode.DIVERGED else None
+
+
+def _previous(out: Path, config_text: str) -> TrainerSummary | None:
+    """The summary an earlier attempt left in this folder, if it ran with this config."""
     try:
         summary = TrainerSummary.model_validate(json.loads((out / SUMMARY_FILE_NAME).read_text()))
         same = (out / RUN_CONFIG).read_text() == config_text
     except (OSError, ValueError):
         return None
-    if not same:
-        return None
-    if summary.outcome != Outcome.SUCCEEDED:
-        return None
-    if not all(Path(p).exists() for p in summary.artifacts.values()):
-        return None
-    return summary
+    return summary if same else None
 
 
 def keep_config(out: Path, config_text: str) -> None:

@@ -1,9 +1,10 @@
 """One fine-tune, start to end: load, prepare data, run transformers' ``Trainer``, save, summarise.
 
-``GemmaTrainer`` adds three things to ``Trainer`` and nothing else: token accuracy computed
-inside ``compute_loss`` (the argmax is taken while the logits exist anyway, then they are
-dropped), throughput and ETA in the logs, and checkpoints that carry a completion marker and are
-rotated only once complete.
+``GemmaTrainer`` adds these to ``Trainer`` and nothing else: token accuracy computed inside
+``compute_loss`` (the argmax is taken while the logits exist anyway, then they are dropped),
+throughput and ETA in the logs, sample answers at each evaluation, a divergence guard (a NaN
+or exploding loss stops the run before any checkpoint holds the damage), and checkpoints that
+carry a completion marker and are rotated only once complete, never the best one.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, TrainerSummary
-from gft_api.training import MethodType, Precision
+from gft_api.training import BestMetric, ExportChoice, MethodType, Precision
 from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments
 
-from gft_trainer import checkpoints, data, modeling, resume
-from gft_trainer.callbacks import LogLine, StopOnSignal, TensorBoardScalars, tensorboard_run_dir
-from gft_trainer.errors import StopRequested
+from gft_trainer import checkpoints, data, judge, modeling, resume, samples
+from gft_trainer.callbacks import (
+    KeepBest,
+    LogLine,
+    StopOnSignal,
+    TensorBoardScalars,
+    tensorboard_run_dir,
+)
+from gft_trainer.errors import DivergedError, StopRequested
 from gft_trainer.metrics import PrometheusMetrics
 from gft_trainer.signals import StopFlag
 
@@ -33,9 +40,21 @@ log = logging.getLogger("gft")
 
 
 class GemmaTrainer(Trainer):
-    def __init__(self, *args: Any, keep_checkpoints: int = 2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        keep_checkpoints: int = 2,
+        best_metric: BestMetric = BestMetric.EVAL_LOSS,
+        divergence_factor: float = 0.0,
+        sampler: samples.Sampler | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.keep_checkpoints = keep_checkpoints
+        self.best_metric = best_metric
+        self.divergence_factor = divergence_factor
+        self.sampler = sampler
+        self.latest_samples: list[Any] = []
         self.pad_id = self.processing_class.pad_token_id if self.processing_class else 0
         self._zero = torch.zeros((), dtype=torch.long, device=self.args.device)
         # [correct, counted] next-token predictions, per mode; tokens and rows since the last log
@@ -45,6 +64,9 @@ class GemmaTrainer(Trainer):
         }
         self._tokens = self._zero.clone()
         self._rows = 0
+        # Micro-batches with a NaN/inf loss since the last log: counted on the device, so the
+        # guard costs no synchronisation per step.
+        self._nonfinite = self._zero.clone()
         self._last_log = (time.monotonic(), 0)
         self._start: tuple[float, int] | None = None
         self.last_checkpoint: Path | None = None
@@ -73,6 +95,7 @@ class GemmaTrainer(Trainer):
             if model.training:
                 self._tokens += (inputs["input_ids"] != self.pad_id).sum()
                 self._rows += data.examples_in(inputs)
+                self._nonfinite += ~torch.isfinite(loss.detach())
         del logits
         outputs["logits"] = None  # nothing downstream needs the 256k-wide logits
         return (loss, outputs) if return_outputs else loss
@@ -102,18 +125,59 @@ class GemmaTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
-            self._add_train_stats(logs)
+            nonfinite = self._add_train_stats(logs)
+            self._guard(logs.get("loss"), nonfinite, logs.get("grad_norm"))
         if "eval_loss" in logs:
             correct, counted = self._sum(*self._acc[False])
             if counted:
                 logs["eval_token_accuracy"] = correct / counted
+            self._guard(logs["eval_loss"], 0, None, what="evaluation")
+            if self.sampler is not None and self.state.global_step > 0:
+                logs.update(self._sample())
         super().log(logs, start_time)
 
-    def _add_train_stats(self, logs: dict[str, float]) -> None:
-        correct, counted, tokens, rows = self._sum(*self._acc[True], self._tokens, self._rows)
+    def _guard(
+        self, loss: float | None, nonfinite: int, grad_norm: float | None, what: str = "training"
+    ) -> None:
+        """Stop the run as Diverged; every rank sees the same reduced numbers and stops."""
+        start = judge.first_loss(self.state.log_history) if what == "training" else None
+        why = judge.divergence(loss, nonfinite, grad_norm, start, self.divergence_factor)
+        if why is None:
+            return
+        good = checkpoints.newest_valid(Path(self.args.output_dir))
+        raise DivergedError(
+            f"training diverged at step {self.state.global_step} ({what}): {why}. "
+            + (f"The last good checkpoint is {good}. " if good else "No checkpoint was saved. ")
+            + "Lower training.learningRate (or raise warmupRatio, or use bf16 over fp16), then "
+            "re-create the fine-tune" + (" with resumeFrom naming that checkpoint" if good else "")
+        )
+
+    def _sample(self) -> dict[str, float]:
+        """Sample answers on the main process; their numbers are shared with every rank, which
+        must all take the same best-checkpoint decisions."""
+        answers = None
+        if self.is_world_process_zero() and self.sampler is not None:
+            answers = self.sampler.run(self.model, self.state.global_step)
+            self.latest_samples = answers.samples
+        hits, scored, seconds = self._sum(
+            (answers.exact_match or 0.0) * answers.scored if answers else 0.0,
+            answers.scored if answers else 0,
+            answers.seconds if answers else 0.0,
+        )
+        out = {"eval_samples_seconds": seconds}
+        if scored:
+            out["eval_exact_match"] = hits / scored
+        return out
+
+    def _add_train_stats(self, logs: dict[str, float]) -> int:
+        """Adds accuracy and throughput to ``logs``; returns the non-finite losses counted."""
+        correct, counted, tokens, rows, nonfinite = self._sum(
+            *self._acc[True], self._tokens, self._rows, self._nonfinite
+        )
         self._acc[True] = [self._zero.clone(), self._zero.clone()]
         self._tokens = self._zero.clone()
         self._rows = 0
+        self._nonfinite = self._zero.clone()
         now, step = time.monotonic(), self.state.global_step
         then, then_step = self._last_log
         self._last_log = (now, step)
@@ -134,6 +198,7 @@ class GemmaTrainer(Trainer):
         if step > start_step:
             per_step = (now - start) / (step - start_step)
             logs["eta_seconds"] = per_step * max(0, self.state.max_steps - step)
+        return int(nonfinite)
 
     def _inner_training_loop(self, *args: Any, **kwargs: Any) -> Any:
         self._last_log = (time.monotonic(), self.state.global_step)
@@ -142,13 +207,20 @@ class GemmaTrainer(Trainer):
     # -- checkpoints
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # A NaN since the last log must never become the newest checkpoint: a retry or
+        # resume would start from broken weights.
+        (nonfinite,) = self._sum(self._nonfinite)
+        self._guard(None, int(nonfinite), None)
         super()._save_checkpoint(model, trial)
         path = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank wrote its part (RNG state, shards) before the marker
         if self.args.should_save:
             checkpoints.mark_complete(path, self.state.global_step)
-            checkpoints.rotate(path.parent, self.keep_checkpoints)
+            top = judge.best(self.state.log_history, self.best_metric)
+            checkpoints.rotate(
+                path.parent, self.keep_checkpoints, protect=top.step if top else None
+            )
         self.last_checkpoint = path
 
 
@@ -214,6 +286,7 @@ def training_arguments(
         save_steps=out.checkpoint_every_steps or 500,
         save_total_limit=None,  # GemmaTrainer rotates, counting only complete checkpoints
         prediction_loss_only=True,
+        logging_nan_inf_filter=False,  # a NaN loss is shown as NaN, and the guard stops the run
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
@@ -263,6 +336,11 @@ def run(
         # Started again after it succeeded (its Job was re-created): the same outcome, no step.
         log.info("this run already succeeded (%s); nothing left to train", done.message)
         return done
+    diverged = resume.diverged_before(out, config.dump())
+    if diverged is not None:
+        # The Job does not retry a divergence; this is a restart of the same run folder by
+        # other means. Training again with the same settings would diverge again.
+        raise DivergedError(f"{diverged.message} (this run already diverged; not trained again)")
     if rank == 0:
         resume.keep_config(out, config.dump())
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
@@ -330,8 +408,13 @@ def run(
     prometheus.set_data(prepared.train_examples + prepared.eval_examples, prepared.truncated)
     tb_root = Path(config.observability.tensorboard_dir or out / "tensorboard")
     tb_dir = tensorboard_run_dir(tb_root, config.run_name)
+    tensorboard = TensorBoardScalars(tb_dir)
+    h = config.training
+    keep_best = KeepBest(h.metric_for_best, h.early_stopping)
     # The log line last: once it shows a step, TensorBoard and /metrics already hold it.
-    callbacks = [TensorBoardScalars(tb_dir), prometheus, LogLine(), StopOnSignal(stop)]
+    callbacks = [tensorboard, prometheus, LogLine(), keep_best, StopOnSignal(stop)]
+    chat = prepared.format in (DatasetFormat.CHAT, DatasetFormat.ALPACA)
+    sampler = make_sampler(config, tok, records, prepared, loaded, chat, args, tensorboard)
     trainer = GemmaTrainer(
         model=loaded.model,
         args=args,
@@ -341,6 +424,9 @@ def run(
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
         keep_checkpoints=config.output.keep_checkpoints,
+        best_metric=h.metric_for_best,
+        divergence_factor=h.divergence_factor,
+        sampler=sampler,
     )
     trainer.remove_callback(PrinterCallback)  # LogLine prints what a human needs
     if rank == 0 and config.observability.metrics_port:
@@ -382,10 +468,11 @@ def run(
             log.info("stop requested during evaluation; saving the checkpoint of step %d", step)
             trainer._save_checkpoint(trainer.model, trial=None)
         result, stopped = None, True
+    early = keep_best.stopped_early and not stopped
     summary = TrainerSummary(
         outcome=Outcome.STOPPED if stopped else Outcome.SUCCEEDED,
         exit_code=int(ExitCode.STOPPED if stopped else ExitCode.SUCCESS),
-        reason="StoppedAfterCheckpoint" if stopped else "Completed",
+        reason="StoppedAfterCheckpoint" if stopped else ("EarlyStopped" if early else "Completed"),
         global_step=trainer.state.global_step,
         total_steps=p.total_steps,
         epoch=trainer.state.epoch,
@@ -401,9 +488,20 @@ def run(
                 metrics = last_eval(trainer) or trainer.evaluate()
                 summary.eval_loss = metrics.get("eval_loss")
                 summary.eval_token_accuracy = metrics.get("eval_token_accuracy")
-            chat = prepared.format in (DatasetFormat.CHAT, DatasetFormat.ALPACA)
+                summary.eval_exact_match = metrics.get("eval_exact_match")
+            summary.samples = trainer.latest_samples
+            top = judge.best(trainer.state.log_history, h.metric_for_best)
+            if top is not None:
+                summary.best_step = top.step
+                summary.best_metric = top.value
+                summary.best_eval_loss = top.entry.get("eval_loss")
+            summary.exported_step = take_exported_weights(trainer, top, config.output.export)
             summary.artifacts = save_artifacts(trainer, loaded, config, out, chat)
             summary.message = f"trained {summary.global_step} steps"
+            if early:
+                summary.message = early_stop_message(summary, h)
+            if summary.exported_step != summary.global_step:
+                summary.message += f"; exported the best weights, of step {summary.exported_step}"
         ckpt = checkpoints.newest_valid(Path(args.output_dir))
         if ckpt:
             summary.last_checkpoint = str(ckpt)
@@ -416,6 +514,66 @@ def run(
                 cb.close()
         prometheus.shutdown()
     return summary
+
+
+def make_sampler(
+    config: TrainerConfig,
+    tok: data.Tokenizer,
+    records: data.Records,
+    prepared: data.PreparedData,
+    loaded: modeling.LoadedModel,
+    chat: bool,
+    args: TrainingArguments,
+    tensorboard: TensorBoardScalars,
+) -> samples.Sampler | None:
+    """Sample answers at each evaluation, or ``None`` when there are none to give."""
+    settings = config.training.samples
+    if prepared.eval is None or not (settings.count or settings.exact_match_examples):
+        return None
+    if args.fsdp:
+        # The weights are sharded across ranks; one rank alone cannot generate.
+        log.info("samples: off under FSDP (the weights are sharded across the ranks)")
+        return None
+    prompts = samples.collect(tok, settings, records.format, records.eval())
+    if not prompts:
+        log.info("samples: none (plain-text data has no prompts; give training.samples.prompts)")
+        return None
+    stops = stop_tokens(loaded.tokenizer, loaded.generation) if chat else [tok.eos_id]
+    max_len = config.data.max_seq_length
+    return samples.Sampler(tok, prompts, settings, stops, max_len, on_answers=tensorboard.samples)
+
+
+def take_exported_weights(
+    trainer: GemmaTrainer, top: judge.Best | None, choice: ExportChoice
+) -> int:
+    """Put the weights to export into the model; returns their step. The best checkpoint's
+    when asked and it is not the last step, else the weights as they are."""
+    step = trainer.state.global_step
+    if choice != ExportChoice.BEST or top is None or top.step == step:
+        return step
+    path = Path(trainer.args.output_dir) / f"checkpoint-{top.step}"
+    if not checkpoints.is_valid(path):
+        log.warning(
+            "the best checkpoint (step %d) is missing; exporting the last weights", top.step
+        )
+        return step
+    log.info("exporting the best weights, of step %d (%s)", top.step, _metrics_of(top.entry))
+    trainer._load_from_checkpoint(str(path))
+    return top.step
+
+
+def _metrics_of(entry: dict[str, Any]) -> str:
+    shown = [m.value for m in BestMetric]
+    return ", ".join(f"{k} {entry[k]:.4f}" for k in shown if isinstance(entry.get(k), float))
+
+
+def early_stop_message(summary: TrainerSummary, h: Any) -> str:
+    early = h.early_stopping
+    return (
+        f"stopped early at step {summary.global_step} of {summary.total_steps}: "
+        f"{h.metric_for_best.value} did not improve by more than {early.min_delta:g} for "
+        f"{early.patience} evaluation(s); best at step {summary.best_step}"
+    )
 
 
 def _mean_logged_loss(trainer: GemmaTrainer) -> float | None:

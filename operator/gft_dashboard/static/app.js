@@ -82,7 +82,7 @@ function listen() {
 // -- the run page ---------------------------------------------------------------------------
 
 const CURVES = [["loss", ["train/loss", "eval/loss"]], ["token accuracy", ["train/token_accuracy", "eval/token_accuracy"]],
-  ["learning rate", ["train/learning_rate"]], ["tokens/s", ["train/tokens_per_second"]], ["samples/s", ["train/samples_per_second"]]];
+  ["exact match", ["eval/exact_match"]], ["learning rate", ["train/learning_rate"]], ["tokens/s", ["train/tokens_per_second"]], ["samples/s", ["train/samples_per_second"]]];
 let current = null; // {ns, name}
 
 function chart(series) {
@@ -117,6 +117,31 @@ async function loadCurves(ns, name) {
   }
   const el = document.getElementById("curves");
   if (el) el.innerHTML = out.join("") || `<p class="muted">Curves appear once TensorBoard answers.</p>`;
+}
+
+// The latest sample answers, from TensorBoard's text tab (live); after the run, from its result.
+async function loadSamples(ns, name, result) {
+  const el = document.getElementById("samples");
+  if (!el) return;
+  const tb = `${PREFIX}/tb/${encodeURIComponent(ns)}/${encodeURIComponent(name)}/data/plugin/text/`;
+  const run = `${ns}/${name}`;
+  const shown = [];
+  try {
+    const tags = ((await (await fetch(tb + "tags", {credentials: "same-origin"})).json())[run] || [])
+      .filter((t) => t.startsWith("samples/")).sort();
+    for (const tag of tags) {
+      const r = await fetch(`${tb}text?run=${encodeURIComponent(run)}&tag=${encodeURIComponent(tag)}`, {credentials: "same-origin"});
+      const points = r.ok ? await r.json() : [];
+      const last = points[points.length - 1];
+      // TensorBoard renders the markdown to HTML; show its text only, never its markup.
+      if (last) shown.push({step: last.step, text: new DOMParser().parseFromString(last.text, "text/html").body.textContent});
+    }
+  } catch { /* TensorBoard not up (yet, or any more) */ }
+  if (!shown.length && result && result.samples) {
+    for (const x of result.samples) shown.push({step: result.globalStep, text: `prompt\n${x.prompt}\nanswer\n${x.answer}` + (x.reference ? `\nreference\n${x.reference}` : "")});
+  }
+  el.innerHTML = shown.length ? shown.map((x) => `<div class="sample"><small class="muted">step ${esc(x.step)}</small><pre>${esc(x.text.trim())}</pre></div>`).join("")
+    : `<p class="muted">Sample answers appear after the first evaluation.</p>`;
 }
 
 async function loadGpus(ns, name) {
@@ -172,6 +197,7 @@ async function showRun(ns, name) {
     <h3>Curves</h3><div class="grid" id="curves"><p class="muted">Loading curves…</p></div>
     <div class="grid" style="margin-top:12px">
       <div class="card"><h3>GPUs</h3><div id="gpus" class="muted">…</div></div>
+      <div class="card"><h3>Samples</h3><div id="samples" class="muted">…</div></div>
       <div class="card"><h3>Result</h3><pre>${esc(st.result ? JSON.stringify(st.result, null, 2) : "not finished")}</pre>
         <h3>Last checkpoint</h3><pre>${esc(st.lastCheckpoint ? JSON.stringify(st.lastCheckpoint) : "none yet")}</pre></div>
     </div>
@@ -193,9 +219,9 @@ async function showRun(ns, name) {
   on("resume", () => action(base + "/resume", "POST"));
   on("stop", () => action(base, "DELETE", "Stop and delete this fine-tune?", "The trainer saves a checkpoint, then the Job, TensorBoard and the other children are removed. The output claim (checkpoints, adapter) is kept."));
   on("clone", () => { location.hash = "#/new"; setTimeout(() => fillEditor(cloneOf(o)), 0); });
-  loadCurves(ns, name); loadGpus(ns, name);
+  loadCurves(ns, name); loadGpus(ns, name); loadSamples(ns, name, st.result);
   const stopLog = followLog(ns, name);
-  const timer = setInterval(() => { loadCurves(ns, name); loadGpus(ns, name); }, 10000);
+  const timer = setInterval(() => { loadCurves(ns, name); loadGpus(ns, name); loadSamples(ns, name, st.result); }, 10000);
   leaveRun = () => { stopLog(); clearInterval(timer); current = null; leaveRun = () => {}; };
 }
 

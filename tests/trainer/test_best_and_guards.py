@@ -1,0 +1,139 @@
+"""``gft-train`` judging its own run: sample answers, the best checkpoint exported, early
+stopping, and the divergence guard that keeps the last good checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gft_api.contract import ExitCode
+from gft_api.training import DatasetFormat, Samples
+from gft_trainer import checkpoints, data, samples
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.conftest import CHAT, write_config
+from trainer.test_cli import run_cli
+
+ADAPTER = "adapter_model.safetensors"
+
+
+def test_early_stop_exports_the_best_checkpoint_and_keeps_it(
+    tmp_path: Path, tiny_gemma3: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Seeded, and a learning rate high enough that the eval loss turns up after step 4.
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        out,
+        training={
+            "maxSteps": 12,
+            "evalEverySteps": 2,
+            "learningRate": 0.05,
+            "earlyStopping": {"patience": 2},
+            "samples": {"count": 2, "maxNewTokens": 8, "exactMatchExamples": 3},
+        },
+        output={"dir": str(out), "checkpointEverySteps": 4, "keepCheckpoints": 1},
+    )
+    code, summary = run_cli(cfg)
+    log = capfd.readouterr().out
+    assert code == 0 and summary.outcome == "Succeeded" and summary.reason == "EarlyStopped"
+    state = json.loads((out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    losses = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    best = min(losses, key=lambda s: losses[s])
+    assert best < summary.global_step < 12, losses  # it did stop early, after the best
+    assert (summary.best_step, summary.exported_step) == (best, best)
+    assert summary.best_eval_loss == pytest.approx(losses[best])
+    assert f"best at step {best}" in summary.message and "exported the best" in summary.message
+    # Rotation kept one newest checkpoint and, besides it, the best.
+    names = [p.name for p in checkpoints.all_checkpoints(out / "checkpoints")]
+    assert names == [f"checkpoint-{best}", f"checkpoint-{summary.global_step}"]
+    exported = load_file(out / "adapter" / ADAPTER)
+    at_best = load_file(out / "checkpoints" / f"checkpoint-{best}" / ADAPTER)
+    last = load_file(out / "checkpoints" / f"checkpoint-{summary.global_step}" / ADAPTER)
+    assert exported.keys() == at_best.keys()
+    assert all(torch.equal(exported[k], at_best[k]) for k in exported)
+    assert not all(torch.equal(exported[k], last[k]) for k in exported)
+    # Samples: greedy answers to the first eval records, with their references.
+    assert len(summary.samples) == 2 and all(s.reference for s in summary.samples)
+    assert summary.eval_exact_match == 0.0  # a tiny random model answers nothing right
+    assert "sample 1 at step 2:" in log and "exact_match 0.000" in log
+    texts = _tensorboard_texts(out / "tensorboard")
+    assert texts["samples/1"] and "**reference**" in texts["samples/1"][-1]
+
+
+def _tensorboard_texts(root: Path) -> dict[str, list[str]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = next(p.parent for p in root.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(run), size_guidance={"tensors": 0})
+    acc.Reload()
+    return {  # torch's SummaryWriter names a text tag <tag>/text_summary
+        tag.removesuffix("/text_summary"): [
+            e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)
+        ]
+        for tag in acc.Tags()["tensors"]
+        if tag.startswith("samples/")
+    }
+
+
+def _nan_adapter(tmp_path: Path, tiny_gemma3: Path) -> Path:
+    """An adapter whose weights are NaN: a run that starts from it diverges at its first step."""
+    out = tmp_path / "seed"
+    cfg = write_config(
+        tmp_path / "seed.yaml", tiny_gemma3, out, training={"maxSteps": 1}, data={"evalFraction": 0}
+    )
+    assert run_cli(cfg)[0] == 0
+    weights = load_file(out / "adapter" / ADAPTER)
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()}, out / "adapter" / ADAPTER
+    )
+    return out / "adapter"
+
+
+def test_nan_loss_stops_as_diverged_without_a_checkpoint_and_is_not_retried(
+    tmp_path: Path, tiny_gemma3: Path
+) -> None:
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        out,
+        training={"maxSteps": 6, "loggingEverySteps": 2},
+        # A checkpoint is due at step 1, before the first log: the guard must refuse it.
+        output={
+            "dir": str(out),
+            "checkpointEverySteps": 1,
+            "resumeFrom": str(_nan_adapter(tmp_path, tiny_gemma3)),
+        },
+    )
+    code, summary = run_cli(cfg)
+    assert code == ExitCode.DIVERGED and code in (65, 66, 69, 77, 78, 79)
+    assert summary.reason == "Diverged" and summary.outcome == "Failed"
+    assert "diverged at step 1" in summary.message and "NaN or infinite" in summary.message
+    assert "training.learningRate" in summary.message
+    assert checkpoints.all_checkpoints(out / "checkpoints") == []
+    assert not (out / "adapter").exists()
+    # Started again on the same folder and config, it does not train into the same wall.
+    code, again = run_cli(cfg)
+    assert code == ExitCode.DIVERGED and "already diverged" in again.message
+
+
+def test_samples_stay_within_their_time_budget(tiny_gemma3: Path) -> None:
+    tok = data.Tokenizer(AutoTokenizer.from_pretrained(tiny_gemma3), 3)
+    records = data.read_file(CHAT)
+    settings = Samples(count=3, prompts=["Name a fruit."], maxNewTokens=4, maxSeconds=30)
+    prompts = samples.collect(tok, settings, DatasetFormat.CHAT, records)
+    assert [p.reference is None for p in prompts] == [True, False, False]
+    assert prompts[0].shown == "Name a fruit." and prompts[1].reference
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3)
+    model.train()
+    answers = samples.Sampler(tok, prompts, settings, [tok.eos_id], 128).run(model, 1)
+    assert len(answers.samples) == 3 and answers.skipped == 0 and model.training
+    assert answers.exact_match is None  # not asked for
+    tight = Samples(count=3, maxNewTokens=4, maxSeconds=1e-9)
+    answers = samples.Sampler(tok, prompts, tight, [tok.eos_id], 128).run(model, 1)
+    assert answers.skipped == 3 and answers.samples == []
