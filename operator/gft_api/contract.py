@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from gft_api.base import ApiModel
 from gft_api.training import (
@@ -31,6 +31,10 @@ SUMMARY_FILE_NAME = "summary.json"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_MESSAGE_LIMIT = 4096  # bytes; the kubelet truncates longer messages
 HF_TOKEN_ENV = "HF_TOKEN"
+HUB_EXPORT_TOKEN_ENV = "GFT_HUB_EXPORT_TOKEN"
+"""The token the trainer pushes to the hub with (write access; apart from the read token)."""
+S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+"""The S3 credentials, as environment variables (and keys of the Secret that holds them)."""
 CONFIG_DIR = "/etc/gft"  # where the operator mounts the rendered config
 TRAINER_COMMAND: tuple[str, ...] = ("gft-train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE_NAME}")
 """How the operator starts the trainer in the training pod."""
@@ -127,6 +131,44 @@ class DataSource(ApiModel):
     hub_eval_split: Annotated[str, Field(max_length=64)] | None = None
 
 
+class S3Target(ApiModel):
+    """An S3-compatible bucket the artifacts are copied to after training."""
+
+    bucket: Annotated[
+        str, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
+    ]
+    """Bucket name (it must exist)."""
+
+    prefix: Annotated[str, Field(max_length=512, pattern=r"^([^/].*)?$")] = ""
+    """Key prefix. The operator appends ``<namespace>/<name>/``; each artifact folder goes
+    under it by name (``adapter/``, ``merged/``)."""
+
+    endpoint: Annotated[str, Field(max_length=1024, pattern=r"^https?://[^\s]+$")] | None = None
+    """URL of an S3-compatible service (MinIO, SeaweedFS, Ceph, GCS interoperability); AWS
+    when empty."""
+
+    region: Annotated[str, Field(min_length=1, max_length=64)] = "us-east-1"
+    """The bucket's region."""
+
+
+class HubTarget(ApiModel):
+    """A model repository on the Hugging Face Hub the artifact is pushed to after training."""
+
+    repo: Annotated[
+        str, Field(min_length=3, max_length=96, pattern=r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+    ]
+    """``owner/name``; created (private unless ``private: false``) when missing."""
+
+    revision: Annotated[str, Field(min_length=1, max_length=256)] = "main"
+    """Branch to commit to."""
+
+    private: bool = True
+    """Create the repository private."""
+
+    merged: bool = False
+    """Push the merged model instead of the adapter (needs ``method.mergeAdapter``)."""
+
+
 class OutputSettings(ApiModel):
     """Where results go and how checkpoints are kept."""
 
@@ -141,6 +183,13 @@ class OutputSettings(ApiModel):
 
     export: ExportChoice = ExportChoice.BEST
     """Which weights are saved as the adapter or model: the best checkpoint's or the last."""
+
+    s3: S3Target | None = None
+    """Copy the artifacts to this bucket; credentials from ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY``."""
+
+    hub: HubTarget | None = None
+    """Push the artifact to this hub repository; the token from ``GFT_HUB_EXPORT_TOKEN``."""
 
     resume_from: Annotated[str, Field(min_length=1, max_length=2048)] | None = None
     """Another run's checkpoint or adapter folder to start from, used only while this run has
@@ -164,6 +213,11 @@ class Observability(ApiModel):
     """Where the final summary is written on exit (the container's terminationMessagePath)."""
 
 
+HUB_MERGED_NEEDS_MERGE = (
+    "output.hub.merged needs method.mergeAdapter: true (there is no merged model)"
+)
+
+
 class TrainerConfig(ApiModel):
     """The trainer's whole configuration: the one file the operator renders."""
 
@@ -177,6 +231,12 @@ class TrainerConfig(ApiModel):
     training: Hyperparameters
     output: OutputSettings
     observability: Observability = Field(default_factory=Observability)
+
+    @model_validator(mode="after")
+    def _merged_for_the_hub(self) -> TrainerConfig:
+        if self.output.hub is not None and self.output.hub.merged and not self.method.merge_adapter:
+            raise ValueError(HUB_MERGED_NEEDS_MERGE)
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> TrainerConfig:
@@ -344,7 +404,9 @@ class TrainerSummary(ApiModel):
 __all__ = [
     "CONFIG_FILE_NAME",
     "HF_TOKEN_ENV",
+    "HUB_EXPORT_TOKEN_ENV",
     "NON_RETRYABLE_EXIT_CODES",
+    "S3_CREDENTIAL_ENV",
     "SUMMARY_FILE_NAME",
     "TERMINATION_MESSAGE_LIMIT",
     "TERMINATION_MESSAGE_PATH",
@@ -353,12 +415,14 @@ __all__ = [
     "DataSource",
     "DatasetFormat",
     "ExitCode",
+    "HubTarget",
     "Hyperparameters",
     "Method",
     "ModelSource",
     "Observability",
     "Outcome",
     "OutputSettings",
+    "S3Target",
     "Sample",
     "TrainerConfig",
     "TrainerSummary",

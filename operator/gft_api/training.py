@@ -141,7 +141,11 @@ class Samples(ApiModel):
 
     max_seconds: Annotated[float, Field(gt=0.0, le=3600.0)] = 30.0
     """Time budget for all answers of one evaluation; prompts left when it is spent are
-    skipped, so evaluation stays cheap."""
+    skipped and answers cut short, so evaluation stays cheap."""
+
+    max_share: Annotated[float, Field(gt=0.0, le=1.0)] = 0.05
+    """Sample answers never take more than this share of the run's wall time so far: on slow
+    hardware they are cut short (or skipped) rather than slow the run down."""
 
     exact_match_examples: Annotated[int, Field(ge=0, le=10_000)] = 0
     """Also answer this many evaluation records (within the same budget) and report

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from gft_api.base import ApiModel
-from gft_api.contract import TrainerSummary
+from gft_api.contract import HUB_MERGED_NEEDS_MERGE, HubTarget, S3Target, TrainerSummary
 from gft_api.training import DataShaping, ExportChoice, Hyperparameters, Method, MethodType
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +339,29 @@ class OutputClaim(ApiModel):
     ``Delete`` lets garbage collection remove it with the GemmaFineTune."""
 
 
+class SecretRef(ApiModel):
+    """A Secret in the GemmaFineTune's namespace."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
+
+
+class S3Export(S3Target):
+    """Copy the artifacts to an S3-compatible bucket when training succeeds."""
+
+    credentials_secret_ref: SecretRef
+    """A Secret with the keys ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``."""
+
+
+class HubExport(HubTarget):
+    """Push the adapter (or the merged or full model) to a hub repository when training
+    succeeds."""
+
+    token_secret_ref: SecretKeyRef
+    """A token with write access to the repository (apart from ``model.hfTokenSecretRef``,
+    which only needs to read)."""
+
+
 class OutputSpec(ApiModel):
     """Where results go: an existing claim (``existingClaim``) or one the operator creates
     (``pvc``, the default), and how checkpoints are kept."""
@@ -355,6 +378,13 @@ class OutputSpec(ApiModel):
 
     keep_checkpoints: Annotated[int, Field(ge=1, le=100)] = 2
     """How many of the newest checkpoints to keep (the best one is kept besides)."""
+
+    s3: S3Export | None = None
+    """Also copy the artifacts to an S3-compatible bucket, under
+    ``<prefix>/<namespace>/<name>/``."""
+
+    hub: HubExport | None = None
+    """Also push the artifact to a Hugging Face Hub repository."""
 
     export: ExportChoice = ExportChoice.BEST
     """Which weights become the adapter (or model) and the merged model: ``best`` (the
@@ -704,6 +734,14 @@ class GemmaFineTuneSpec(ApiModel):
                 field_path=".method.type",
                 reason="FieldValueInvalid",
             ),
+            _cel(
+                "!has(self.output.hub) || !has(self.output.hub.merged) || "
+                "!self.output.hub.merged || (has(self.method.mergeAdapter) && "
+                "self.method.mergeAdapter)",
+                HUB_MERGED_NEEDS_MERGE,
+                field_path=".output.hub.merged",
+                reason="FieldValueInvalid",
+            ),
             *(
                 _cel(
                     f"has(self.{f}) == has(oldSelf.{f})",
@@ -732,6 +770,8 @@ class GemmaFineTuneSpec(ApiModel):
     def _qlora_needs_gpu(self) -> GemmaFineTuneSpec:
         if self.method.type == MethodType.QLORA and self.resources.gpus < 1:
             raise ValueError(_QLORA_NEEDS_GPU)
+        if self.output.hub is not None and self.output.hub.merged and not self.method.merge_adapter:
+            raise ValueError(HUB_MERGED_NEEDS_MERGE)
         names = [e.name for e in self.env]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:

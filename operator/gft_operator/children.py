@@ -25,15 +25,19 @@ from gft_api.contract import (
     CONFIG_DIR,
     CONFIG_FILE_NAME,
     HF_TOKEN_ENV,
+    HUB_EXPORT_TOKEN_ENV,
     NON_RETRYABLE_EXIT_CODES,
+    S3_CREDENTIAL_ENV,
     TERMINATION_MESSAGE_PATH,
     TRAINER_COMMAND,
     DataShaping,
     DataSource,
     ExitCode,
+    HubTarget,
     ModelSource,
     Observability,
     OutputSettings,
+    S3Target,
     TrainerConfig,
 )
 from gft_api.v1alpha1 import GemmaFineTuneSpec, ReclaimPolicy, child_names
@@ -198,6 +202,12 @@ def trainer_config(owner: Owner, spec: GemmaFineTuneSpec) -> TrainerConfig:
             checkpoint_every_steps=spec.output.checkpoint_every_steps,
             keep_checkpoints=spec.output.keep_checkpoints,
             export=spec.output.export,
+            s3=_s3_target(owner, spec),
+            hub=HubTarget.model_validate(
+                spec.output.hub.model_dump(include=set(HubTarget.model_fields))
+            )
+            if spec.output.hub
+            else None,
             resume_from=_join(OUTPUT_DIR, spec.resume_from.path) if spec.resume_from else None,
         ),
         observability=Observability(
@@ -518,7 +528,31 @@ def _trainer_env(spec: GemmaFineTuneSpec) -> list[Manifest]:
         )
     for var in spec.env:
         env.append(var.to_wire())
+    # After the user's variables: where names repeat, the last one wins.
+    if spec.output.s3 is not None:
+        secret = spec.output.s3.credentials_secret_ref.name
+        for name in S3_CREDENTIAL_ENV:
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}})
+    if spec.output.hub is not None:
+        ref = spec.output.hub.token_secret_ref
+        env.append(
+            {
+                "name": HUB_EXPORT_TOKEN_ENV,
+                "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
     return env
+
+
+def _s3_target(owner: Owner, spec: GemmaFineTuneSpec) -> S3Target | None:
+    """The bucket as the trainer sees it: the key prefix ends in the fine-tune's own name."""
+    s3 = spec.output.s3
+    if s3 is None:
+        return None
+    target = S3Target.model_validate(s3.model_dump(include=set(S3Target.model_fields)))
+    own = f"{owner.namespace}/{owner.name}"
+    target.prefix = f"{target.prefix.rstrip('/')}/{own}" if target.prefix else own
+    return target
 
 
 def _resources(spec: GemmaFineTuneSpec) -> Manifest:

@@ -142,10 +142,11 @@ def test_the_demo_path(demo):
         page.locator("#curves svg.chart").first.wait_for(timeout=60_000)  # from TensorBoard
         assert page.locator("#stop").count() == 1  # the demo's user may edit the namespace
         page.get_by_text("trained 30 steps").first.wait_for(timeout=10_000)  # the result
-        # The last evaluation's sample answers, from TensorBoard's text tab.
+        # The latest sample answers, from TensorBoard's text tab (their time budget, a share
+        # of the run's, may have left some evaluations without).
         sample = page.locator("#samples .sample").first
         sample.wait_for(timeout=60_000)
-        assert "step 30" in sample.inner_text() and "answer" in sample.inner_text()
+        assert "answer" in sample.inner_text()
         if shots:
             page.screenshot(path=str(shots / "dashboard-run.png"), full_page=True)
         page.close()

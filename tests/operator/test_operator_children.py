@@ -5,7 +5,9 @@ from __future__ import annotations
 import yaml
 from gft_api.contract import (
     HF_TOKEN_ENV,
+    HUB_EXPORT_TOKEN_ENV,
     NON_RETRYABLE_EXIT_CODES,
+    S3_CREDENTIAL_ENV,
     ExitCode,
     TrainerConfig,
 )
@@ -133,6 +135,32 @@ def test_job_pod_is_restricted_and_gets_the_token_only_from_the_secret():
     assert pod["terminationGracePeriodSeconds"] == 600
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_exports_get_their_secrets_as_env_and_the_config_names_no_secret(tmp_path):
+    spec = _spec(
+        output={
+            "s3": {
+                "bucket": "models",
+                "prefix": "team/",
+                "endpoint": "http://s3.example:8333",
+                "credentialsSecretRef": {"name": "s3-keys"},
+            },
+            "hub": {"repo": "me/pip", "tokenSecretRef": {"name": "hub-write", "key": "hf"}},
+        }
+    )
+    env = {e["name"]: e for e in _pod(children.job(OWNER, spec))["containers"][0]["env"]}
+    for name in S3_CREDENTIAL_ENV:
+        assert env[name]["valueFrom"] == {"secretKeyRef": {"name": "s3-keys", "key": name}}
+    assert env[HUB_EXPORT_TOKEN_ENV]["valueFrom"] == {
+        "secretKeyRef": {"name": "hub-write", "key": "hf"}
+    }
+    config = children.trainer_config(OWNER, spec)
+    assert config.output.s3 is not None and config.output.s3.prefix == "team/ml/demo"
+    assert config.output.hub is not None and config.output.hub.repo == "me/pip"
+    text = children.config_map(OWNER, spec)["data"]["config.yaml"]
+    assert "s3-keys" not in text and "hub-write" not in text
+    assert "credentialsSecretRef" not in text and "tokenSecretRef" not in text
 
 
 def test_tensorboard_is_a_native_sidecar_over_the_output_volume():

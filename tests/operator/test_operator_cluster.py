@@ -216,6 +216,17 @@ INVALID = [
         "spec.training.earlyStopping.patience",
     ),
     ("export-neither", _bad(output={"export": "middle"}), "spec.output.export"),
+    (
+        "hub-merged-without-a-merged-model",
+        _bad(output={"hub": {"repo": "me/pip", "merged": True, "tokenSecretRef": {"name": "h"}}}),
+        "spec.output.hub.merged",
+    ),
+    (
+        "s3-bucket-not-a-bucket-name",
+        _bad(output={"s3": {"bucket": "My_Bucket", "credentialsSecretRef": {"name": "k"}}}),
+        "spec.output.s3.bucket",
+    ),
+    ("s3-without-credentials", _bad(output={"s3": {"bucket": "models"}}), "credentialsSecretRef"),
     ("unknown-field", _bad(learningRate=1e-4), "learningRate"),
     ("name-too-long", finetune(_LONG), "metadata.name"),
     ("name-not-dns-1035", finetune("1st-run"), "metadata.name"),

@@ -32,11 +32,17 @@ K8S_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "
 TOOLS = {
     "helm": ("helm.sh/helm/v4/cmd/helm", "4.3.2"),
     "kube-score": ("github.com/zegl/kube-score/cmd/kube-score", "1.20.0"),
+    # A real S3-compatible server for output.s3 (its newest commit the module proxy serves).
+    "weed": ("github.com/seaweedfs/seaweedfs/weed", "0.0.0-20261109003541-7506e5f91cd6"),
 }
+# Tools whose go.mod has replace directives, which `go install pkg@version` refuses: they are
+# built inside their own module (downloaded to the module cache), as their main module.
+IN_MODULE = {"weed": ("github.com/seaweedfs/seaweedfs", "./weed")}
 # Each tool's own version variable, so that `--version` says what was built.
 TOOL_VERSION_VARS = {
     "helm": "helm.sh/helm/v4/internal/version.version",
     "kube-score": "main.version",
+    "weed": "github.com/seaweedfs/seaweedfs/weed/util/version.COMMIT",
 }
 ALL_BINARIES = (*K8S_COMMANDS, "etcd", "kwok")
 
@@ -115,19 +121,26 @@ def _staging_replaces(go: str, version: str, work: Path, log: Path) -> list[str]
     with out.open("w") as f:
         result = subprocess.run(
             [go, "mod", "download", "-json", f"k8s.io/kubernetes@v{version}"],
-            cwd=work, stdout=f, stderr=subprocess.PIPE, text=True, env=env,
+            cwd=work,
+            stdout=f,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
     if result.returncode != 0:
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(result.stderr)
-        raise BuildError(f"go mod download k8s.io/kubernetes@v{version} failed; log: {log}\n"
-                         f"{result.stderr[-2000:]}")
+        raise BuildError(
+            f"go mod download k8s.io/kubernetes@v{version} failed; log: {log}\n"
+            f"{result.stderr[-2000:]}"
+        )
     gomod = Path(json.loads(out.read_text())["GoMod"]).read_text()
     return re.findall(r"^\s*(k8s\.io/[\w.-]+)\s*=>\s*\./staging/", gomod, re.MULTILINE)
 
 
-def _wrapper_module(work: Path, name: str, require: str, replaces: dict[str, str],
-                    imports: list[str]) -> None:
+def _wrapper_module(
+    work: Path, name: str, require: str, replaces: dict[str, str], imports: list[str]
+) -> None:
     lines = [f"module gft.local/{name}", "", "go 1.25.0", "", f"require {require}", ""]
     if replaces:
         lines.append("replace (")
@@ -135,9 +148,7 @@ def _wrapper_module(work: Path, name: str, require: str, replaces: dict[str, str
         lines.append(")")
     (work / "go.mod").write_text("\n".join(lines) + "\n")
     body = "\n".join(f'\t_ "{imp}"' for imp in imports)
-    (work / "tools.go").write_text(
-        f"//go:build tools\n\npackage tools\n\nimport (\n{body}\n)\n"
-    )
+    (work / "tools.go").write_text(f"//go:build tools\n\npackage tools\n\nimport (\n{body}\n)\n")
 
 
 def build_kubernetes(go: str, out_dir: Path, log: Path) -> None:
@@ -147,20 +158,38 @@ def build_kubernetes(go: str, out_dir: Path, log: Path) -> None:
         staging = _staging_replaces(go, K8S_VERSION, work, log)
         replaces = {mod: f"{mod} v0.{K8S_VERSION.split('.', 1)[1]}" for mod in staging}
         _wrapper_module(
-            work, "k8s", f"k8s.io/kubernetes v{K8S_VERSION}", replaces,
+            work,
+            "k8s",
+            f"k8s.io/kubernetes v{K8S_VERSION}",
+            replaces,
             [f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS],
         )
         env = _go_env()
         _run([go, "mod", "tidy"], work, log, env)
-        ldflags = " ".join([
-            "-s -w",
-            f"-X k8s.io/component-base/version.gitVersion=v{K8S_VERSION}",
-            "-X k8s.io/component-base/version.gitMajor=1",
-            f"-X k8s.io/component-base/version.gitMinor={minor}",
-            "-X k8s.io/component-base/version.gitTreeState=clean",
-        ])
-        _run([go, "build", "-trimpath", "-ldflags", ldflags, "-o", str(out_dir) + "/",
-              *[f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS]], work, log, env)
+        ldflags = " ".join(
+            [
+                "-s -w",
+                f"-X k8s.io/component-base/version.gitVersion=v{K8S_VERSION}",
+                "-X k8s.io/component-base/version.gitMajor=1",
+                f"-X k8s.io/component-base/version.gitMinor={minor}",
+                "-X k8s.io/component-base/version.gitTreeState=clean",
+            ]
+        )
+        _run(
+            [
+                go,
+                "build",
+                "-trimpath",
+                "-ldflags",
+                ldflags,
+                "-o",
+                str(out_dir) + "/",
+                *[f"k8s.io/kubernetes/cmd/{c}" for c in K8S_COMMANDS],
+            ],
+            work,
+            log,
+            env,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -168,12 +197,30 @@ def build_kubernetes(go: str, out_dir: Path, log: Path) -> None:
 def build_etcd(go: str, out_dir: Path, log: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="gft-etcd-"))
     try:
-        _wrapper_module(work, "etcd", f"go.etcd.io/etcd/server/v3 v{ETCD_VERSION}", {},
-                        ["go.etcd.io/etcd/server/v3"])
+        _wrapper_module(
+            work,
+            "etcd",
+            f"go.etcd.io/etcd/server/v3 v{ETCD_VERSION}",
+            {},
+            ["go.etcd.io/etcd/server/v3"],
+        )
         env = _go_env()
         _run([go, "mod", "tidy"], work, log, env)
-        _run([go, "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out_dir / "etcd"),
-              "go.etcd.io/etcd/server/v3"], work, log, env)
+        _run(
+            [
+                go,
+                "build",
+                "-trimpath",
+                "-ldflags",
+                "-s -w",
+                "-o",
+                str(out_dir / "etcd"),
+                "go.etcd.io/etcd/server/v3",
+            ],
+            work,
+            log,
+            env,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -182,8 +229,19 @@ def build_kwok(go: str, out_dir: Path, log: Path) -> None:
     env = _go_env()
     env["GOBIN"] = str(out_dir)
     env["GOFLAGS"] = "-buildvcs=false"
-    _run([go, "install", "-trimpath", "-ldflags", "-s -w",
-          f"sigs.k8s.io/kwok/cmd/kwok@v{KWOK_VERSION}"], out_dir, log, env)
+    _run(
+        [
+            go,
+            "install",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            f"sigs.k8s.io/kwok/cmd/kwok@v{KWOK_VERSION}",
+        ],
+        out_dir,
+        log,
+        env,
+    )
 
 
 def tool(name: str) -> Path:
@@ -208,11 +266,53 @@ def build_tools(say=print) -> None:
             env = _go_env()
             env.update(GOBIN=str(staging), GOFLAGS="-buildvcs=false")
             ldflags = f"-s -w -X {TOOL_VERSION_VARS[name]}=v{version}"
-            _run([toolchain.go, "install", "-trimpath", "-ldflags", ldflags,
-                  f"{package}@v{version}"], staging, log, env)
+            if name in IN_MODULE:
+                module, main = IN_MODULE[name]
+                source = _module_dir(toolchain.go, f"{module}@v{version}", staging, log, env)
+                env["GOFLAGS"] = "-mod=readonly -buildvcs=false"
+                _run(
+                    [
+                        toolchain.go,
+                        "build",
+                        "-trimpath",
+                        "-ldflags",
+                        ldflags,
+                        "-o",
+                        str(staging / name),
+                        main,
+                    ],
+                    source,
+                    log,
+                    env,
+                )
+            else:
+                _run(
+                    [
+                        toolchain.go,
+                        "install",
+                        "-trimpath",
+                        "-ldflags",
+                        ldflags,
+                        f"{package}@v{version}",
+                    ],
+                    staging,
+                    log,
+                    env,
+                )
             os.replace(staging / name, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _module_dir(go: str, module_at: str, cwd: Path, log: Path, env: dict[str, str]) -> Path:
+    """Download a module to the module cache; returns its folder there."""
+    out = subprocess.run([go, "mod", "download", "-json", module_at], cwd=cwd, env=env,
+                         capture_output=True, text=True, check=False)  # fmt: skip
+    if out.returncode != 0:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(out.stdout + out.stderr)
+        raise BuildError(f"go mod download {module_at} failed; log: {log}\n{out.stderr[-2000:]}")
+    return Path(json.loads(out.stdout)["Dir"])
 
 
 PORT_FORWARD_SOURCE = Path(__file__).resolve().parent / "portforward"
@@ -241,8 +341,21 @@ def build_port_forward(say=print) -> Path:
     try:
         for name in ("go.mod", "go.sum", "main.go"):
             shutil.copy(PORT_FORWARD_SOURCE / name, work / name)
-        _run([toolchain.go, "build", "-trimpath", "-ldflags", "-s -w", "-o",
-              str(work / "gft-portforward"), "."], work, log, _go_env())
+        _run(
+            [
+                toolchain.go,
+                "build",
+                "-trimpath",
+                "-ldflags",
+                "-s -w",
+                "-o",
+                str(work / "gft-portforward"),
+                ".",
+            ],
+            work,
+            log,
+            _go_env(),
+        )
         os.replace(work / "gft-portforward", target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -4,6 +4,7 @@ stopping, and the divergence guard that keeps the last good checkpoint."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_early_stop_exports_the_best_checkpoint_and_keeps_it(
             "evalEverySteps": 2,
             "learningRate": 0.05,
             "earlyStopping": {"patience": 2},
-            "samples": {"count": 2, "maxNewTokens": 8, "exactMatchExamples": 3},
+            "samples": {"count": 2, "maxNewTokens": 8, "exactMatchExamples": 3, "maxShare": 1},
         },
         output={"dir": str(out), "checkpointEverySteps": 4, "keepCheckpoints": 1},
     )
@@ -131,9 +132,33 @@ def test_samples_stay_within_their_time_budget(tiny_gemma3: Path) -> None:
     assert prompts[0].shown == "Name a fruit." and prompts[1].reference
     model = AutoModelForCausalLM.from_pretrained(tiny_gemma3)
     model.train()
-    answers = samples.Sampler(tok, prompts, settings, [tok.eos_id], 128).run(model, 1)
+    long_ago = time.monotonic() - 1000  # the run began long ago: maxShare leaves 50 s
+    sampler = samples.Sampler(tok, prompts, settings, [tok.eos_id], 128, started=long_ago)
+    answers = sampler.run(model, 1)
     assert len(answers.samples) == 3 and answers.skipped == 0 and model.training
     assert answers.exact_match is None  # not asked for
+    assert sampler.spent == answers.seconds > 0
     tight = Samples(count=3, maxNewTokens=4, maxSeconds=1e-9)
-    answers = samples.Sampler(tok, prompts, tight, [tok.eos_id], 128).run(model, 1)
+    answers = samples.Sampler(tok, prompts, tight, [tok.eos_id], 128, started=long_ago).run(
+        model, 1
+    )
     assert answers.skipped == 3 and answers.samples == []
+    # maxShare: a run that began just now has no time to spare for samples yet.
+    answers = samples.Sampler(tok, prompts, settings, [tok.eos_id], 128).run(model, 1)
+    assert answers.skipped == 3
+
+
+def test_samples_take_at_most_their_share_of_the_run() -> None:
+    settings = Samples(maxSeconds=30, maxShare=0.05)
+    now = time.monotonic()
+    sampler = samples.Sampler(_FakeTok(), [], settings, [1], 128, started=now - 100)
+    assert sampler.budget() == pytest.approx(5.0, abs=0.05)
+    sampler.spent = 4.0
+    assert sampler.budget() == pytest.approx(1.0, abs=0.05)
+    sampler.started = now - 10_000
+    assert sampler.budget() == 30.0  # maxSeconds caps one evaluation
+
+
+class _FakeTok:
+    eos_id = 1
+    pad_id = 0

@@ -13,6 +13,8 @@ class TrainerError(Exception):
     """A failure the trainer understood; its message is for the user."""
 
     exit_code: ExitCode = ExitCode.RETRYABLE
+    reason: str | None = None
+    """CamelCase reason for the summary; the exit code's when unset."""
 
 
 class DataError(TrainerError):

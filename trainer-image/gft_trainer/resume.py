@@ -48,7 +48,8 @@ def finished_before(out: Path, config_text: str) -> TrainerSummary | None:
     summary = _previous(out, config_text)
     if summary is None or summary.outcome != Outcome.SUCCEEDED:
         return None
-    if not all(Path(p).exists() for p in summary.artifacts.values()):
+    local = [p for p in summary.artifacts.values() if "://" not in p]  # not the bucket's copies
+    if not all(Path(p).exists() for p in local):
         return None
     return summary
 

@@ -2,8 +2,9 @@
 
 The prompts are the ones the user gave, then the first evaluation records (their last model
 turn, or their completion, is the reference). Answers are greedy, so two evaluations differ
-only because the weights did. One time budget bounds all answers of an evaluation, so samples
-never make evaluation expensive; prompts left when it is spent are skipped and counted.
+only because the weights did. A time budget bounds the answers (``maxSeconds`` per evaluation,
+``maxShare`` of the run's wall time in all), so samples never make a run slow: answers are cut
+short when it runs out, and prompts left are skipped and counted.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ class Sampler:
         stops: list[int],
         max_len: int,
         on_answers: Callable[[int, list[Sample]], None] | None = None,
+        started: float | None = None,
     ) -> None:
+        """``started``: when the run began (``time.monotonic()``), for ``maxShare``."""
         self.tok = tok
         self.settings = settings
         self.stops = stops or [tok.eos_id]
@@ -118,6 +121,14 @@ class Sampler:
         # The end of a long prompt matters most: it holds the question being asked.
         self.prompts = [Prompt(p.shown, p.ids[-keep:], p.reference) for p in prompts]
         self.on_answers = on_answers
+        self.started = time.monotonic() if started is None else started
+        self.spent = 0.0
+
+    def budget(self) -> float:
+        """Seconds this evaluation's answers may take: ``maxSeconds``, and no more than keeps
+        all answers so far within ``maxShare`` of the run's wall time."""
+        elapsed = time.monotonic() - self.started
+        return min(self.settings.max_seconds, self.settings.max_share * elapsed - self.spent)
 
     def answer(self, model: Any, prompts: list[list[int]], seconds: float) -> list[str]:
         """Greedy answers to a batch of prompts, left-padded into one ``generate`` call: a
@@ -148,7 +159,7 @@ class Sampler:
 
     def run(self, model: Any, step: int) -> Answers:
         start = time.monotonic()
-        deadline = start + self.settings.max_seconds
+        deadline = start + self.budget()
         result = Answers()
         texts: list[str] = []
         was_training = model.training
@@ -181,6 +192,7 @@ class Sampler:
         if self.settings.exact_match_examples and result.scored:
             result.exact_match = hits / result.scored
         result.seconds = time.monotonic() - start
+        self.spent += result.seconds
         self._report(step, result)
         return result
 
@@ -189,11 +201,12 @@ class Sampler:
             log.info("sample %d at step %d: %r -> %r", i, step, trim(s.prompt, 80), s.answer)
         if result.skipped:
             log.warning(
-                "samples: %d prompt(s) skipped at step %d: the %gs budget "
-                "(training.samples.maxSeconds) was spent",
+                "samples: %d prompt(s) skipped at step %d: the time budget was spent "
+                "(training.samples.maxSeconds %g, maxShare %g of the run's time)",
                 result.skipped,
                 step,
                 self.settings.max_seconds,
+                self.settings.max_share,
             )
         if self.on_answers is not None and result.samples:
             self.on_answers(step, result.samples)

@@ -25,7 +25,7 @@ def failure(error: BaseException, global_step: int = 0) -> TrainerSummary:
     return TrainerSummary(
         outcome=Outcome.STOPPED if stopped else Outcome.FAILED,
         exit_code=int(code),
-        reason=describe_exit_code(code),
+        reason=getattr(error, "reason", None) or describe_exit_code(code),
         message=message[:2000],
         global_step=global_step,
     )

@@ -24,7 +24,7 @@ from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, Tr
 from gft_api.training import BestMetric, ExportChoice, MethodType, Precision
 from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments
 
-from gft_trainer import checkpoints, data, judge, modeling, resume, samples
+from gft_trainer import checkpoints, data, export, judge, modeling, resume, samples
 from gft_trainer.callbacks import (
     KeepBest,
     LogLine,
@@ -132,7 +132,7 @@ class GemmaTrainer(Trainer):
             if counted:
                 logs["eval_token_accuracy"] = correct / counted
             self._guard(logs["eval_loss"], 0, None, what="evaluation")
-            if self.sampler is not None and self.state.global_step > 0:
+            if self.sampler is not None:  # at step 0 too: the base model's answers, before
                 logs.update(self._sample())
         super().log(logs, start_time)
 
@@ -342,6 +342,7 @@ def run(
         # other means. Training again with the same settings would diverge again.
         raise DivergedError(f"{diverged.message} (this run already diverged; not trained again)")
     if rank == 0:
+        export.check_credentials(config.output.s3, config.output.hub)
         resume.keep_config(out, config.dump())
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
     hw = modeling.Hardware.detect()
@@ -414,7 +415,7 @@ def run(
     # The log line last: once it shows a step, TensorBoard and /metrics already hold it.
     callbacks = [tensorboard, prometheus, LogLine(), keep_best, StopOnSignal(stop)]
     chat = prepared.format in (DatasetFormat.CHAT, DatasetFormat.ALPACA)
-    sampler = make_sampler(config, tok, records, prepared, loaded, chat, args, tensorboard)
+    sampler = make_sampler(config, tok, records, prepared, loaded, chat, args, tensorboard, started)
     trainer = GemmaTrainer(
         model=loaded.model,
         args=args,
@@ -497,6 +498,8 @@ def run(
                 summary.best_eval_loss = top.entry.get("eval_loss")
             summary.exported_step = take_exported_weights(trainer, top, config.output.export)
             summary.artifacts = save_artifacts(trainer, loaded, config, out, chat)
+            if trainer.args.should_save:
+                summary.artifacts |= copy_artifacts(config, summary.artifacts)
             summary.message = f"trained {summary.global_step} steps"
             if early:
                 summary.message = early_stop_message(summary, h)
@@ -525,6 +528,7 @@ def make_sampler(
     chat: bool,
     args: TrainingArguments,
     tensorboard: TensorBoardScalars,
+    started: float,
 ) -> samples.Sampler | None:
     """Sample answers at each evaluation, or ``None`` when there are none to give."""
     settings = config.training.samples
@@ -540,7 +544,9 @@ def make_sampler(
         return None
     stops = stop_tokens(loaded.tokenizer, loaded.generation) if chat else [tok.eos_id]
     max_len = config.data.max_seq_length
-    return samples.Sampler(tok, prompts, settings, stops, max_len, on_answers=tensorboard.samples)
+    return samples.Sampler(
+        tok, prompts, settings, stops, max_len, on_answers=tensorboard.samples, started=started
+    )
 
 
 def take_exported_weights(
@@ -616,6 +622,18 @@ def save_artifacts(
             _stop_at_end_of_turn(out / "merged", loaded.path, stops)
         artifacts["merged"] = str(out / "merged")
     return artifacts
+
+
+def copy_artifacts(config: TrainerConfig, artifacts: dict[str, str]) -> dict[str, str]:
+    """The bucket's and the hub's copies, by name, when the config asks for them."""
+    copies: dict[str, str] = {}
+    if config.output.s3 is not None:
+        copies |= export.to_s3({k: Path(v) for k, v in artifacts.items()}, config.output.s3)
+    hub = config.output.hub
+    if hub is not None:
+        kind = "merged" if hub.merged else ("model" if "model" in artifacts else "adapter")
+        copies["hub"] = export.to_hub(Path(artifacts[kind]), hub)
+    return copies
 
 
 def merge_adapter(loaded: modeling.LoadedModel, adapter: Path, method: MethodType) -> Any:
