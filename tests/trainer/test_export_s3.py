@@ -16,6 +16,8 @@ from trainer.s3_server import S3, seaweedfs
 from trainer.test_cli import run_cli
 from trainer.test_export import artifact
 
+pytestmark = pytest.mark.slow  # a SeaweedFS server starts (about 20 s)
+
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> S3:

@@ -74,6 +74,7 @@ def files_of(folder: Path) -> list[Path]:
 def to_s3(folders: dict[str, Path], target: S3Target) -> dict[str, str]:
     """Upload each folder under ``s3://bucket/prefix/<name>/``; returns their URLs."""
     import boto3
+    from boto3.exceptions import S3UploadFailedError
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
@@ -81,7 +82,8 @@ def to_s3(folders: dict[str, Path], target: S3Target) -> dict[str, str]:
         f" at {target.endpoint})" if target.endpoint else ")"
     )
     _s3_credentials(target)
-    client = boto3.client(
+    # A session of its own: the default one keeps the first credentials it ever resolved.
+    client = boto3.session.Session().client(
         "s3",
         endpoint_url=target.endpoint,
         region_name=target.region,
@@ -89,6 +91,9 @@ def to_s3(folders: dict[str, Path], target: S3Target) -> dict[str, str]:
     )
     urls: dict[str, str] = {}
     try:
+        # Asked first, so that a missing bucket or a refusal is said as such (some services
+        # answer an upload into a missing bucket with a bare InternalError).
+        client.head_bucket(Bucket=target.bucket)
         for name, folder in folders.items():
             prefix = "/".join(p for p in (target.prefix.strip("/"), name) if p)
             for path in files_of(folder):
@@ -96,7 +101,11 @@ def to_s3(folders: dict[str, Path], target: S3Target) -> dict[str, str]:
                 client.upload_file(str(path), target.bucket, key)
             urls[f"s3-{name}"] = f"s3://{target.bucket}/{prefix}/"
             log.info("copied %s to s3://%s/%s/", folder, target.bucket, prefix)
-    except ClientError as e:
+    except (ClientError, S3UploadFailedError) as failed:
+        # upload_file wraps the service's answer; the ClientError is what it was raised from.
+        e = failed if isinstance(failed, ClientError) else failed.__context__
+        if not isinstance(e, ClientError):
+            raise ExportFailed(f"{where}: {failed}") from None
         code = str(e.response.get("Error", {}).get("Code", ""))
         message = e.response.get("Error", {}).get("Message", "") or str(e)
         if code in S3_DENIED:
