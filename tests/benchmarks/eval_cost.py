@@ -64,6 +64,8 @@ def run(root: Path, name: str, samples: dict[str, Any] | None) -> dict[str, Any]
         "wall": summary.runtime_seconds or 0.0,
         "evaluating": evaluating,
         "samples": sum(e.get("eval_samples_seconds", 0.0) for e in evals),
+        "loop": sum(e.get("eval_runtime", 0.0) for e in evals),
+        "loops": [round(e.get("eval_runtime", 0.0), 1) for e in evals],
         "curve": [(e["step"], round(e["eval_loss"], 4)) for e in evals],
         "best": (summary.best_step, summary.best_eval_loss),
         "sample_lines": sample_lines,
@@ -88,7 +90,9 @@ def main() -> None:
         wall, evaluating = med(runs, "wall"), med(runs, "evaluating")
         print(
             f"{label:16s} wall {wall:6.1f} s | evaluating {evaluating:5.1f} s "
-            f"({100 * evaluating / wall:4.1f}%) | samples {med(runs, 'samples'):5.1f} s"
+            f"({100 * evaluating / wall:4.1f}%): eval loop {med(runs, 'loop'):5.1f} s, "
+            f"samples {med(runs, 'samples'):5.1f} s | eval loops per round "
+            f"{[r['loops'] for r in runs]}"
         )
     ratio = med(with_samples, "wall") / med(without, "wall")
     print(f"wall time with samples / without: {ratio:.3f}x (median of {args.rounds})")

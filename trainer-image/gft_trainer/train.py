@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, TrainerSummary
-from gft_api.training import BestMetric, ExportChoice, MethodType, Precision
+from gft_api.training import BestMetric, ExportChoice, Hyperparameters, MethodType, Precision
 from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments
 
 from gft_trainer import checkpoints, data, export, judge, modeling, resume, samples
@@ -573,8 +573,9 @@ def _metrics_of(entry: dict[str, Any]) -> str:
     return ", ".join(f"{k} {entry[k]:.4f}" for k in shown if isinstance(entry.get(k), float))
 
 
-def early_stop_message(summary: TrainerSummary, h: Any) -> str:
+def early_stop_message(summary: TrainerSummary, h: Hyperparameters) -> str:
     early = h.early_stopping
+    assert early is not None  # only asked when the run stopped early
     return (
         f"stopped early at step {summary.global_step} of {summary.total_steps}: "
         f"{h.metric_for_best.value} did not improve by more than {early.min_delta:g} for "
