@@ -346,6 +346,14 @@ def should_create_job(obs: Observed) -> bool:
     )
 
 
+def _failed_pods(job: Manifest) -> int:
+    """Failed pods as the Job counts them, with those it has seen fail but not yet moved into
+    ``status.failed``: its FailureTarget condition can come first, and the run is final then."""
+    status = job.get("status") or {}
+    uncounted = (status.get("uncountedTerminatedPods") or {}).get("failed") or []
+    return int(status.get("failed") or 0) + len(uncounted)
+
+
 def _success_reason(summary: TrainerSummary | None) -> str:
     """``Completed``, or how the trainer says it succeeded (``EarlyStopped``)."""
     if summary is not None and summary.outcome == Outcome.SUCCEEDED and summary.reason:
@@ -629,9 +637,7 @@ def decide(obs: Observed, now: str) -> Decision:
         if verdict.phase in TERMINAL_PHASES and not status.get("completionTime"):
             status["completionTime"] = job_status.get("completionTime") or now
         status["attempts"] = _attempts(obs)
-        status["failedAttempts"] = max(
-            int(old.get("failedAttempts") or 0), int(job_status.get("failed") or 0)
-        )
+        status["failedAttempts"] = max(int(old.get("failedAttempts") or 0), _failed_pods(job))
     if job is not None or pods:
         current = newest_pod(pods)
         if current is not None:

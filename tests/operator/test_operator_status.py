@@ -226,6 +226,27 @@ def test_backoff_limit_and_deadline():
     assert (s["phase"], s["reason"]) == ("Failed", "DeadlineExceeded")
 
 
+def test_failed_attempts_count_the_pods_the_job_has_not_counted_yet():
+    """The Job controller records a failed pod in ``uncountedTerminatedPods`` first and moves it
+    to ``failed`` later; its FailureTarget can come in between. The run is final from then
+    on, so the count must include the uncounted pods (CI saw ``failedAttempts: 1`` of 2)."""
+    older = pod("demo-a", phase="Failed", trainer={"terminated": {"exitCode": 1}})
+    newer = pod(
+        "demo-b",
+        phase="Failed",
+        created="2026-01-01T00:05:00Z",
+        trainer={"terminated": {"exitCode": 1}},
+    )
+    j = job(
+        ("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+        failed=1,
+        uncountedTerminatedPods={"failed": ["uid-b"]},
+    )
+    s = decide(observe(j, [older, newer]), NOW).status
+    assert (s["phase"], s["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert s["attempts"] == 2 and s["failedAttempts"] == 2
+
+
 def test_a_crash_then_a_new_attempt_counts_two_attempts():
     crashed = pod("demo-a", phase="Failed", trainer={"terminated": {"exitCode": 137}})
     between = decide(observe(job(failed=1), [crashed]), NOW)
