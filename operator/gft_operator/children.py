@@ -17,7 +17,7 @@ down — before the operator has written the run's outcome into the status.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 from gft_api import API_VERSION, KIND
@@ -41,6 +41,7 @@ from gft_api.contract import (
     TrainerConfig,
 )
 from gft_api.v1alpha1 import GemmaFineTuneSpec, ReclaimPolicy, child_names
+from pydantic import BaseModel
 
 from gft_operator.policy import Policy
 
@@ -194,7 +195,7 @@ def trainer_config(owner: Owner, spec: GemmaFineTuneSpec) -> TrainerConfig:
             attn_implementation=model.attn_implementation,
         ),
         dataset=source,
-        data=DataShaping.model_validate(ds.model_dump(include=set(DataShaping.model_fields))),
+        data=_narrowed(DataShaping, ds),
         method=spec.method,
         training=spec.training,
         output=OutputSettings(
@@ -203,11 +204,7 @@ def trainer_config(owner: Owner, spec: GemmaFineTuneSpec) -> TrainerConfig:
             keep_checkpoints=spec.output.keep_checkpoints,
             export=spec.output.export,
             s3=_s3_target(owner, spec),
-            hub=HubTarget.model_validate(
-                spec.output.hub.model_dump(include=set(HubTarget.model_fields))
-            )
-            if spec.output.hub
-            else None,
+            hub=_narrowed(HubTarget, spec.output.hub) if spec.output.hub else None,
             resume_from=_join(OUTPUT_DIR, spec.resume_from.path) if spec.resume_from else None,
         ),
         observability=Observability(
@@ -544,12 +541,21 @@ def _trainer_env(spec: GemmaFineTuneSpec) -> list[Manifest]:
     return env
 
 
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def _narrowed(model: type[_Model], value: BaseModel) -> _Model:
+    """A spec section as the trainer's contract has it: the spec's fields of ``model`` only
+    (the secret references and the other spec-only fields stay behind)."""
+    return model.model_validate(value.model_dump(include=set(model.model_fields)))
+
+
 def _s3_target(owner: Owner, spec: GemmaFineTuneSpec) -> S3Target | None:
     """The bucket as the trainer sees it: the key prefix ends in the fine-tune's own name."""
     s3 = spec.output.s3
     if s3 is None:
         return None
-    target = S3Target.model_validate(s3.model_dump(include=set(S3Target.model_fields)))
+    target = _narrowed(S3Target, s3)
     own = f"{owner.namespace}/{owner.name}"
     target.prefix = f"{target.prefix.rstrip('/')}/{own}" if target.prefix else own
     return target

@@ -42,25 +42,7 @@ class Start:
     """The checkpoint is this run's own (a retry or a resume after a stop)."""
 
 
-def finished_before(out: Path, config_text: str) -> TrainerSummary | None:
-    """This run's summary when it already succeeded, with this config, and its artifacts are
-    all there."""
-    summary = _previous(out, config_text)
-    if summary is None or summary.outcome != Outcome.SUCCEEDED:
-        return None
-    local = [p for p in summary.artifacts.values() if "://" not in p]  # not the bucket's copies
-    if not all(Path(p).exists() for p in local):
-        return None
-    return summary
-
-
-def diverged_before(out: Path, config_text: str) -> TrainerSummary | None:
-    """This run's summary when it diverged before, with this config."""
-    summary = _previous(out, config_text)
-    return summary if summary is not None and summary.exit_code == ExitCode.DIVERGED else None
-
-
-def _previous(out: Path, config_text: str) -> TrainerSummary | None:
+def earlier(out: Path, config_text: str) -> TrainerSummary | None:
     """The summary an earlier attempt left in this folder, if it ran with this config."""
     try:
         summary = TrainerSummary.model_validate(json.loads((out / SUMMARY_FILE_NAME).read_text()))
@@ -68,6 +50,18 @@ def _previous(out: Path, config_text: str) -> TrainerSummary | None:
     except (OSError, ValueError):
         return None
     return summary if same else None
+
+
+def finished(summary: TrainerSummary | None) -> bool:
+    """The earlier attempt succeeded and its artifacts on the volume are all there."""
+    if summary is None or summary.outcome != Outcome.SUCCEEDED:
+        return False
+    local = [p for p in summary.artifacts.values() if "://" not in p]  # not the bucket's copies
+    return all(Path(p).exists() for p in local)
+
+
+def diverged(summary: TrainerSummary | None) -> bool:
+    return summary is not None and summary.exit_code == ExitCode.DIVERGED
 
 
 def keep_config(out: Path, config_text: str) -> None:

@@ -331,19 +331,19 @@ def run(
     rank, world_size = world()
     out = Path(config.output.dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = resume.finished_before(out, config.dump())
-    if done is not None:
+    config_text = config.dump()
+    earlier = resume.earlier(out, config_text)
+    if earlier is not None and resume.finished(earlier):
         # Started again after it succeeded (its Job was re-created): the same outcome, no step.
-        log.info("this run already succeeded (%s); nothing left to train", done.message)
-        return done
-    diverged = resume.diverged_before(out, config.dump())
-    if diverged is not None:
+        log.info("this run already succeeded (%s); nothing left to train", earlier.message)
+        return earlier
+    if earlier is not None and resume.diverged(earlier):
         # The Job does not retry a divergence; this is a restart of the same run folder by
         # other means. Training again with the same settings would diverge again.
-        raise DivergedError(f"{diverged.message} (this run already diverged; not trained again)")
+        raise DivergedError(f"{earlier.message} (this run already diverged; not trained again)")
     if rank == 0:
         export.check_credentials(config.output.s3, config.output.hub)
-        resume.keep_config(out, config.dump())
+        resume.keep_config(out, config_text)
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
     hw = modeling.Hardware.detect()
     cache_dir = config.model.cache_dir or str(out / "hub-cache")
