@@ -24,7 +24,8 @@ ADAPTER = "adapter_model.safetensors"
 def test_early_stop_exports_the_best_checkpoint_and_keeps_it(
     tmp_path: Path, tiny_gemma3: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # Seeded, and a learning rate high enough that the eval loss turns up after step 4.
+    # Seeded (training.seed), and a learning rate high enough that the eval loss stalls after
+    # step 4: no later evaluation beats it by more than minDelta.
     out = tmp_path / "out"
     cfg = write_config(
         tmp_path / "c.yaml",
@@ -34,7 +35,7 @@ def test_early_stop_exports_the_best_checkpoint_and_keeps_it(
             "maxSteps": 12,
             "evalEverySteps": 2,
             "learningRate": 0.05,
-            "earlyStopping": {"patience": 2},
+            "earlyStopping": {"patience": 2, "minDelta": 0.01},
             "samples": {"count": 2, "maxNewTokens": 8, "exactMatchExamples": 3, "maxShare": 1},
         },
         output={"dir": str(out), "checkpointEverySteps": 4, "keepCheckpoints": 1},

@@ -158,3 +158,22 @@ def test_full_finetune_of_multimodal_gemma3(tmp_path: Path, tiny_models: Path) -
     # fp32 master weights: the saved full model is fp32 whatever the compute precision.
     assert json.loads((out / "model" / "config.json").read_text())["dtype"] == "float32"
     shutil.rmtree(out)
+
+
+def test_the_seed_decides_the_adapter_whatever_ran_before(
+    tmp_path: Path, tiny_gemma3: Path
+) -> None:
+    """training.seed decides the adapter's initial weights: two runs in one process with the
+    same seed train the same adapter (the second once started from the generator's state the
+    first left behind)."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_gemma3, out, training={"maxSteps": 2})
+        assert run_cli(cfg)[0] == 0
+        adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+    first, second = adapters
+    assert first.keys() == second.keys()
+    assert all((first[k] == second[k]).all() for k in first)

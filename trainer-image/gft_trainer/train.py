@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, TrainerSummary
 from gft_api.training import BestMetric, ExportChoice, Hyperparameters, MethodType, Precision
-from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments, set_seed
 
 from gft_trainer import checkpoints, data, export, judge, modeling, resume, samples
 from gft_trainer.callbacks import (
@@ -346,6 +346,9 @@ def run(
         resume.keep_config(out, config_text)
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
     hw = modeling.Hardware.detect()
+    # training.seed decides the adapter's initial weights too: without it they came from
+    # whatever the process's generator held (another fine-tune run before in the same process).
+    set_seed(config.training.seed)
     cache_dir = config.model.cache_dir or str(out / "hub-cache")
     loaded = modeling.load(config.model, config.method, config.training.precision, cache_dir, hw)
     loaded.model.config.use_cache = False  # a cache would hide packed examples from the mask
