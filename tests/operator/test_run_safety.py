@@ -434,8 +434,12 @@ def test_apiserver_and_etcd_restarts_mid_run_lose_nothing(running_operator, name
     op = running_operator
     c = op.cluster
     name = "steady"
-    manifest = on_runner(name, model_dir, max_steps=1200)
-    manifest["spec"]["output"]["checkpointEverySteps"] = 100
+    steps = 6000
+    # Long enough that the trainer still trains through both outages (about 40 s in all) on a
+    # fast machine: the tiny model does some 60 steps a second, and 1200 steps once ended
+    # before etcd was stopped.
+    manifest = on_runner(name, model_dir, max_steps=steps)
+    manifest["spec"]["output"]["checkpointEverySteps"] = 500
     apply(c, namespace, manifest)
     pod = running_pod(c, namespace, name)
     pod_ip = c.kubectl_json("get", "pod", pod, "-n", namespace)["status"]["podIP"]
@@ -459,11 +463,13 @@ def test_apiserver_and_etcd_restarts_mid_run_lose_nothing(running_operator, name
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     outages = []
+    stopped: list[str] = []
     try:
         for component in ("kube-apiserver", "etcd"):
             before = _trainer_step(pod_ip)
             down = time.monotonic()
             c.stop_component(component)
+            stopped.append(component)
             # Down long enough for the trainer to train on and the operator to notice.
             wait_for(
                 f"the trainer to train on while {component} is down",
@@ -476,6 +482,7 @@ def test_apiserver_and_etcd_restarts_mid_run_lose_nothing(running_operator, name
                 timeout=60,
             )
             c.start_component(component)
+            stopped.remove(component)
             outages.append((component, time.monotonic() - down))
             wait_for(
                 f"the status to move on after {component} is back",
@@ -486,7 +493,9 @@ def test_apiserver_and_etcd_restarts_mid_run_lose_nothing(running_operator, name
     finally:
         sampling.set()
         sampler.join(10)
-    assert status["result"]["globalStep"] == 1200
+        for component in stopped:  # a failure here must not leave the shared cluster down
+            c.start_component(component)
+    assert status["result"]["globalStep"] == steps
     assert status["attempts"] == 1 and status["failedAttempts"] == 0, status
     assert job_creates(c, namespace) == 1
     assert progress == sorted(progress), progress  # never went back
