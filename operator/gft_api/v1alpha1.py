@@ -56,14 +56,8 @@ def _immutable(what: str) -> dict[str, Any]:
 DnsLabel = Annotated[
     str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 ]
-DnsSubdomain = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=253,
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
-    ),
-]
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
 ConfigKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 AbsolutePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^/")]
 RelativePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/]")]
@@ -548,8 +542,18 @@ class EnvVar(ApiModel):
 # ---------------------------------------------------------------------------------------------
 # spec
 # ---------------------------------------------------------------------------------------------
-_IMMUTABLE_OPTIONAL = ("activeDeadlineSeconds", "queueName", "image", "resumeFrom")
+_IMMUTABLE_OPTIONAL = (
+    "activeDeadlineSeconds",
+    "queueName",
+    "queuePriorityClass",
+    "image",
+    "resumeFrom",
+)
 
+PRIORITY_NEEDS_QUEUE = (
+    "queuePriorityClass is Kueue's WorkloadPriorityClass and needs queueName: name the "
+    "LocalQueue too, or use resources.priorityClassName for the pod's own priority"
+)
 _QLORA_NEEDS_GPU = "method.type qlora needs a GPU: set resources.gpus to 1 or more, or use lora"
 
 
@@ -689,7 +693,27 @@ class GemmaFineTuneSpec(ApiModel):
         | None
     ) = None
     """Kueue LocalQueue (a label value: letters, digits, '-', '_', '.'): the Job is created
-    suspended with the ``kueue.x-k8s.io/queue-name`` label and Kueue starts it when admitted."""
+    suspended with the ``kueue.x-k8s.io/queue-name`` label and Kueue starts it once the queue
+    has quota for it. The phase is ``Queued`` while it waits (the reason says why, in Kueue's
+    words) and again when a higher-priority workload preempts it; the trainer saves a
+    checkpoint and the next admission resumes from it. ``suspend`` then deactivates the Kueue
+    Workload (``spec.active``) and never writes the Job."""
+
+    queue_priority_class: (
+        Annotated[
+            str,
+            Field(
+                min_length=1,
+                max_length=63,  # a label value
+                pattern=DNS_SUBDOMAIN_PATTERN,
+                json_schema_extra=_immutable("queuePriorityClass"),
+            ),
+        ]
+        | None
+    ) = None
+    """Kueue WorkloadPriorityClass of the run (label ``kueue.x-k8s.io/priority-class``): the
+    order of admission in its queue, and which workloads it may preempt or be preempted by.
+    Needs ``queueName``."""
 
     image: Annotated[ImageReference, Field(json_schema_extra=_immutable("image"))] | None = None
     """Trainer image; the operator's default when empty."""
@@ -735,6 +759,12 @@ class GemmaFineTuneSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             _cel(
+                "!has(self.queuePriorityClass) || has(self.queueName)",
+                PRIORITY_NEEDS_QUEUE,
+                field_path=".queuePriorityClass",
+                reason="FieldValueInvalid",
+            ),
+            _cel(
                 "!has(self.output.hub) || !has(self.output.hub.merged) || "
                 "!self.output.hub.merged || (has(self.method.mergeAdapter) && "
                 "self.method.mergeAdapter)",
@@ -770,6 +800,8 @@ class GemmaFineTuneSpec(ApiModel):
     def _qlora_needs_gpu(self) -> GemmaFineTuneSpec:
         if self.method.type == MethodType.QLORA and self.resources.gpus < 1:
             raise ValueError(_QLORA_NEEDS_GPU)
+        if self.queue_priority_class is not None and self.queue_name is None:
+            raise ValueError(PRIORITY_NEEDS_QUEUE)
         if self.output.hub is not None and self.output.hub.merged and not self.method.merge_adapter:
             raise ValueError(HUB_MERGED_NEEDS_MERGE)
         names = [e.name for e in self.env]

@@ -96,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds a new trainer may take to open its /metrics before that is reported",
     )
     p.add_argument(
+        "--kueue",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("GFT_KUEUE", "") in ("1", "true"),
+        help="watch Kueue's Workloads (needs list/watch/patch on workloads.kueue.x-k8s.io): "
+        "the status says why a queued fine-tune waits or was preempted, and spec.suspend "
+        "deactivates its Workload",
+    )
+    p.add_argument(
         "--leader-elect",
         action=argparse.BooleanOptionalAction,
         default=False,
@@ -236,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         handlers.RUNTIME.leader = elector
         kube.may_write = elector.is_leader
+    if args.kueue:
+        handlers.watch_workloads()
     if args.metrics_address:
         monitoring.serve(args.metrics_address, ready=_readiness)
     if kubeconfig:
@@ -243,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     liveness = f"http://{args.health_address}/healthz" if args.health_address else None
     logging.getLogger("gft_operator").info(
         "starting: namespaces=%s, health=%s, metrics=%s, trainer metrics every %gs via %s, "
-        "leader election=%s",
+        "leader election=%s, Kueue Workloads=%s",
         ",".join(args.namespace) or "all",
         liveness or "off",
         f"http://{args.metrics_address}/metrics" if args.metrics_address else "off",
@@ -252,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Lease {args.leader_election_namespace}/{args.leader_election_id}"
         if args.leader_elect
         else "off (one replica)",
+        "watched" if args.kueue else "not watched",
     )
     kopf.run(
         clusterwide=not args.namespace,

@@ -38,6 +38,7 @@ INDEX_OF_KIND = {
 """Objects cached one per (namespace, name), by the name of the kopf index holding them."""
 PODS_INDEX = "gft_pods"  # (namespace, fine-tune name) -> its pods
 WARNINGS_INDEX = "gft_warnings"  # (namespace, involved object's name) -> Warning events
+WORKLOADS_INDEX = "gft_workloads"  # (namespace, owning Job uid) -> Kueue Workloads (--kueue)
 
 
 def version(obj: Manifest | None) -> int:
@@ -57,7 +58,7 @@ class Cache:
 
     def attach(self, indices: Mapping[str, Any]) -> None:
         """Take kopf's indexes (the startup handler gets them among its kwargs)."""
-        names = (*INDEX_OF_KIND.values(), PODS_INDEX, WARNINGS_INDEX)
+        names = (*INDEX_OF_KIND.values(), PODS_INDEX, WARNINGS_INDEX, WORKLOADS_INDEX)
         self._indices = {n: indices[n] for n in names if n in indices}
 
     @property
@@ -120,6 +121,25 @@ class Cache:
             pod.setdefault("kind", "Pod")
             pods.append(pod)
         return pods
+
+    def watches_workloads(self) -> bool:
+        """Whether Kueue's Workloads are watched (the operator runs with ``--kueue``)."""
+        return WORKLOADS_INDEX in self._indices
+
+    def workload(self, namespace: str, job_uid: str) -> Manifest | None:
+        """Kueue's Workload of the Job with that uid (owned by it), as last seen or written."""
+        seen = [
+            w
+            for w in self._values(WORKLOADS_INDEX, (namespace, job_uid))
+            if not w["metadata"].get("deletionTimestamp")
+        ]
+        if not seen:
+            return None
+        newest = max(seen, key=version)
+        key = ("Workload", namespace, newest["metadata"]["name"])
+        found = copy.deepcopy(self._newer_written(key, newest) or newest)
+        found.setdefault("kind", "Workload")
+        return found
 
     def _newer_written(self, key: Key, seen: Manifest | None) -> Manifest | None:
         """What this operator wrote of the object, while the watch has not delivered it."""

@@ -71,6 +71,7 @@ OUTCOME_FINALIZER = "finetune.gemma.dev/outcome"
 """On the Job and its pods until the operator has recorded what they say about the run."""
 RUNS_DIR = "runs"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 MANAGED_BY = "gft-operator"
 
 
@@ -707,6 +708,8 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
     }
     if spec.queue_name:
         meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
+    if spec.queue_priority_class:
+        meta["labels"][KUEUE_PRIORITY_LABEL] = spec.queue_priority_class
     if spec.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     # No ttlSecondsAfterFinished: the operator deletes a finished Job itself, once the run's
@@ -730,6 +733,17 @@ def job_patch(spec: GemmaFineTuneSpec, live: Manifest, finished: bool) -> Manife
     if live_spec.get("ttlSecondsAfterFinished") is not None:
         patch["ttlSecondsAfterFinished"] = None
     return {"spec": patch} if patch else None
+
+
+def workload_patch(spec: GemmaFineTuneSpec, workload: Manifest) -> Manifest | None:
+    """The merge patch that makes Kueue's Workload of the Job follow ``spec.suspend``, or
+    ``None``. With a queue, suspending is Kueue's to do: an inactive Workload is evicted (its
+    Job suspended, the trainer saving a checkpoint) and waits; active again, it queues for
+    admission like any other."""
+    active = (workload.get("spec") or {}).get("active", True)
+    if active == (not spec.suspend):
+        return None
+    return {"spec": {"active": not spec.suspend}}
 
 
 def desired_children(

@@ -43,7 +43,7 @@ from gft_api.v1alpha1 import TERMINAL_PHASES, GemmaFineTuneSpec, Phase
 from pydantic import ValidationError
 
 from gft_operator import children, monitoring, policy, status, trainer_metrics
-from gft_operator.cache import CACHE, INDEX_OF_KIND, version
+from gft_operator.cache import CACHE, INDEX_OF_KIND, WORKLOADS_INDEX, version
 from gft_operator.kube import (
     ApiError,
     ApiUnavailable,
@@ -437,6 +437,16 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
             CACHE.wrote(job)
             log.info("%s: patched Job %s: %s", who, name, patch["spec"])
 
+    workload = None
+    if job is not None and spec is not None and spec.queue_name and CACHE.watches_workloads():
+        workload = CACHE.workload(namespace, job["metadata"]["uid"])
+        active = children.workload_patch(spec, workload) if workload is not None else None
+        if active and workload is not None and not status.job_finished(job):
+            wl_name = workload["metadata"]["name"]
+            workload = kube.merge_patch("Workload", namespace, wl_name, active)
+            CACHE.wrote(workload)
+            log.info("%s: patched Kueue Workload %s: %s", who, wl_name, active["spec"])
+
     # Pods of this name: the current Job's, this run's earlier ones (a Job deleted before it
     # finished), and leftovers of a deleted fine-tune of the same name.
     current: list[Manifest] = []
@@ -462,6 +472,8 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
         generation=int(meta.get("generation") or 0),
         suspend=spec.suspend if spec is not None else bool(raw_spec.get("suspend")),
         queue_name=spec.queue_name if spec is not None else raw_spec.get("queueName"),
+        kueue=CACHE.watches_workloads(),
+        workload=workload,
         old_status=old_status,
         job=job,
         pods=current,
@@ -839,6 +851,35 @@ async def _warnings(namespace: str, body: kopf.Body, **_: Any) -> Any:
     if body.get("type") != "Warning" or involved.get("kind") not in ("Job", "Pod"):
         return None
     return {(namespace, involved.get("name")): dict(body)}
+
+
+KUEUE_WORKLOADS = ("kueue.x-k8s.io", "v1beta2", "workloads")
+
+
+def watch_workloads() -> None:
+    """With ``--kueue``: keep Kueue's Workloads in the cache and reconcile a queued fine-tune
+    when its Workload changes (admitted, preempted, why it waits). Registered before kopf
+    starts; without the flag the operator needs no access to Workloads at all."""
+
+    @kopf.index(*KUEUE_WORKLOADS, id=WORKLOADS_INDEX)
+    async def _workloads(namespace: str, body: kopf.Body, **_: Any) -> Any:
+        CACHE.saw()
+        job = _owning_job(body)
+        return {(namespace, job["uid"]): dict(body)} if job else None
+
+    @kopf.on.event(*KUEUE_WORKLOADS)
+    async def on_workload(namespace: str, body: kopf.Body, **_: Any) -> None:
+        job = _owning_job(body)
+        # The Job has its fine-tune's name; other Jobs' Workloads are not ours to look at.
+        if job and CACHE.has(KIND, namespace, job["name"]):
+            _queue(namespace, job["name"])
+
+
+def _owning_job(workload: Manifest) -> Manifest | None:
+    for ref in (workload.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("kind") == "Job" and ref.get("apiVersion") == "batch/v1":
+            return ref
+    return None
 
 
 # The watch handlers only queue a reconcile: a burst of events for one fine-tune (its pod

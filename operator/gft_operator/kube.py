@@ -116,6 +116,7 @@ _PATHS = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Ingress": ("/apis/networking.k8s.io/v1", "ingresses"),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    "Workload": ("/apis/kueue.x-k8s.io/v1beta2", "workloads"),
 }
 
 

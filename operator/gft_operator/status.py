@@ -43,6 +43,7 @@ _WARNING_REASONS = frozenset(
         "PolicyViolation",
         "InvalidSpec",
         "UnknownFields",
+        "Inadmissible",
     }
 )
 
@@ -69,6 +70,10 @@ class Observed:
     """Spec fields this operator does not know (the CRD is newer): ignored."""
     spec_error: str | None = None
     """Why the spec cannot be used (the CRD admitted what this operator refuses)."""
+    kueue: bool = False
+    """Kueue's Workloads are watched (``--kueue``): a queued run can say why it waits."""
+    workload: Manifest | None = None
+    """Kueue's Workload of the Job, when queued and watched."""
 
 
 @dataclass
@@ -416,11 +421,7 @@ def _verdict(obs: Observed) -> _Verdict:
     terminating = [p for p in pods if p["metadata"].get("deletionTimestamp") and alive(p)]
     if job.get("spec", {}).get("suspend"):
         if obs.queue_name and not obs.suspend:
-            return _Verdict(
-                Phase.QUEUED,
-                "WaitingForAdmission",
-                f"waiting for Kueue to admit the Job in queue {obs.queue_name}",
-            )
+            return queued(obs, stopping=bool(live or terminating))
         if live or terminating:
             return _Verdict(
                 Phase.SUSPENDED,
@@ -463,6 +464,59 @@ def _verdict(obs: Observed) -> _Verdict:
     if old_phase == Phase.RUNNING:
         return _Verdict(Phase.PENDING, "WaitingForPod", "waiting for the next training pod")
     return _Verdict(Phase.PENDING, "WaitingForPod", "waiting for the Job to create its pod")
+
+
+def queued(obs: Observed, stopping: bool) -> _Verdict:
+    """Waiting for Kueue, and why, in Kueue's words (its Workload's conditions). ``stopping``:
+    a trainer of the run is still saving its checkpoint."""
+    queue = obs.queue_name
+    if not obs.kueue:
+        return _Verdict(
+            Phase.QUEUED,
+            "WaitingForAdmission",
+            f"waiting for Kueue to admit the Job in queue {queue} (the operator does not watch "
+            "Kueue's Workloads: run it with --kueue, the chart's kueue.enabled, to see why)",
+        )
+    if obs.workload is None:
+        return _Verdict(
+            Phase.QUEUED,
+            "WaitingForWorkload",
+            f"waiting for Kueue to take the Job into queue {queue}: no Workload for it yet "
+            "(is Kueue running, and does it manage Jobs in this namespace?)",
+        )
+    conditions = {
+        c.get("type"): c for c in (obs.workload.get("status") or {}).get("conditions") or []
+    }
+    saving = "; the trainer is saving a checkpoint" if stopping else ""
+    evicted = conditions.get("Evicted")
+    if _is_true(evicted) and evicted.get("reason") == "Preempted":
+        return _Verdict(
+            Phase.QUEUED,
+            "Preempted",
+            f"{evicted.get('message') or 'preempted'}{saving}; it resumes from its last "
+            f"checkpoint when queue {queue} has room again",
+        )
+    if _is_true(conditions.get("QuotaReserved")):
+        return _Verdict(
+            Phase.QUEUED,
+            "Admitted",
+            f"admitted in queue {queue}{saving}; Kueue is starting the Job",
+        )
+    reserved = conditions.get("QuotaReserved")
+    if reserved is not None:
+        reason = reserved.get("reason") or "Pending"
+        return _Verdict(
+            Phase.QUEUED,
+            "WaitingForQuota" if reason == "Pending" else reason,
+            f"queue {queue}: {reserved.get('message') or 'waiting for quota'}{saving}",
+        )
+    return _Verdict(
+        Phase.QUEUED, "WaitingForAdmission", f"waiting for Kueue to admit the Job in queue {queue}"
+    )
+
+
+def _is_true(condition: Manifest | None) -> bool:
+    return condition is not None and condition.get("status") == "True"
 
 
 def _between_attempts(pod: Manifest) -> _Verdict:

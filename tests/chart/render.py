@@ -27,10 +27,11 @@ HEADER = (
 FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "crd.yaml": (("templates/crd.yaml",), ()),
     "rbac.yaml": (("templates/serviceaccount.yaml", "templates/rbac.yaml"), ()),
-    # The operator on a laptop reads the trainers' metrics through the API server's pod proxy.
+    # The operator on a laptop reads the trainers' metrics through the API server's pod proxy,
+    # and may be started with --kueue.
     "rbac-out-of-cluster.yaml": (
         ("templates/serviceaccount.yaml", "templates/rbac.yaml"),
-        ("metrics.access=proxy",),
+        ("metrics.access=proxy", "kueue.enabled=true"),
     ),
     "operator.yaml": (
         (

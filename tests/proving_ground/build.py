@@ -34,6 +34,8 @@ TOOLS = {
     "kube-score": ("github.com/zegl/kube-score/cmd/kube-score", "1.20.0"),
     # A real S3-compatible server for output.s3 (its newest commit the module proxy serves).
     "weed": ("github.com/seaweedfs/seaweedfs/weed", "0.0.0-20261109003541-7506e5f91cd6"),
+    # The queueing controller GPU clusters use (queueName, preemption, spec.active).
+    "kueue": ("sigs.k8s.io/kueue/cmd/kueue", "0.17.0"),
 }
 # Tools whose go.mod has replace directives, which `go install pkg@version` refuses: they are
 # built inside their own module (downloaded to the module cache), as their main module.
@@ -43,6 +45,15 @@ TOOL_VERSION_VARS = {
     "helm": "helm.sh/helm/v4/internal/version.version",
     "kube-score": "main.version",
     "weed": "github.com/seaweedfs/seaweedfs/weed/util/version.COMMIT",
+    "kueue": "sigs.k8s.io/kueue/pkg/version.GitVersion",
+}
+# Files a tool's install needs from its module besides the binary (Kueue's CRDs and webhook
+# configurations), copied next to it so that installing needs no Go: name -> (module, paths).
+TOOL_FILES = {
+    "kueue": (
+        "sigs.k8s.io/kueue",
+        ("config/components/crd/bases", "config/components/webhook/manifests.yaml"),
+    ),
 }
 ALL_BINARIES = (*K8S_COMMANDS, "etcd", "kwok")
 
@@ -299,6 +310,15 @@ def build_tools(say=print) -> None:
                     log,
                     env,
                 )
+            if name in TOOL_FILES:
+                module, paths = TOOL_FILES[name]
+                source = _module_dir(toolchain.go, f"{module}@v{version}", staging, log, env)
+                for rel in paths:
+                    if (source / rel).is_dir():
+                        shutil.copytree(source / rel, target.parent / Path(rel).name,
+                                        dirs_exist_ok=True)  # fmt: skip
+                    else:
+                        shutil.copyfile(source / rel, target.parent / Path(rel).name)
             os.replace(staging / name, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

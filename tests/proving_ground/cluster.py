@@ -52,6 +52,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 KWOK_POD_CIDR = "198.18.0.0/16"  # RFC 2544 benchmarking range: no resolver or host lives there
 POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
 STOP_ORDER = (
+    "kueue",  # started on demand by proving_ground.kueue
     "runner",
     "kwok",
     "kube-scheduler",

@@ -87,6 +87,15 @@ def make_pki(pki: Path, server_ips: list[str]) -> None:
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
+def sign_server(pki: Path, name: str, ips: list[str]) -> None:
+    """Write ``<name>.{crt,key}``: a serving certificate for ``ips`` signed by the cluster's CA
+    (a webhook the API server calls on loopback trusts it through its caBundle)."""
+    san = ",".join(f"IP:{ip}" for ip in ips)
+    _sign(pki, name, f"/CN={name}",
+          "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+          f"extendedKeyUsage=serverAuth\nsubjectAltName={san}\n")  # fmt: skip
+
+
 def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 

@@ -67,6 +67,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   resources: [pods/proxy]
   verbs: [get]
 {{- end }}
+{{- if .Values.kueue.enabled }}
+# Kueue's Workloads (kueue.enabled): why a queued run waits; patch: spec.active for suspend.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, watch, patch]
+{{- end }}
 # Why a pod is stuck (FailedScheduling, FailedMount, FailedCreate), and one Event per transition.
 - apiGroups: [""]
   resources: [events]
