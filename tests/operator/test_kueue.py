@@ -221,9 +221,8 @@ def test_priority_preempts_and_the_preempted_run_resumes_from_its_checkpoint(
     assert get_gft(c, ns, "low")["status"]["phase"] == "Queued"
 
     c.kubectl("delete", "gft", "high", "-n", ns, "--wait=false")
-    second_pod = running_pod(c, ns, "low")
-    assert second_pod != first_pod
-    assert resumed_step(c, ns, second_pod) == saved
     status = wait_phase(c, ns, "low", "Succeeded", timeout=STARTUP + 300)
+    assert status["podName"] != first_pod
+    assert resumed_step(c, ns, status["podName"]) == saved
     assert status.get("failedAttempts", 0) == 0, status
     assert status["progress"]["step"] == 2000, status["progress"]

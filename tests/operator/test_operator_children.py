@@ -226,6 +226,24 @@ def test_kueue_queue_creates_the_job_suspended_and_never_patches_suspend():
     assert children.job_patch(_spec(queueName="gpu-queue", suspend=False), live, False) is None
 
 
+def test_kueue_priority_label_and_suspend_through_the_workload():
+    spec = _spec(queueName="gpu-queue", queuePriorityClass="research-high")
+    labels = children.job(OWNER, spec)["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/priority-class"] == "research-high"
+    assert (
+        "kueue.x-k8s.io/priority-class"
+        not in (children.job(OWNER, _spec(queueName="q"))["metadata"]["labels"])
+    )
+    active = {"spec": {"active": True}}
+    assert children.workload_patch(_spec(queueName="q"), active) is None
+    assert children.workload_patch(_spec(queueName="q", suspend=True), active) == {
+        "spec": {"active": False}
+    }
+    inactive = {"spec": {"active": False}}
+    assert children.workload_patch(_spec(queueName="q"), inactive) == {"spec": {"active": True}}
+    assert children.workload_patch(_spec(queueName="q"), {"spec": {}}) is None  # default: active
+
+
 def test_job_patch_touches_only_suspend_and_the_operator_owns_the_ttl():
     live = children.job(OWNER, _spec(ttlSecondsAfterFinished=60))
     assert "ttlSecondsAfterFinished" not in live["spec"]  # the operator deletes it itself

@@ -164,6 +164,7 @@ INVALID = [
     ),
     # Issue 9: input the API used to admit, to fail later (or never).
     ("queue-not-a-label-value", _bad(queueName="gpu queue!"), "spec.queueName"),
+    ("priority-without-queue", _bad(queuePriorityClass="high"), "spec.queuePriorityClass"),
     ("image-with-whitespace", _bad(image="ghcr.io/x/trainer: 1.0"), "spec.image"),
     (
         "tensorboard-image-with-whitespace",
@@ -405,28 +406,6 @@ def test_suspend_then_resume(operator, namespace):
     )
     status = wait_phase(c, namespace, "paused", "Succeeded", timeout=60)
     assert {x["type"]: x for x in status["conditions"]}["Suspended"]["status"] == "False"
-
-
-def test_kueue_queue_creates_the_job_suspended_with_the_label(operator, namespace):
-    c = operator.cluster
-    apply(c, namespace, on_kwok("queued", queueName="gpu-queue"))
-    wait_phase(c, namespace, "queued", "Queued", timeout=60)
-    job = c.kubectl_json("get", "job", "queued", "-n", namespace)
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
-    # Kueue admits it by unsuspending the Job; the operator must not suspend it again.
-    c.kubectl(
-        "patch",
-        "job",
-        "queued",
-        "-n",
-        namespace,
-        "--type",
-        "merge",
-        "-p",
-        '{"spec":{"suspend":false}}',
-    )
-    wait_phase(c, namespace, "queued", "Succeeded", timeout=60)
 
 
 def _wait_gone(c, namespace, kind, name, timeout=60):

@@ -306,6 +306,56 @@ def test_suspend_and_queue():
     assert r["phase"] == "Running" and conditions(r)["Suspended"]["status"] == "False"
 
 
+def workload(*conditions, active=True):
+    """A Kueue Workload with conditions given as (type, status, reason, message)."""
+    return {
+        "metadata": {"name": "job-demo-1a2b3"},
+        "spec": {"active": active},
+        "status": {
+            "conditions": [
+                {"type": t, "status": st, "reason": r, "message": m} for t, st, r, m in conditions
+            ]
+        },
+    }
+
+
+def queued_status(wl, pods=(), kueue=True):
+    obs = observe(job(suspend=True), pods, queue="gpus")
+    obs.kueue, obs.workload = kueue, wl
+    return decide(obs, NOW).status
+
+
+def test_queued_says_why_in_kueues_words():
+    s = queued_status(None, kueue=False)
+    assert (s["phase"], s["reason"]) == ("Queued", "WaitingForAdmission")
+    assert "--kueue" in s["message"]
+    s = queued_status(None)
+    assert (s["phase"], s["reason"]) == ("Queued", "WaitingForWorkload")
+    insufficient = "couldn't assign flavors to pod set main: insufficient quota for nvidia.com/gpu"
+    s = queued_status(workload(("QuotaReserved", "False", "Pending", insufficient)))
+    assert (s["phase"], s["reason"]) == ("Queued", "WaitingForQuota")
+    assert s["message"] == f"queue gpus: {insufficient}"
+    missing = "LocalQueue gpus doesn't exist"
+    s = queued_status(workload(("QuotaReserved", "False", "Inadmissible", missing)))
+    assert (s["phase"], s["reason"]) == ("Queued", "Inadmissible") and missing in s["message"]
+    s = queued_status(workload(("QuotaReserved", "True", "QuotaReserved", "")))
+    assert (s["phase"], s["reason"]) == ("Queued", "Admitted")
+
+
+def test_preempted_is_queued_again_and_says_the_trainer_is_saving():
+    by = "Preempted to accommodate a workload (UID: 1) due to prioritization in the ClusterQueue"
+    wl = workload(
+        ("QuotaReserved", "False", "Pending", "waiting"),
+        ("Evicted", "True", "Preempted", by),
+    )
+    saving = pod("demo-a", deleting=True, trainer={"running": {}})
+    s = queued_status(wl, [saving])
+    assert (s["phase"], s["reason"]) == ("Queued", "Preempted")
+    assert s["message"].startswith(by) and "saving a checkpoint" in s["message"]
+    s = queued_status(wl)
+    assert "saving" not in s["message"] and "last checkpoint" in s["message"]
+
+
 def test_pending_reasons_a_user_can_act_on():
     unsched = pod(
         "demo-a",
