@@ -36,6 +36,8 @@ TOOLS = {
     "weed": ("github.com/seaweedfs/seaweedfs/weed", "0.0.0-20261109003541-7506e5f91cd6"),
     # The queueing controller GPU clusters use (queueName, preemption, spec.active).
     "kueue": ("sigs.k8s.io/kueue/cmd/kueue", "0.17.0"),
+    # Cluster DNS, so that pods find each other by name (multi-node training).
+    "coredns": ("github.com/coredns/coredns", "1.15.0"),
 }
 # Tools whose go.mod has replace directives, which `go install pkg@version` refuses: they are
 # built inside their own module (downloaded to the module cache), as their main module.
@@ -46,6 +48,7 @@ TOOL_VERSION_VARS = {
     "kube-score": "main.version",
     "weed": "github.com/seaweedfs/seaweedfs/weed/util/version.COMMIT",
     "kueue": "sigs.k8s.io/kueue/pkg/version.GitVersion",
+    "coredns": "github.com/coredns/coredns/coremain.GitCommit",
 }
 # Files a tool's install needs from its module besides the binary (Kueue's CRDs and webhook
 # configurations), copied next to it so that installing needs no Go: name -> (module, paths).

@@ -53,6 +53,7 @@ KWOK_POD_CIDR = "198.18.0.0/16"  # RFC 2544 benchmarking range: no resolver or h
 POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
 STOP_ORDER = (
     "kueue",  # started on demand by proving_ground.kueue
+    "coredns",
     "runner",
     "kwok",
     "kube-scheduler",
@@ -737,6 +738,9 @@ def _start_processes(c: Cluster, runner: bool) -> None:
                 str(c.state_dir / "runner"),
                 "--port-forward",
                 str(build.port_forward_binary()),
+                # CoreDNS listens on the node's bridge address once the runner has made it.
+                "--cluster-dns",
+                c.node_ip,
             ],
             env=runner_env,
         )
@@ -778,6 +782,10 @@ def _start_processes(c: Cluster, runner: bool) -> None:
     for name in components:
         if not _pid_alive(c.pids[name]):
             _wait(name, lambda: False, 0, c, name)  # raises, with its log
+    if runner:
+        from proving_ground import dns
+
+        dns.start(c)
 
 
 # ---------------------------------------------------------------------------------------------

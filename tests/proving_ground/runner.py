@@ -66,9 +66,10 @@ What it does not do
 - Readiness probes (httpGet, tcpSocket) only: no liveness or startup probes, no lifecycle hooks, no
   ephemeral containers, no ``kubectl exec``/``attach`` (``port-forward`` works: the kubelet's own
   code in a helper, see ``portforward/``), no service environment
-  variables, no DNS (a pod's /etc/resolv.conf names only its own loopback, so lookups fail
-  fast; /etc/hosts maps the pod's hostname to its IP), no in-place resize; ConfigMap/Secret
-  volumes and tokens are written once, not refreshed.
+  variables, no in-place resize; ConfigMap/Secret volumes and tokens are written once, not
+  refreshed. DNS is the cluster's (``--cluster-dns``: the proving ground's CoreDNS, see
+  ``dns.py``), answering only cluster names; /etc/hosts maps the pod's hostname (and
+  ``hostname.subdomain...``) to its IP.
 - Networking is one flat bridge: pods reach each other and the node IP, not the API server
   (it listens on loopback), not Services (no kube-proxy) and nothing off this machine.
   ``hostNetwork: true`` pods run in this machine's network namespace with the node IP. No PID
@@ -660,17 +661,32 @@ class PodWorker(threading.Thread):
         return False
 
     def _etc_mounts(self, hostname: str, mounts: list[dict]) -> list[dict]:
-        """A pod-managed /etc/hosts (its hostname on its IP, as the kubelet writes it) and an
-        /etc/resolv.conf whose only name server is the pod's own loopback: names other than
-        these fail at once instead of timing out, and no query leaves this machine."""
+        """A pod-managed /etc/hosts and /etc/resolv.conf, as the kubelet writes them: the
+        hostname (and, with a subdomain, its fully qualified name) on the pod's IP; the cluster
+        DNS with the pod's search domains. Without cluster DNS the only name server is the
+        pod's own loopback: names other than these fail at once instead of timing out, and no
+        query leaves this machine (the cluster DNS forwards nothing either)."""
+        spec = self.pod["spec"]
+        namespace = self.pod["metadata"]["namespace"]
+        names = hostname
+        if spec.get("subdomain"):
+            names = f"{hostname}.{spec['subdomain']}.{namespace}.svc.{self.runner.cluster_domain}"
+            names += f"\t{hostname}"
         hosts = self.dir / "run" / "hosts"
         hosts.write_text(
             "# Kubernetes-managed hosts file (the proving ground's runner).\n"
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
-            f"{self.pod_ip}\t{hostname}\n"
+            f"{self.pod_ip}\t{names}\n"
         )
         resolv = self.dir / "run" / "resolv.conf"
-        resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        domain = self.runner.cluster_domain
+        if self.runner.cluster_dns and not spec.get("hostNetwork"):
+            resolv.write_text(
+                f"search {namespace}.svc.{domain} svc.{domain} {domain}\n"
+                f"nameserver {self.runner.cluster_dns}\noptions ndots:5 timeout:1 attempts:2\n"
+            )
+        else:
+            resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
         taken = {m["target"] for m in mounts}
         extra = [
             {"kind": "bind", "source": str(f), "target": t, "readOnly": False}
@@ -1020,6 +1036,8 @@ class Runner:
         self.state_dir = Path(args.state_dir).resolve()
         self.kubelet_port = args.kubelet_port
         self.port_forward = args.port_forward
+        self.cluster_dns = args.cluster_dns
+        self.cluster_domain = args.cluster_domain
         self.api = Api(args.kubeconfig)
         self.network = Network(
             args.bridge, args.node_ip, args.pod_cidr, str(self.state_dir / "netns.txt")
@@ -1584,6 +1602,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--state-dir", required=True)
     p.add_argument("--kubelet-port", type=int, default=0)
     p.add_argument("--port-forward", default="", help="the gft-portforward helper binary")
+    p.add_argument("--cluster-dns", default="", help="the pods' name server (the kubelet's)")
+    p.add_argument("--cluster-domain", default="cluster.local")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s"

@@ -193,9 +193,11 @@ def test_readiness_probe_gates_ready(cluster, namespace):
     apply(cluster, namespace, runner_pod("slow", [server]))
     pod = wait_for(
         "the container running",
-        lambda: (p := get_pod(cluster, namespace, "slow"))
-        and "running" in (p["status"].get("containerStatuses") or [{}])[0].get("state", {})
-        and p,
+        lambda: (
+            (p := get_pod(cluster, namespace, "slow"))
+            and "running" in (p["status"].get("containerStatuses") or [{}])[0].get("state", {})
+            and p
+        ),
     )
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "False", pod["status"]
@@ -1020,3 +1022,56 @@ def test_a_container_tmp_is_its_own_and_its_volumes_still_mount(cluster, namespa
         assert out.split() == ["host-file-visible", "False", "config", "v", "scratch", "x"], out
     finally:
         marker.unlink()
+
+
+def test_pods_find_each_other_by_name_through_cluster_dns(cluster, namespace):
+    """CoreDNS serves cluster.local from the API server: a pod reaches another by its
+    ``hostname.subdomain`` (a headless Service, as an Indexed Job's workers find rank 0), and a
+    Service by its name; a name outside the cluster is refused at once, never forwarded."""
+    headless = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "workers"},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"app": "dns-test"},
+            "ports": [{"name": "rdzv", "port": 8080}],
+        },
+    }
+    serve = "import http.server as h; h.test(h.SimpleHTTPRequestHandler, port=8080, bind='0.0.0.0')"
+    web = {**container("web", serve), "ports": [{"containerPort": 8080}]}
+    server = runner_pod("rank0", [web], hostname="worker-0", subdomain="workers")
+    server["metadata"]["labels"] = {"app": "dns-test"}
+    names = ["worker-0.workers", f"workers.{namespace}.svc.cluster.local"]
+    script = f"""
+        import socket, time, urllib.request
+        for name in {names!r}:
+            for _ in range(60):
+                try:
+                    print(name, "->", socket.gethostbyname(name), flush=True)
+                    break
+                except OSError as e:
+                    print(name, "not yet:", e, flush=True)
+                    time.sleep(1)
+        body = urllib.request.urlopen("http://worker-0.workers:8080/", timeout=10).read()
+        print("fetched", len(body), "bytes", flush=True)
+        t = time.monotonic()
+        try:
+            socket.gethostbyname("huggingface.co")
+            print("outside name answered", flush=True)
+        except OSError as e:
+            print(f"outside name refused in {{time.monotonic() - t:.1f}} s: {{e}}", flush=True)
+        """
+    client = runner_pod("rank1", [container("client", script)])
+    apply(cluster, namespace, headless, server)
+    ip = wait_running(cluster, namespace, "rank0")["status"]["podIP"]
+    apply(cluster, namespace, client)
+    pod = wait_phase(cluster, namespace, "rank1", ("Succeeded", "Failed"), timeout=120)
+    log = cluster.kubectl("logs", "rank1", "-n", namespace).stdout
+    assert pod["status"]["phase"] == "Succeeded", log
+    for name in names:
+        assert f"{name} -> {ip}" in log, log
+    assert "fetched" in log, log
+    refused = [line.split() for line in log.splitlines() if line.startswith("outside name")]
+    assert refused and refused[0][2] == "refused" and float(refused[0][4]) < 3, log
