@@ -27,7 +27,7 @@ from gft_api.training import DataShaping, ExportChoice, Hyperparameters, Method,
 # is limited to 63 characters; the other children append a suffix. A Service name must be a
 # DNS-1035 label (start with a letter), so the GemmaFineTune's name must be one too.
 # ---------------------------------------------------------------------------------------------
-CHILD_SUFFIXES = ("-config", "-output")
+CHILD_SUFFIXES = ("-config", "-output", "-nodes")
 """Suffixes of the children's names; the Job and the Service take the GemmaFineTune's own name."""
 
 MAX_NAME_LENGTH = 63 - max(len(s) for s in CHILD_SUFFIXES)
@@ -279,6 +279,13 @@ class Resources(ApiModel):
 
     gpus: Annotated[int, Field(ge=0, le=16)] = 1
     """GPUs for the trainer (requests and limits of ``gpuResourceName``). 0 trains on CPU."""
+
+    nodes: Annotated[int, Field(ge=1, le=64)] = 1
+    """Pods the run spans, each with ``gpus`` GPUs on a node of its own: an Indexed Job of
+    ``nodes`` pods and a headless Service, the rendezvous on pod 0. DDP for LoRA and QLoRA,
+    FSDP for full fine-tuning, across every pod's GPUs. A pod lost restarts the whole group
+    from the last checkpoint. More than 1 needs an output volume every pod can write
+    (``output.pvc.accessMode: ReadWriteMany``, or such an ``existingClaim``)."""
 
     gpu_resource_name: Annotated[
         str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9.\-]+/[a-z0-9.\-_]+$")
@@ -550,6 +557,10 @@ _IMMUTABLE_OPTIONAL = (
     "resumeFrom",
 )
 
+NODES_NEED_SHARED_OUTPUT = (
+    "resources.nodes above 1 needs an output volume every pod can write: set "
+    "output.pvc.accessMode to ReadWriteMany, or output.existingClaim to such a claim"
+)
 PRIORITY_NEEDS_QUEUE = (
     "queuePriorityClass is Kueue's WorkloadPriorityClass and needs queueName: name the "
     "LocalQueue too, or use resources.priorityClassName for the pod's own priority"
@@ -759,6 +770,15 @@ class GemmaFineTuneSpec(ApiModel):
                 reason="FieldValueInvalid",
             ),
             _cel(
+                "!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes <= 1 "
+                "|| (has(self.output) && (has(self.output.existingClaim) || (has(self.output.pvc) "
+                "&& has(self.output.pvc.accessMode) && "
+                "self.output.pvc.accessMode == 'ReadWriteMany')))",
+                NODES_NEED_SHARED_OUTPUT,
+                field_path=".resources.nodes",
+                reason="FieldValueInvalid",
+            ),
+            _cel(
                 "!has(self.queuePriorityClass) || has(self.queueName)",
                 PRIORITY_NEEDS_QUEUE,
                 field_path=".queuePriorityClass",
@@ -800,6 +820,12 @@ class GemmaFineTuneSpec(ApiModel):
     def _qlora_needs_gpu(self) -> GemmaFineTuneSpec:
         if self.method.type == MethodType.QLORA and self.resources.gpus < 1:
             raise ValueError(_QLORA_NEEDS_GPU)
+        out = self.output
+        shared = out.existing_claim is not None or (
+            out.pvc is not None and out.pvc.access_mode == "ReadWriteMany"
+        )
+        if self.resources.nodes > 1 and not shared:
+            raise ValueError(NODES_NEED_SHARED_OUTPUT)
         if self.queue_priority_class is not None and self.queue_name is None:
             raise ValueError(PRIORITY_NEEDS_QUEUE)
         if self.output.hub is not None and self.output.hub.merged and not self.method.merge_adapter:
@@ -992,4 +1018,5 @@ def child_names(name: str) -> dict[str, str]:
         "pvc": f"{name}-output",
         "tensorboard": f"{name}-tb",
         "networkpolicy": name,
+        "nodes": f"{name}-nodes",  # the headless Service of a multi-node run's pods
     }

@@ -51,6 +51,7 @@ TRAINER = "trainer"
 TENSORBOARD = "tensorboard"
 TENSORBOARD_PORT = 6006
 METRICS_PORT = 9090
+RENDEZVOUS_PORT = 29500  # rank 0's store, where a multi-node run's ranks meet (torch's default)
 
 OUTPUT_DIR = "/output"
 HF_HOME = f"{OUTPUT_DIR}/.cache/huggingface"
@@ -280,6 +281,28 @@ def service(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest:
     )
 
 
+def nodes_service(owner: Owner, spec: GemmaFineTuneSpec) -> Manifest | None:
+    """The headless Service through which a multi-node run's pods find each other by name
+    (``<name>-0.<name>-nodes``: pod 0 holds the rendezvous). Pods are listed before they are
+    ready, so that the ranks can meet while they start."""
+    if spec.resources.nodes <= 1:
+        return None
+    return _adopt(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(owner, child_names(owner.name)["nodes"], "nodes"),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": {NAME_LABEL: owner.name, "app.kubernetes.io/component": TRAINER},
+                "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}],
+            },
+        },
+        owner,
+    )
+
+
 def ingress(owner: Owner, spec: GemmaFineTuneSpec, policy: Policy | None = None) -> Manifest | None:
     """An Ingress to TensorBoard, when asked for."""
     ing = spec.tensorboard.ingress
@@ -349,6 +372,11 @@ def network_policy(owner: Owner, spec: GemmaFineTuneSpec, policy: Policy) -> Man
         ours("gemma-finetune-dashboard"),
         *(namespace(n) for n in policy.network_policy_namespaces),
     ]
+    rules: list[Manifest] = [{"from": sources, "ports": ports}]
+    if spec.resources.nodes > 1:
+        # A multi-node run's ranks talk to each other on ports of their own choosing (gloo,
+        # NCCL): every port, from the run's own pods only.
+        rules.append({"from": [{"podSelector": {"matchLabels": {UID_LABEL: owner.uid}}}]})
     return _adopt(
         {
             "apiVersion": "networking.k8s.io/v1",
@@ -357,7 +385,7 @@ def network_policy(owner: Owner, spec: GemmaFineTuneSpec, policy: Policy) -> Man
             "spec": {
                 "podSelector": {"matchLabels": {NAME_LABEL: owner.name}},
                 "policyTypes": ["Ingress"],
-                "ingress": [{"from": sources, "ports": ports}],
+                "ingress": rules,
             },
         },
         owner,
@@ -510,7 +538,7 @@ def _tmp_volume(size: str = "1Gi") -> Manifest:
     return {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": size}}
 
 
-def _trainer_env(spec: GemmaFineTuneSpec) -> list[Manifest]:
+def _trainer_env(owner: Owner, spec: GemmaFineTuneSpec) -> list[Manifest]:
     env: list[Manifest] = [
         {"name": "HF_HOME", "value": HF_HOME},
         {"name": "HOME", "value": "/tmp"},  # the root file system is read-only
@@ -527,6 +555,13 @@ def _trainer_env(spec: GemmaFineTuneSpec) -> list[Manifest]:
     for var in spec.env:
         env.append(var.to_wire())
     # After the user's variables: where names repeat, the last one wins.
+    if spec.resources.nodes > 1:
+        names = child_names(owner.name)
+        env += [
+            {"name": "GFT_NODES", "value": str(spec.resources.nodes)},
+            {"name": "GFT_MASTER_ADDR", "value": f"{names['job']}-0.{names['nodes']}"},
+            {"name": "GFT_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
     if spec.output.s3 is not None:
         secret = spec.output.s3.credentials_secret_ref.name
         for name in S3_CREDENTIAL_ENV:
@@ -649,7 +684,7 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
         "image": image,
         "imagePullPolicy": spec.image_pull_policy,
         "command": list(TRAINER_COMMAND),
-        "env": _trainer_env(spec),
+        "env": _trainer_env(owner, spec),
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
         "resources": _resources(spec),
         "volumeMounts": mounts,
@@ -696,16 +731,24 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
     meta["annotations"] = dict(KUBE_SCORE_IGNORE)
     meta["labels"][UID_LABEL] = owner.uid
     meta["finalizers"] = [OUTCOME_FINALIZER]
+    nodes = spec.resources.nodes
     job_spec: Manifest = {
         # With a Kueue queue the Job starts suspended and Kueue alone unsuspends it.
         "suspend": True if spec.queue_name else spec.suspend,
-        "completions": 1,
-        "parallelism": 1,
+        "completions": nodes,
+        "parallelism": nodes,
         "backoffLimit": spec.backoff_limit,
         "podReplacementPolicy": "Failed",  # never two trainers writing one output at once
         "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": pod_meta, "spec": pod_spec},
     }
+    if nodes > 1:
+        # Pod i is rank group i (JOB_COMPLETION_INDEX), named <job>-i under the headless
+        # Service; the run is done when pod 0 (rank 0, which saves and exports) is.
+        job_spec["completionMode"] = "Indexed"
+        job_spec["successPolicy"] = {"rules": [{"succeededIndexes": "0"}]}
+        pod_spec["subdomain"] = child_names(owner.name)["nodes"]
+        trainer["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT})
     if spec.queue_name:
         meta["labels"][KUEUE_QUEUE_LABEL] = spec.queue_name
     if spec.queue_priority_class:
@@ -754,6 +797,7 @@ def desired_children(
         output_pvc(owner, spec),
         config_map(owner, spec),
         service(owner, spec),
+        nodes_service(owner, spec),
         network_policy(owner, spec, defaults.policy),
         ingress(owner, spec, defaults.policy),
         job(owner, spec, defaults),

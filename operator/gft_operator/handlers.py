@@ -472,6 +472,7 @@ def _reconcile(kube: Kube, namespace: str, name: str) -> None:
         generation=int(meta.get("generation") or 0),
         suspend=spec.suspend if spec is not None else bool(raw_spec.get("suspend")),
         queue_name=spec.queue_name if spec is not None else raw_spec.get("queueName"),
+        nodes=spec.resources.nodes if spec is not None else 1,
         kueue=CACHE.watches_workloads(),
         workload=workload,
         old_status=old_status,

@@ -20,6 +20,7 @@ from gft_operator.children import TRAINER
 Manifest = dict[str, Any]
 
 CONDITION_TYPES = ("Ready", "Suspended", "Complete", "Failed")
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 SPEC_UNDERSTOOD = "SpecUnderstood"
 METRICS_AVAILABLE = "MetricsAvailable"
 
@@ -70,6 +71,9 @@ class Observed:
     """Spec fields this operator does not know (the CRD is newer): ignored."""
     spec_error: str | None = None
     """Why the spec cannot be used (the CRD admitted what this operator refuses)."""
+    nodes: int = 1
+    """Pods per attempt (``resources.nodes``): an Indexed Job's pod 0 is the run's trainer
+    (rank 0: the result, the metrics); the others are its peers."""
     kueue: bool = False
     """Kueue's Workloads are watched (``--kueue``): a queued run can say why it waits."""
     workload: Manifest | None = None
@@ -174,6 +178,16 @@ def tensorboard_kept_until(completion_time: str | None, keep_seconds: int) -> fl
 
 def _created(pod: Manifest) -> str:
     return pod.get("metadata", {}).get("creationTimestamp") or ""
+
+
+def leaders(pods: list[Manifest]) -> list[Manifest]:
+    """The pods that speak for the run: all of a one-pod Job's, pod 0 of an Indexed Job's
+    (rank 0 writes the result and serves the training metrics)."""
+    return [
+        p
+        for p in pods
+        if ((p.get("metadata") or {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL, "0") == "0"
+    ]
 
 
 def newest_pod(pods: list[Manifest]) -> Manifest | None:
@@ -392,7 +406,7 @@ def _verdict(obs: Observed) -> _Verdict:
 
     pods = obs.pods
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
-        pod = newest_pod([p for p in pods if _terminated(p)])
+        pod = newest_pod([p for p in leaders(pods) if _terminated(p)])
         summary = summary_of(pod) if pod else None
         message = (summary.message if summary and summary.message else "") or "training finished"
         return _Verdict(Phase.SUCCEEDED, _success_reason(summary), message)
@@ -434,7 +448,7 @@ def _verdict(obs: Observed) -> _Verdict:
             "suspended; set spec.suspend to false to resume from the last checkpoint",
         )
 
-    current = newest_pod(live)
+    current = newest_pod(leaders(live)) or newest_pod(live)
     if current is not None:
         phase = current.get("status", {}).get("phase")
         trainer = _trainer_status(current) or {}
@@ -606,10 +620,11 @@ def _attempts(obs: Observed) -> int:
     old = int(obs.old_status.get("attempts") or 0)
     job_status = (obs.job or {}).get("status", {})
     counted = sum(int(job_status.get(k) or 0) for k in ("failed", "succeeded", "active"))
-    attempts = max(old, counted, len(obs.pods))
+    lead = leaders(obs.pods)
+    attempts = max(old, -(-counted // max(1, obs.nodes)), len(lead))
     old_pod = obs.old_status.get("podName")
-    current = newest_pod(obs.pods)
-    gone = old_pod and old_pod not in {p["metadata"]["name"] for p in obs.pods}
+    current = newest_pod(lead)
+    gone = old_pod and old_pod not in {p["metadata"]["name"] for p in lead}
     if gone and current is not None:
         attempts = max(attempts, old + 1)  # the previous pod is gone: this one is a new attempt
     return attempts
@@ -693,10 +708,10 @@ def decide(obs: Observed, now: str) -> Decision:
         status["attempts"] = _attempts(obs)
         status["failedAttempts"] = max(int(old.get("failedAttempts") or 0), _failed_pods(job))
     if job is not None or pods:
-        current = newest_pod(pods)
+        current = newest_pod(leaders(pods))
         if current is not None:
             status["podName"] = current["metadata"]["name"]
-        finished = newest_pod([p for p in pods if _terminated(p)])
+        finished = newest_pod([p for p in leaders(pods) if _terminated(p)])
         summary = summary_of(finished) if finished is not None else None
         if summary is not None:
             status["result"] = summary.to_wire()

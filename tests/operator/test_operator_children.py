@@ -244,6 +244,32 @@ def test_kueue_priority_label_and_suspend_through_the_workload():
     assert children.workload_patch(_spec(queueName="q"), {"spec": {}}) is None  # default: active
 
 
+def test_a_multi_node_run_is_an_indexed_job_behind_a_headless_service():
+    shared = {"pvc": {"accessMode": "ReadWriteMany"}}
+    spec = _spec(resources={"gpus": 8, "nodes": 4}, output=shared)
+    job = children.job(OWNER, spec)
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (4, 4)
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    pod = _pod(job)
+    assert pod["subdomain"] == f"{OWNER.name}-nodes"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["GFT_NODES"] == "4"
+    assert env["GFT_MASTER_ADDR"] == f"{OWNER.name}-0.{OWNER.name}-nodes"
+    assert env["GFT_MASTER_PORT"] == str(children.RENDEZVOUS_PORT)
+    svc = children.nodes_service(OWNER, spec)
+    assert svc["metadata"]["name"] == pod["subdomain"]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    kinds = [(o["kind"], o["metadata"]["name"]) for o in children.desired_children(OWNER, spec)]
+    assert ("Service", f"{OWNER.name}-nodes") in kinds
+    one = _spec()
+    assert children.nodes_service(OWNER, one) is None
+    assert "completionMode" not in children.job(OWNER, one)["spec"]
+    assert "GFT_NODES" not in {
+        e["name"] for e in _pod(children.job(OWNER, one))["containers"][0]["env"]
+    }
+
+
 def test_job_patch_touches_only_suspend_and_the_operator_owns_the_ttl():
     live = children.job(OWNER, _spec(ttlSecondsAfterFinished=60))
     assert "ttlSecondsAfterFinished" not in live["spec"]  # the operator deletes it itself

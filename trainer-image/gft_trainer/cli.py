@@ -79,10 +79,16 @@ def nproc(value: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     setup_logging()
-    if "RANK" not in os.environ and nproc(args.nproc) > 1:
-        from gft_trainer.launcher import launch
+    if "RANK" not in os.environ:
+        from gft_trainer.launcher import Group, GroupError, launch
 
-        return launch(args, nproc(args.nproc))
+        try:
+            group = Group.from_env(nproc(args.nproc))
+        except GroupError as e:
+            log.error("%s", e)
+            return int(ExitCode.CONFIG_ERROR)
+        if group.world_size > 1:
+            return launch(args, group)
     return run_one(args)
 
 

@@ -1,10 +1,18 @@
-"""Several ranks in one pod (one per GPU), launched by the trainer itself rather than torchrun.
+"""Several ranks in one pod (one per GPU), and pods of a multi-node run, launched by the
+trainer itself rather than torchrun.
 
 torchrun's agent reports any worker failure as exit 1 and kills workers 30 s after a signal;
 this launcher instead forwards SIGTERM to every rank and waits as long as they need (the pod's
 grace period is the only deadline), and combines the ranks' exit codes so that the contract
 holds: a non-retryable code wins, then "stopped", then success only if every rank succeeded.
 DDP for LoRA/QLoRA, FSDP for full training (see ``train.training_arguments``).
+
+Across pods (``GFT_NODES`` > 1, an Indexed Job): pod ``JOB_COMPLETION_INDEX`` runs ranks
+``index * nproc ...``, and every rank meets rank 0's store at ``GFT_MASTER_ADDR`` (pod 0, by
+name through the run's headless Service), as torchrun's static rendezvous does. When a peer pod
+is lost, this pod's ranks fail in their next collective; they are started again here (up to
+``MAX_ROUNDS`` times) to meet the replacement pod in a new round, resuming from the last
+checkpoint: the whole group restarts, and only the lost pod counts as a failed attempt.
 """
 
 from __future__ import annotations
@@ -17,11 +25,68 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from gft_api.contract import NON_RETRYABLE_EXIT_CODES, ExitCode
 
 log = logging.getLogger("gft")
 CRASH_GRACE_SECONDS = 30  # after one rank crashes, how long the others get to exit on SIGTERM
+MAX_ROUNDS = 5  # a multi-node pod's ranks are started again at most this many times
+
+
+class GroupError(ValueError):
+    """The environment does not say where this pod sits in a multi-node run."""
+
+
+@dataclass(frozen=True)
+class Group:
+    """Where this pod's ranks sit in the run: ``nproc`` ranks here, on pod ``node`` of
+    ``nodes``, meeting at ``master_addr:master_port`` (a free local port for one pod)."""
+
+    nproc: int
+    nodes: int = 1
+    node: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc * self.nodes
+
+    @classmethod
+    def from_env(cls, nproc: int, env: Mapping[str, str] = os.environ) -> Group:
+        nodes = int(env.get("GFT_NODES") or "1")
+        if nodes <= 1:
+            return cls(nproc)
+        index, addr = env.get("JOB_COMPLETION_INDEX"), env.get("GFT_MASTER_ADDR")
+        if index is None or not addr:
+            raise GroupError(
+                f"GFT_NODES={nodes} needs JOB_COMPLETION_INDEX (set by an Indexed Job) and "
+                "GFT_MASTER_ADDR (pod 0's name): run multi-node through the operator"
+            )
+        node = int(index)
+        if not 0 <= node < nodes:
+            raise GroupError(f"JOB_COMPLETION_INDEX={node} is outside 0..{nodes - 1}")
+        return cls(nproc, nodes, node, addr, int(env.get("GFT_MASTER_PORT") or "29500"))
+
+    def rank_env(self, local: int, port: int) -> dict[str, str]:
+        return {
+            "RANK": str(self.node * self.nproc + local),
+            "LOCAL_RANK": str(local),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_WORLD_SIZE": str(self.nproc),
+            "GROUP_RANK": str(self.node),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(port),
+        }
+
+
+def again(code: int, group: Group, stopping: bool, rounds: int) -> bool:
+    """Start this pod's ranks again? Only in a multi-node run, after a retryable failure (a
+    lost peer makes the ranks fail in their next collective), not once asked to stop."""
+    retryable = code not in (ExitCode.SUCCESS, ExitCode.STOPPED, *NON_RETRYABLE_EXIT_CODES)
+    return group.nodes > 1 and retryable and not stopping and rounds < MAX_ROUNDS
 
 
 def combine_exit_codes(codes: list[int]) -> int:
@@ -42,34 +107,56 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch(args: argparse.Namespace, nproc: int) -> int:
-    port = free_port()
+def launch(args: argparse.Namespace, group: Group) -> int:
+    port = group.master_port or free_port()
     argv = [sys.executable, "-m", "gft_trainer.cli", "--config", str(args.config)]
     if args.termination_message_path:
         argv += ["--termination-message-path", args.termination_message_path]
     if args.metrics_port_file:
         argv += ["--metrics-port-file", str(args.metrics_port_file)]
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        procs.append(subprocess.Popen(argv, env=env))
-    log.info("launched %d ranks: pids %s", nproc, [p.pid for p in procs])
+    procs: list[subprocess.Popen] = []
+    stopping = False
 
-    def forward(signum: int, frame: object) -> None:
+    def forward(signum: int) -> None:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True  # the pod is being stopped: its ranks checkpoint, none start again
+        forward(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    rounds = 0
+    while True:
+        procs[:] = [
+            subprocess.Popen(argv, env=dict(os.environ, **group.rank_env(local, port)))
+            for local in range(group.nproc)
+        ]
+        where = f" (pod {group.node} of {group.nodes}, rendezvous {group.master_addr}:{port})"
+        log.info(
+            "launched %d ranks%s: pids %s",
+            group.nproc,
+            where if group.nodes > 1 else "",
+            [p.pid for p in procs],
+        )
+        code = _wait(procs, forward)
+        if not again(code, group, stopping, rounds):
+            return code
+        rounds += 1
+        log.warning(
+            "ranks failed (exit %d): a peer pod was lost or failed; starting them again to "
+            "meet the group's next round, from the last checkpoint (round %d of %d)",
+            code,
+            rounds,
+            MAX_ROUNDS,
+        )
+
+
+def _wait(procs: list[subprocess.Popen], forward) -> int:
+    """Wait for every rank; one crashing stops the others. The pod's exit code."""
     crashed_at: float | None = None
     while any(p.poll() is None for p in procs):
         time.sleep(0.2)
@@ -77,7 +164,7 @@ def launch(args: argparse.Namespace, nproc: int) -> int:
         if failed and crashed_at is None:
             # A rank died: the others would wait forever in a collective. Stop them.
             crashed_at = time.monotonic()
-            forward(signal.SIGTERM, None)
+            forward(signal.SIGTERM)
         if crashed_at and time.monotonic() - crashed_at > CRASH_GRACE_SECONDS:
             for p in procs:
                 if p.poll() is None:

@@ -1,0 +1,122 @@
+# ruff: noqa: F811  (pytest fixtures imported from operator_process are parameters here)
+"""A fine-tune across two pods (``resources.nodes: 2``): an Indexed Job on the runner node,
+one CPU rank per pod talking gloo over the pods' own network namespaces, finding rank 0 by name
+through the cluster DNS. One pod is SIGKILLed mid-run: both restart, resume from the last
+checkpoint and finish with the losses of a one-pod run of the same two ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+from operator_process import (  # noqa: F401 (fixtures)
+    apply,
+    installed,
+    operator,
+    wait_phase,
+)
+from runner_runs import (  # noqa: F401 (model_dir is a fixture)
+    STARTUP,
+    checkpoint_steps,
+    logs,
+    model_dir,
+    on_runner,
+    run_dir,
+)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+STEPS = 600
+SHARED = {"checkpointEverySteps": 25, "pvc": {"size": "1Gi", "accessMode": "ReadWriteMany"}}
+
+
+def processes_of(hostname: str) -> list[int]:
+    """This machine's processes of the pod with that hostname (the runner sets HOSTNAME)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        trainer = b"gft-train" in cmdline or b"gft_trainer" in cmdline  # launcher, ranks
+        if f"HOSTNAME={hostname}".encode() in environ and trainer:
+            pids.append(int(proc.name))
+    return pids
+
+
+def pods_of(c, namespace: str, name: str) -> list[dict]:
+    return c.kubectl_json("get", "pods", "-n", namespace, "-l", f"job-name={name}")["items"]
+
+
+def index_of(pod: dict) -> str:
+    return pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]
+
+
+def test_two_pods_train_lose_one_restart_together_and_match_one_pod(operator, namespace, model_dir):
+    c = operator.cluster
+    two = on_runner("two", model_dir, max_steps=STEPS, output=SHARED)
+    two["spec"]["resources"]["nodes"] = 2
+    # The same two ranks in one pod: the reference curve.
+    one = on_runner(
+        "one", model_dir, max_steps=STEPS, output=SHARED, env=[{"name": "GFT_NPROC", "value": "2"}]
+    )
+    apply(c, namespace, two)
+    apply(c, namespace, one)
+    out = run_dir(c, namespace, "two")
+
+    def both_running():
+        pods = pods_of(c, namespace, "two")
+        running = [p for p in pods if p["status"].get("phase") == "Running"]
+        return len(running) == 2 and running
+
+    pods = wait_for("both pods of the run Running", both_running, timeout=STARTUP)
+    assert sorted(index_of(p) for p in pods) == ["0", "1"]
+    first = wait_for("a checkpoint", lambda: (checkpoint_steps(out) or [0])[-1], timeout=STARTUP)
+    victim = next(p for p in pods if index_of(p) == "1")
+    survivor = next(p for p in pods if index_of(p) == "0")
+    pids = processes_of(victim["spec"]["hostname"])
+    assert pids, "no trainer process of pod 1 found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+    status = wait_phase(c, namespace, "two", "Succeeded", timeout=STARTUP + 600)
+    assert status["podName"] == survivor["metadata"]["name"]  # pod 0 lived on; its ranks restarted
+    assert status["failedAttempts"] == 1, status  # the lost pod, not the whole group twice
+    log0 = logs(c, namespace, survivor["metadata"]["name"])
+    assert "starting them again" in log0, log0[-3000:]
+    assert "resuming from " in log0.split("starting them again", 1)[1], log0[-3000:]
+    resumed = int(log0.split("starting them again", 1)[1].split("resuming from ")[1].split()[0]
+                  .rsplit("-", 1)[1])  # fmt: skip
+    assert resumed >= first
+    assert status["progress"]["step"] == STEPS
+
+    reference = wait_phase(c, namespace, "one", "Succeeded", timeout=STARTUP + 600)
+    assert reference["progress"]["step"] == STEPS
+    curve_two, curve_one = losses(out), losses(run_dir(c, namespace, "one"))
+    after = [step for step in curve_one if step > resumed and step in curve_two]
+    assert after, (curve_two, curve_one)
+    worst = max(abs(curve_two[s] - curve_one[s]) / abs(curve_one[s]) for s in after)
+    last = after[-1]
+    print(
+        f"resumed at step {resumed}; loss at step {last}: two pods {curve_two[last]:.4f}, "
+        f"one pod {curve_one[last]:.4f}; largest relative gap after the resume {worst:.2e}"
+    )
+    assert worst <= 0.02, {s: (curve_two[s], curve_one[s]) for s in after}
+
+
+def losses(run: Path) -> dict[int, float]:
+    """The logged training loss per step, from the newest checkpoint's trainer state (a
+    resumed run carries the history of the attempts before it)."""
+    newest = max(checkpoint_steps(run))
+    state = json.loads(
+        (run / "checkpoints" / f"checkpoint-{newest}" / "trainer_state.json").read_text()
+    )
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
