@@ -184,6 +184,26 @@ def test_suspend_goes_through_the_workload_never_the_job(operator, queue):
     assert suspend_writers(c, ns, "paused") == {"kueue"}
 
 
+def test_a_multi_node_run_is_admitted_whole_or_not_at_all(operator, queue):
+    """Two pods of one GPU each in a queue of one GPU: Kueue admits the Job as one workload,
+    so neither pod starts; with quota for both, both start."""
+    c, ns = operator.cluster, queue
+    spec = on_kwok("pair", output={"pvc": {"size": "1Gi", "accessMode": "ReadWriteMany"}})
+    spec["spec"]["resources"]["nodes"] = 2
+    apply(c, ns, spec)
+    status = wait_phase(c, ns, "pair", "Queued", "WaitingForQuota", timeout=60)
+    assert "nvidia.com/gpu" in status["message"], status["message"]
+    assert not c.kubectl_json("get", "pods", "-n", ns, "-l", "job-name=pair")["items"]
+    c.kubectl("patch", "clusterqueue", ns, "--type", "json", "-p", json.dumps([{
+        "op": "replace",
+        "path": "/spec/resourceGroups/0/flavors/0/resources/3/nominalQuota",
+        "value": "2",
+    }]))  # fmt: skip
+    wait_phase(c, ns, "pair", "Running", timeout=90)
+    pods = c.kubectl_json("get", "pods", "-n", ns, "-l", "job-name=pair")["items"]
+    assert len(pods) == 2, [p["metadata"]["name"] for p in pods]
+
+
 def test_a_missing_local_queue_is_named_in_the_status(operator, namespace):
     c = operator.cluster
     kwok = {"gpus": 1, "nodeSelector": {"type": "kwok"}}

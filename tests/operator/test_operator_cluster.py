@@ -165,6 +165,11 @@ INVALID = [
     # Issue 9: input the API used to admit, to fail later (or never).
     ("queue-not-a-label-value", _bad(queueName="gpu queue!"), "spec.queueName"),
     ("priority-without-queue", _bad(queuePriorityClass="high"), "spec.queuePriorityClass"),
+    (
+        "nodes-without-a-shared-volume",
+        _bad(resources={"gpus": 1, "nodes": 2}),
+        "spec.resources.nodes",
+    ),
     ("image-with-whitespace", _bad(image="ghcr.io/x/trainer: 1.0"), "spec.image"),
     (
         "tensorboard-image-with-whitespace",
