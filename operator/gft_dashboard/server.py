@@ -26,6 +26,8 @@ STATIC = Path(__file__).parent / "static"
 CSRF_COOKIE, CSRF_HEADER, TOKEN_COOKIE = "gft_csrf", "X-CSRF-Token", "gft_token"
 LOG_CAP_BYTES = 1 << 20  # a followed log stops after 1 MiB: the page is not an archive
 TENSORBOARD_PORT = 6006
+METRICS_PORT = 9090  # the trainer container's metrics port, as the operator renders it
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # set by an Indexed Job
 SECURITY_HEADERS = {
     # Same-origin everything: no CDN, TensorBoard framed only from here.
     "Content-Security-Policy": (
@@ -275,29 +277,67 @@ async def trainer_log(request: web.Request) -> web.StreamResponse:
 
 
 async def gpus(request: web.Request) -> web.Response:
-    """The trainer's GPU series right now (per GPU), read from its /metrics at the pod IP."""
+    """The GPU series of every running pod of the run right now (per pod, per GPU), read from
+    each pod's /metrics at its IP: pod 0's trainer, and the other pods of a multi-node run."""
     dash: Dashboard = request.app["dashboard"]
     who = dash.identity(request)
     ns, name = request.match_info["namespace"], request.match_info["name"]
     obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
-    pod_name = (obj.get("status") or {}).get("podName")
-    if not pod_name:
+    job = (obj.get("status") or {}).get("jobName")
+    if not job:
         return web.json_response({"gpus": []})
-    pod = await dash.api.request("GET", f"/api/v1/namespaces/{ns}/pods/{pod_name}", None)
-    ip = (pod.get("status") or {}).get("podIP")
-    if not ip or (pod.get("status") or {}).get("phase") != "Running":
+    listed = await dash.api.request(
+        "GET", f"/api/v1/namespaces/{ns}/pods", None, params={"labelSelector": f"job-name={job}"}
+    )
+    running = running_pods(listed.get("items") or [])
+    if not running:
         return web.json_response({"gpus": [], "error": "no trainer is running"})
     from gft_dashboard.hub import gpu_series
 
-    try:
-        async with (
-            aiohttp.ClientSession() as plain,
-            plain.get(f"http://{ip}:9090/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r,
+    async def read(session: aiohttp.ClientSession, ip: str) -> str | None:
+        try:
+            async with session.get(
+                f"http://{ip}:{METRICS_PORT}/metrics", timeout=aiohttp.ClientTimeout(total=5)
+            ) as r:
+                return await r.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async with aiohttp.ClientSession() as plain:
+        texts = await asyncio.gather(*(read(plain, ip) for _, _, ip in running))
+    series = [
+        {"pod": pod, "index": index, **gpu}
+        for (pod, index, _), text in zip(running, texts, strict=True)
+        if text is not None
+        for gpu in gpu_series(text)
+    ]
+    silent = [pod for (pod, _, _), text in zip(running, texts, strict=True) if text is None]
+    answer: dict[str, Any] = {"gpus": series, "pods": len(running)}
+    if silent:
+        answer["error"] = f"the metrics of {', '.join(silent)} did not answer"
+    return web.json_response(answer)
+
+
+def running_pods(pods: list[Manifest]) -> list[tuple[str, str, str]]:
+    """(name, completion index, IP) of the run's running pods, the newest of each index, by
+    index (a one-pod Job's pod is index 0)."""
+    newest: dict[int, Manifest] = {}
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+            continue
+        if not status.get("podIP"):
+            continue
+        index = int((meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or 0)
+        known = newest.get(index)
+        if known is None or meta.get("creationTimestamp", "") > known["metadata"].get(
+            "creationTimestamp", ""
         ):
-            text = await r.text()
-    except (aiohttp.ClientError, TimeoutError):
-        return web.json_response({"gpus": [], "error": "the trainer's metrics did not answer"})
-    return web.json_response({"gpus": gpu_series(text)})
+            newest[index] = pod
+    return [
+        (newest[i]["metadata"]["name"], str(i), newest[i]["status"]["podIP"])
+        for i in sorted(newest)
+    ]
 
 
 # -- TensorBoard -----------------------------------------------------------------------------

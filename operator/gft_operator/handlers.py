@@ -627,13 +627,20 @@ def _track_trainer(
     scraper = RUNTIME.scraper
     if scraper is None:
         return
-    pod = status.newest_pod([p for p in pods if not p["metadata"].get("deletionTimestamp")])
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    # Pod 0 speaks for a multi-node run, even when a replaced peer is newer.
+    pod = status.newest_pod(status.leaders(live))
     started = status.trainer_started_at(pod) if pod is not None else None
     pod_ip = (pod or {}).get("status", {}).get("podIP")
     if new_status.get("phase") != Phase.RUNNING.value or started is None or not pod_ip:
         scraper.forget(namespace, name)
         return
     assert pod is not None
+    peers = tuple(
+        (p["metadata"]["name"], p["status"]["podIP"])
+        for p in status.peers(live)
+        if p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")
+    )
     scraper.track(
         Target(
             namespace=namespace,
@@ -643,6 +650,7 @@ def _track_trainer(
             port=children.METRICS_PORT,
             generation=generation,
             started_at=started,
+            peers=peers,
         )
     )
 

@@ -7,6 +7,10 @@ or dead trainer holds one reader for at most ``timeout`` and never delays the ot
 
 Two ways to reach a trainer: its pod IP (the operator runs in the cluster) or the API server's
 pod proxy (``/api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics``), which works from a laptop.
+
+A multi-node run is read at pod 0 (rank 0's training metrics and its GPUs) and, in the same
+read, at each other pod (their GPUs alone, read side by side); a pod that does not answer
+leaves its GPUs out of that reading and is logged once until it answers again.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from urllib.parse import quote
 
@@ -26,7 +30,7 @@ import urllib3
 
 from gft_operator import monitoring
 from gft_operator.kube import ApiError, ApiUnavailable, Kube
-from gft_operator.trainer_metrics import BadMetrics, Reading, parse
+from gft_operator.trainer_metrics import BadMetrics, Reading, parse, parse_gpus
 
 log = logging.getLogger("gft_operator.scraper")
 
@@ -53,6 +57,8 @@ class Target:
     generation: int
     started_at: float
     """Unix time the trainer container started (a trainer loading its model serves nothing)."""
+    peers: tuple[tuple[str, str], ...] = ()
+    """(pod, pod IP) of each other running pod of a multi-node run."""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -88,6 +94,9 @@ class Scraper:
         self.timeout = timeout
         self.sink = sink
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gft-metrics")
+        # Its own pool: a reader waiting on its peers never waits for a reader of the pool.
+        self.peer_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gft-peers")
+        self._peers_failing: set[tuple[str, str, str]] = set()
         self._targets: dict[tuple[str, str], Target] = {}
         self._due: dict[tuple[str, str], float] = {}
         self._in_flight: set[tuple[str, str]] = set()
@@ -105,6 +114,7 @@ class Scraper:
         with self._guard:
             self._targets.pop((namespace, name), None)
             self._due.pop((namespace, name), None)
+            self._peers_failing = {k for k in self._peers_failing if k[:2] != (namespace, name)}
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -123,6 +133,7 @@ class Scraper:
             for t in due:
                 self.pool.submit(self._read_and_hand_on, t)
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.peer_pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_and_hand_on(self, target: Target) -> None:
         try:
@@ -156,8 +167,8 @@ class Scraper:
         monitoring.METRICS_READS.inc()
         where = self.where(target)
         try:
-            text = self._fetch(target)
-            return parse(text), None
+            text = self._fetch(target.namespace, target.pod, target.pod_ip, target.port)
+            reading = parse(text)
         except BadMetrics as e:
             problem = Problem("MetricsInvalid", f"the trainer's metrics at {where}: {e}", "invalid")
         except (OSError, ApiError, urllib3.exceptions.HTTPError) as e:
@@ -174,17 +185,50 @@ class Scraper:
                     f"the trainer's metrics at {where} cannot be read: {_short(e)}",
                     "unreachable",
                 )
+        else:
+            if target.peers:
+                reading = replace(reading, peer_gpus=self._read_peers(target))
+            return reading, None
         monitoring.METRICS_READ_FAILURES.labels(problem.kind).inc()
         return None, problem
 
-    def _fetch(self, target: Target) -> str:
+    def _read_peers(self, target: Target) -> tuple[dict[str, list[float]], ...]:
+        """The GPU series of the run's other pods that answer, read side by side."""
+        futures = [
+            (pod, self.peer_pool.submit(self._fetch, target.namespace, pod, ip, target.port))
+            for pod, ip in target.peers
+        ]
+        answered = []
+        for pod, future in futures:
+            key = (target.namespace, target.name, pod)
+            try:
+                answered.append(parse_gpus(future.result(timeout=self.timeout + 1)))
+            except (BadMetrics, OSError, ApiError, urllib3.exceptions.HTTPError) as e:
+                monitoring.METRICS_READ_FAILURES.labels(_failure_kind(e)).inc()
+                with self._guard:
+                    first = key not in self._peers_failing
+                    self._peers_failing.add(key)
+                if first:
+                    log.warning(
+                        "%s/%s: the GPU metrics of pod %s cannot be read (%s); its GPUs are "
+                        "left out of the run's averages until it answers",
+                        *target.key,
+                        pod,
+                        _short(e),
+                    )
+                continue
+            with self._guard:
+                again = key in self._peers_failing
+                self._peers_failing.discard(key)
+            if again:
+                log.info("%s/%s: pod %s's GPU metrics answer again", *target.key, pod)
+        return tuple(answered)
+
+    def _fetch(self, namespace: str, pod: str, pod_ip: str, port: int) -> str:
         if self.access == Access.PROXY:
-            path = (
-                f"/api/v1/namespaces/{quote(target.namespace)}/pods/"
-                f"{quote(target.pod)}:{target.port}/proxy/metrics"
-            )
+            path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}:{port}/proxy/metrics"
             return self.kube.get_text(path, timeout=self.timeout, limit=MAX_BYTES)
-        url = f"http://{target.pod_ip}:{target.port}/metrics"
+        url = f"http://{pod_ip}:{port}/metrics"
         with _DIRECT.open(url, timeout=self.timeout) as response:
             body = response.read(MAX_BYTES + 1)
         if len(body) > MAX_BYTES:
@@ -197,6 +241,12 @@ def _decode(body: bytes) -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError as e:
         raise BadMetrics(f"the answer is not UTF-8 text ({e})") from None
+
+
+def _failure_kind(e: BaseException) -> str:
+    if isinstance(e, BadMetrics):
+        return "invalid"
+    return "timeout" if _timed_out(e) else "unreachable"
 
 
 def _timed_out(e: BaseException) -> bool:

@@ -190,6 +190,20 @@ def leaders(pods: list[Manifest]) -> list[Manifest]:
     ]
 
 
+def peers(pods: list[Manifest]) -> list[Manifest]:
+    """The newest pod of each index past 0 of an Indexed Job (each serves its own GPUs'
+    readings), by index; none for a one-pod Job."""
+    newest: dict[int, Manifest] = {}
+    for p in pods:
+        index = ((p.get("metadata") or {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL)
+        if index is None or not index.isdigit() or index == "0":
+            continue
+        known = newest.get(int(index))
+        if known is None or newest_pod([known, p]) is p:
+            newest[int(index)] = p
+    return [newest[i] for i in sorted(newest)]
+
+
 def newest_pod(pods: list[Manifest]) -> Manifest | None:
     return max(pods, key=lambda p: (_created(p), p["metadata"].get("name", "")), default=None)
 

@@ -9,6 +9,7 @@ answers. The reading loop (``scraper``) does the I/O and the timing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,9 @@ class Reading:
     gpus: dict[str, list[float]] = field(default_factory=dict)
     """Per-GPU series by metric name, one value per GPU."""
 
+    peer_gpus: tuple[dict[str, list[float]], ...] = ()
+    """The same, from each other pod of a multi-node run that answered."""
+
     @property
     def step(self) -> int | None:
         value = self.values.get("gft_global_step")
@@ -72,26 +76,44 @@ def parse(text: str) -> Reading:
     """Parse the Prometheus text format; ``BadMetrics`` says why when it is not a trainer's."""
     values: dict[str, float] = {}
     gpus: dict[str, list[float]] = {}
-    try:
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not math.isfinite(sample.value):
-                    continue
-                if sample.name in _GPU:
-                    gpus.setdefault(sample.name, []).append(sample.value)
-                elif sample.name in _METRIC_FIELDS or sample.name in _PROGRESS:
-                    values[sample.name] = sample.value
-    except (ValueError, TypeError, IndexError) as e:
-        first = text.strip().splitlines()[0][:120] if text.strip() else "(empty)"
-        raise BadMetrics(
-            f"not the Prometheus text format ({e}); it starts with: {first!r}"
-        ) from None
+    for name, value in _samples(text):
+        if name in _GPU:
+            gpus.setdefault(name, []).append(value)
+        elif name in _METRIC_FIELDS or name in _PROGRESS:
+            values[name] = value
     if "gft_global_step" not in values:
         raise BadMetrics(
             "no gft_global_step series: the endpoint is not a gft trainer's /metrics "
             "(check the metrics port of the trainer container)"
         )
     return Reading(values=values, gpus=gpus)
+
+
+def parse_gpus(text: str) -> dict[str, list[float]]:
+    """The per-GPU series of one pod of a multi-node run other than pod 0 (it serves its GPUs'
+    readings alone; none at all without a GPU)."""
+    gpus: dict[str, list[float]] = {}
+    for name, value in _samples(text):
+        if name in _GPU:
+            gpus.setdefault(name, []).append(value)
+    return gpus
+
+
+def _samples(text: str) -> Iterator[tuple[str, float]]:
+    """(name, value) of every finite sample; ``BadMetrics`` when it is not the text format."""
+    try:
+        samples = [
+            (sample.name, sample.value)
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if math.isfinite(sample.value)
+        ]
+    except (ValueError, TypeError, IndexError) as e:
+        first = text.strip().splitlines()[0][:120] if text.strip() else "(empty)"
+        raise BadMetrics(
+            f"not the Prometheus text format ({e}); it starts with: {first!r}"
+        ) from None
+    yield from samples
 
 
 def _number(value: float) -> float:
@@ -120,10 +142,12 @@ def live_status(reading: Reading) -> Manifest:
     metrics: Manifest = {
         name: _number(v[metric]) for metric, name in _METRIC_FIELDS.items() if metric in v
     }
-    util = reading.gpus.get("gft_gpu_utilization_ratio")
+    # The mean over every GPU of the run: pod 0's and those of the other pods that answered.
+    pods = (reading.gpus, *reading.peer_gpus)
+    util = [u for gpus in pods for u in gpus.get("gft_gpu_utilization_ratio", [])]
     if util:
         metrics["gpuUtilization"] = round(sum(util) / len(util), 3)
-    memory = reading.gpus.get("gft_gpu_memory_used_bytes")
+    memory = [m for gpus in pods for m in gpus.get("gft_gpu_memory_used_bytes", [])]
     if memory:
         metrics["gpuMemoryBytes"] = int(sum(memory) / len(memory))
 

@@ -1,12 +1,17 @@
-"""A client that behaves as the dashboard's page does (CSRF cookie echoed in a header), and
-the fine-tunes the tests make."""
+"""A ``gft-dashboard`` process for the tests, a client that behaves as the dashboard's page
+does (CSRF cookie echoed in a header), and the fine-tunes the tests make."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import requests
+from conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -15,6 +20,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_dashboard(cluster, log, *args: str) -> tuple[subprocess.Popen, str]:
+    """``gft-dashboard`` on a free loopback port with the admin's kubeconfig as its own
+    credentials; returned once its watch is synced."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gft_dashboard", "--address", f"127.0.0.1:{port}",
+         "--kubeconfig", str(cluster.kubeconfig), *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+
+    def healthy():
+        try:
+            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+        except requests.ConnectionError:
+            return proc.poll() is not None and pytest.fail(log.read_text())
+
+    wait_for("the dashboard's watch synced", healthy, timeout=60, on_timeout=log.read_text)
+    return proc, base
 
 
 def finetune(name: str, namespace: str, **training) -> dict:

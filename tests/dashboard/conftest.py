@@ -5,38 +5,11 @@ namespace), a fine-tune they may see and one in a namespace they may not."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import uuid
 
 import pytest
-import requests
-from conftest import wait_for
 
-from dashboard.client import REPO, finetune, free_port
-
-
-def start_dashboard(cluster, log, *args: str) -> tuple[subprocess.Popen, str]:
-    """``gft-dashboard`` on a free loopback port with the admin's kubeconfig as its own
-    credentials; returned once its watch is synced."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gft_dashboard", "--address", f"127.0.0.1:{port}",
-         "--kubeconfig", str(cluster.kubeconfig), *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-
-    def healthy():
-        try:
-            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
-        except requests.ConnectionError:
-            return proc.poll() is not None and pytest.fail(log.read_text())
-
-    wait_for("the dashboard's watch synced", healthy, timeout=60, on_timeout=log.read_text)
-    return proc, base
+from dashboard.client import finetune, start_dashboard
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import ssl
 
 from gft_dashboard.apiserver import ApiServer, Identity, _bare
 from gft_dashboard.hub import gpu_series, summarize
+from gft_dashboard.server import running_pods
 
 
 def gft(phase: str | None = None, **status) -> dict:
@@ -71,3 +72,20 @@ def test_credentials_a_users_token_never_rides_with_ours():
     assert "theirs" not in Identity(token="theirs").key
     # The in-cluster loader stores "bearer <token>": sent once as "Bearer <token>".
     assert _bare("bearer abc") == "abc" and _bare("Bearer abc\n") == "abc" and _bare("abc") == "abc"
+
+
+def test_each_running_pod_of_a_run_is_read_once_newest_per_index():
+    def pod(name, index=None, phase="Running", ip="10.0.0.1", created="2026-01-01T00:00:00Z"):
+        labels = {} if index is None else {"batch.kubernetes.io/job-completion-index": index}
+        meta = {"name": name, "labels": labels, "creationTimestamp": created}
+        return {"metadata": meta, "status": {"phase": phase, "podIP": ip}}
+
+    pods = [
+        pod("mn-1-new", "1", ip="10.0.0.3", created="2026-01-01T00:05:00Z"),
+        pod("mn-1-old", "1", ip="10.0.0.2"),
+        pod("mn-0-a", "0"),
+        pod("mn-2-a", "2", phase="Pending", ip=""),
+    ]
+    assert running_pods(pods) == [("mn-0-a", "0", "10.0.0.1"), ("mn-1-new", "1", "10.0.0.3")]
+    assert running_pods([pod("single")]) == [("single", "0", "10.0.0.1")]
+    assert running_pods([pod("done", phase="Succeeded")]) == []

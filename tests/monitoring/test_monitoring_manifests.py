@@ -78,10 +78,10 @@ def test_dashboard_has_the_panels_of_the_issue() -> None:
 def exported_names(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """Every metric name the trainer (with a GPU) and the operator export."""
     from gft_operator import monitoring
-    from gft_trainer import metrics
+    from gft_trainer import gpu, metrics
     from gft_trainer.gpu import GpuReading
 
-    monkeypatch.setattr(metrics, "read_gpus", lambda: [GpuReading(0, 0.5, 1, 2, 3.0, 4.0)])
+    monkeypatch.setattr(gpu, "read_gpus", lambda: [GpuReading(0, 0.5, 1, 2, 3.0, 4.0)])
     trainer = metrics.PrometheusMetrics("ns/name")
     families = [*trainer.registry.collect(), *monitoring.REGISTRY.collect()]
     return {sample.name for family in families for sample in family.samples} | {

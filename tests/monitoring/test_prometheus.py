@@ -133,7 +133,7 @@ def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
 @pytest.fixture(scope="module")
 def gpu_exporter() -> Iterator[Endpoint]:
     """The trainer's GpuCollector over two made-up GPUs (NVML is what cannot run here)."""
-    from gft_trainer import metrics
+    from gft_trainer import gpu
     from gft_trainer.gpu import GpuReading
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -142,9 +142,9 @@ def gpu_exporter() -> Iterator[Endpoint]:
         GpuReading(1, 0.93, 58 * 2**30, 80 * 2**30, 398.0, 69.0),
     ]
     registry = CollectorRegistry()
-    registry.register(metrics.GpuCollector(RUN))
+    registry.register(gpu.GpuCollector(RUN))
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(metrics, "read_gpus", lambda: readings)
+        mp.setattr(gpu, "read_gpus", lambda: readings)
         server, _ = start_http_server(0, addr="127.0.0.1", registry=registry)
         port = server.server_address[1]
         try:

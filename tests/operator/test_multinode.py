@@ -3,19 +3,27 @@
 one CPU rank per pod talking gloo over the pods' own network namespaces, finding rank 0 by name
 through the cluster DNS. One pod is SIGKILLed mid-run: both restart, resume from the last
 checkpoint and finish with the losses of a one-pod run of the same two ranks.
+
+Every pod serves its own GPUs' readings (a stand-in NVML, ``fake_nvml``, gives each pod a GPU
+that says which pod it is) and the status averages them; the live status keeps following pod 0
+after pod 1 is replaced.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import wait_for
+from dashboard.client import start_dashboard
 from operator_process import (  # noqa: F401 (fixtures)
     apply,
+    get_gft,
     installed,
     operator,
     wait_phase,
@@ -32,6 +40,8 @@ from runner_runs import (  # noqa: F401 (model_dir is a fixture)
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 STEPS = 600
+FAKE_NVML = Path(__file__).resolve().parent / "fake_nvml"
+GIB = 2**30
 SHARED = {"checkpointEverySteps": 25, "pvc": {"size": "1Gi", "accessMode": "ReadWriteMany"}}
 
 
@@ -60,10 +70,13 @@ def index_of(pod: dict) -> str:
     return pod["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]
 
 
-def test_two_pods_train_lose_one_restart_together_and_match_one_pod(operator, namespace, model_dir):
+def test_two_pods_train_lose_one_restart_together_and_match_one_pod(
+    operator, namespace, model_dir, tmp_path
+):
     c = operator.cluster
     two = on_runner("two", model_dir, max_steps=STEPS, output=SHARED)
     two["spec"]["resources"]["nodes"] = 2
+    two["spec"]["env"] = [{"name": "PYTHONPATH", "value": str(FAKE_NVML)}]
     # The same two ranks in one pod: the reference curve.
     one = on_runner(
         "one", model_dir, max_steps=STEPS, output=SHARED, env=[{"name": "GFT_NPROC", "value": "2"}]
@@ -82,10 +95,44 @@ def test_two_pods_train_lose_one_restart_together_and_match_one_pod(operator, na
     first = wait_for("a checkpoint", lambda: (checkpoint_steps(out) or [0])[-1], timeout=STARTUP)
     victim = next(p for p in pods if index_of(p) == "1")
     survivor = next(p for p in pods if index_of(p) == "0")
+
+    # Each pod's GPU (pod 0: 20 %, 1 GiB; pod 1: 60 %, 3 GiB), averaged in the status.
+    def gpus_averaged():
+        metrics = get_gft(c, namespace, "two").get("status", {}).get("metrics", {})
+        return metrics.get("gpuUtilization") == 0.4 and metrics.get("gpuMemoryBytes") == 2 * GIB
+
+    wait_for("the status averaging both pods' GPUs", gpus_averaged, timeout=STARTUP,
+             on_timeout=lambda: get_gft(c, namespace, "two").get("status"))  # fmt: skip
+    proxy = f"/api/v1/namespaces/{namespace}/pods/{victim['metadata']['name']}:9090/proxy/metrics"
+    pod1 = c.kubectl("get", "--raw", proxy).stdout
+    assert re.search(r'^gft_gpu_utilization_ratio\{gpu="0",run="[^"]+"\} 0\.6$', pod1, re.M), pod1
+    # The dashboard shows each pod's GPU.
+    dashboard, base = start_dashboard(c, tmp_path / "dashboard.log", "--auth", "kubeconfig")
+    try:
+        shown = requests.get(f"{base}/api/finetunes/{namespace}/two/gpus", timeout=30).json()
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=10)
+    per_pod = {(g["index"], g["gpu"]): g["utilization"] for g in shown["gpus"]}
+    assert per_pod == {("0", "0"): 0.2, ("1", "0"): 0.6} and shown["pods"] == 2, shown
+
+    at_kill = get_gft(c, namespace, "two")["status"]["progress"]["step"]
     pids = processes_of(victim["spec"]["hostname"])
     assert pids, "no trainer process of pod 1 found"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
+
+    def replaced_and_live():
+        """Pod 1 replaced, and the live status past the step of the kill while still Running
+        (the status must keep following pod 0, not the newer pod 1)."""
+        gone = victim["metadata"]["uid"]
+        new = [p for p in pods_of(c, namespace, "two")
+               if index_of(p) == "1" and p["metadata"]["uid"] != gone]  # fmt: skip
+        st = get_gft(c, namespace, "two")["status"]
+        assert st.get("phase") == "Running", f"the run ended before its live status moved on: {st}"
+        return new and st.get("progress", {}).get("step", 0) > at_kill + 25 and st
+
+    wait_for("live status after pod 1 was replaced", replaced_and_live, timeout=STARTUP + 300)
 
     status = wait_phase(c, namespace, "two", "Succeeded", timeout=STARTUP + 600)
     assert status["podName"] == survivor["metadata"]["name"]  # pod 0 lived on; its ranks restarted

@@ -7,9 +7,11 @@ from __future__ import annotations
 import datetime
 import http.server
 import itertools
+import logging
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,7 @@ from gft_operator.trainer_metrics import (
     live_status,
     metrics_condition,
     parse,
+    parse_gpus,
     read_state,
 )
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -93,6 +96,27 @@ def test_gpu_series_are_averaged_over_the_pods_gpus() -> None:
     assert metrics == {"gpuUtilization": 0.8, "gpuMemoryBytes": 15_000_000_000}
 
 
+def gpu_only_text(util: float, memory: float) -> str:
+    """What a multi-node run's pods past 0 serve: their GPUs' readings alone."""
+    registry = CollectorRegistry()
+    Gauge("gft_gpu_utilization_ratio", "", ["run", "gpu"], registry=registry).labels("r", "0").set(
+        util
+    )
+    Gauge("gft_gpu_memory_used_bytes", "", ["run", "gpu"], registry=registry).labels("r", "0").set(
+        memory
+    )
+    return generate_latest(registry).decode()
+
+
+def test_a_multi_node_runs_gpus_are_averaged_over_every_pod() -> None:
+    reading = parse(gpu_text())  # pod 0: 0.9 and 0.7, 10 GB and 20 GB
+    peers = (parse_gpus(gpu_only_text(0.2, 30e9)), parse_gpus(""))  # pod 1; pod 2 has no GPU
+    metrics = live_status(replace(reading, peer_gpus=peers))["metrics"]
+    assert metrics == {"gpuUtilization": 0.6, "gpuMemoryBytes": 20_000_000_000}
+    with pytest.raises(BadMetrics, match="not the Prometheus text format"):
+        parse_gpus("<html>a login page</html>")
+
+
 @pytest.mark.parametrize(
     "text, says",
     [
@@ -162,9 +186,11 @@ class _Endpoint(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def serve(body: bytes, delay: float = 0.0) -> http.server.ThreadingHTTPServer:
+def serve(
+    body: bytes, delay: float = 0.0, host: str = "127.0.0.1", port: int = 0
+) -> http.server.ThreadingHTTPServer:
     handler = type("Handler", (_Endpoint,), {"body": body, "delay": delay})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -221,6 +247,30 @@ def test_one_slow_or_dead_trainer_never_delays_the_others(tmp_path: Path) -> Non
     for kind, name in (("timeout", "slow"), ("unreachable", "dead"), ("invalid", "garbage")):
         after = monitoring.METRICS_READ_FAILURES.labels(kind)._value.get()
         assert after - failures_before[kind] == len(seen[name])
+
+
+def test_a_multi_node_read_takes_each_pods_gpus_and_leaves_out_a_silent_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    leader = serve(gpu_text().encode())
+    port = leader.server_address[1]
+    peer = serve(gpu_only_text(0.2, 30e9).encode(), host="127.0.0.2", port=port)
+    scraper = Scraper(None, Access.POD_IP, interval=1, timeout=0.5, sink=lambda *a: False)  # type: ignore[arg-type]
+    t = replace(target("mn", port), peers=(("mn-1-abc", "127.0.0.2"), ("mn-2-def", "127.0.0.3")))
+    try:
+        with caplog.at_level(logging.INFO, logger="gft_operator.scraper"):
+            first, problem = scraper.read(t)
+            second, _ = scraper.read(t)
+    finally:
+        leader.shutdown()
+        peer.shutdown()
+    assert problem is None and first is not None and second is not None
+    assert first.peer_gpus == ({"gft_gpu_utilization_ratio": [0.2],
+                                "gft_gpu_memory_used_bytes": [30e9]},)  # fmt: skip
+    assert live_status(first)["metrics"]["gpuUtilization"] == 0.6
+    warned = [r.getMessage() for r in caplog.records if "mn-2-def" in r.getMessage()]
+    assert len(warned) == 1, warned  # once, not at every read
+    assert "left out of the run's averages" in warned[0]
 
 
 def test_reads_are_spaced_by_the_interval_after_a_write(tmp_path: Path) -> None:

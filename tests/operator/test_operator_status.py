@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from gft_api.contract import ExitCode, Outcome, TrainerSummary
-from gft_operator.status import Observed, decide, pods_behind_job, should_create_job, unix_time
+from gft_operator.status import (
+    COMPLETION_INDEX_LABEL,
+    Observed,
+    decide,
+    leaders,
+    newest_pod,
+    peers,
+    pods_behind_job,
+    should_create_job,
+    unix_time,
+)
 
 NOW = "2026-01-01T00:10:00Z"
 
@@ -680,3 +690,22 @@ def test_a_job_that_ended_waits_for_its_pods_to_be_seen_ended():
     assert not pods_behind_job(failed, [first, pod("demo-2", phase="Failed")], now + 1, 10)
     assert not pods_behind_job(failed, [first, second], now + 11, patience=10)  # waited enough
     assert not pods_behind_job(job(), [second], now, patience=10)  # not ended: nothing to wait
+
+
+def indexed(name, index, created="2026-01-01T00:00:00Z", **kw):
+    p = pod(name, created=created, **kw)
+    p["metadata"]["labels"] = {COMPLETION_INDEX_LABEL: str(index)}
+    return p
+
+
+def test_pod_zero_speaks_for_a_multi_node_run_and_each_newest_peer_is_read():
+    zero = indexed("mn-0-a", 0)
+    lost = indexed("mn-1-a", 1, created="2026-01-01T00:00:00Z", phase="Failed")
+    replacement = indexed("mn-1-b", 1, created="2026-01-01T00:05:00Z")
+    two = indexed("mn-2-a", 2)
+    pods = [replacement, two, lost, zero]
+    # The replacement of pod 1 is the newest pod of all; pod 0 still speaks.
+    assert newest_pod(leaders(pods)) is zero
+    assert [p["metadata"]["name"] for p in peers(pods)] == ["mn-1-b", "mn-2-a"]
+    one_pod = pod("single")
+    assert leaders([one_pod]) == [one_pod] and peers([one_pod]) == []

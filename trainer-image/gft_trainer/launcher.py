@@ -13,6 +13,9 @@ name through the run's headless Service), as torchrun's static rendezvous does. 
 is lost, this pod's ranks fail in their next collective; they are started again here (up to
 ``MAX_ROUNDS`` times) to meet the replacement pod in a new round, resuming from the last
 checkpoint: the whole group restarts, and only the lost pod counts as a failed attempt.
+Pods other than pod 0 serve their own GPUs' readings on the metrics port from here, for the
+pod's whole life (rank 0 serves pod 0's beside the training metrics), so every pod of the run
+is a live metrics target.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from gft_api.contract import NON_RETRYABLE_EXIT_CODES, ExitCode
+from gft_api.contract import NON_RETRYABLE_EXIT_CODES, ExitCode, TrainerConfig
 
 log = logging.getLogger("gft")
 CRASH_GRACE_SECONDS = 30  # after one rank crashes, how long the others get to exit on SIGTERM
@@ -107,7 +112,43 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def serve_pod_gpus(config_path: Path) -> Any | None:
+    """This pod's GPU readings on the run's metrics port (pods 1.. of a multi-node run); the
+    server, or None when the config has no metrics port or cannot be read (the ranks then
+    report the config error with its exit code)."""
+    try:
+        config = TrainerConfig.load(config_path)
+    except Exception:
+        return None
+    obs = config.observability
+    if not obs.metrics_port:
+        return None
+    from gft_trainer.gpu import serve
+
+    try:
+        server = serve(config.run_name, obs.metrics_bind_address, obs.metrics_port)
+    except OSError as e:
+        log.warning("this pod's GPU metrics are not served on port %d: %s", obs.metrics_port, e)
+        return None
+    log.info(
+        "this pod's GPU metrics on http://%s:%d/metrics",
+        obs.metrics_bind_address,
+        server.server_address[1],
+    )
+    return server
+
+
 def launch(args: argparse.Namespace, group: Group) -> int:
+    gpu_metrics = serve_pod_gpus(args.config) if group.node > 0 else None
+    try:
+        return _launch(args, group)
+    finally:
+        if gpu_metrics is not None:
+            gpu_metrics.shutdown()
+            gpu_metrics.server_close()
+
+
+def _launch(args: argparse.Namespace, group: Group) -> int:
     port = group.master_port or free_port()
     argv = [sys.executable, "-m", "gft_trainer.cli", "--config", str(args.config)]
     if args.termination_message_path:

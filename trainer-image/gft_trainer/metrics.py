@@ -1,8 +1,8 @@
 """The Prometheus endpoint: ``gft_``-prefixed metrics in base units, labelled with the run.
 
 Training metrics are set from the logs at each logging step (no work per step). GPU metrics are
-read from NVML when Prometheus scrapes, by a collector; without a GPU or NVML those series are
-simply absent.
+read from NVML when Prometheus scrapes, by ``gpu.GpuCollector``; without a GPU or NVML those
+series are simply absent.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from gft_trainer.data import Truncation
-from gft_trainer.gpu import read_gpus
+from gft_trainer.gpu import GpuCollector
 
 # logs key -> (metric name, help)
 GAUGES = {
@@ -41,32 +41,6 @@ GAUGES = {
     "eta_seconds": ("gft_eta_seconds", "Estimated seconds until the planned last step."),
     "epoch": ("gft_epoch", "Epochs done (fractional)."),
 }
-
-
-class GpuCollector(Collector):
-    """Per-GPU readings at scrape time; yields nothing when there is no GPU or no NVML."""
-
-    def __init__(self, run: str) -> None:
-        self.run = run
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        readings = read_gpus()
-        if not readings:
-            return
-        families = {
-            "utilization_ratio": ("gft_gpu_utilization_ratio", "GPU busy share (0-1)."),
-            "memory_used_bytes": ("gft_gpu_memory_used_bytes", "GPU memory in use."),
-            "memory_total_bytes": ("gft_gpu_memory_total_bytes", "GPU memory in total."),
-            "power_watts": ("gft_gpu_power_watts", "GPU power draw."),
-            "temperature_celsius": ("gft_gpu_temperature_celsius", "GPU temperature."),
-        }
-        for attr, (name, help_text) in families.items():
-            fam = GaugeMetricFamily(name, help_text, labels=["run", "gpu"])
-            for g in readings:
-                value = getattr(g, attr)
-                if value is not None:
-                    fam.add_metric([self.run, str(g.index)], float(value))
-            yield fam
 
 
 # Set at the start, at each logging step and at each save.

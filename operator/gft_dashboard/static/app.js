@@ -149,9 +149,12 @@ async function loadGpus(ns, name) {
   if (!el) return;
   try {
     const g = await api(`/api/finetunes/${ns}/${name}/gpus`);
-    el.innerHTML = g.gpus.length ? `<table><tr><th>GPU</th><th>util</th><th>memory</th><th>power</th><th>temp</th></tr>${g.gpus.map((x) =>
-      `<tr><td>${esc(x.gpu)}</td><td>${num((x.utilization || 0) * 100, 3)}%</td><td>${num((x.memoryUsedBytes || 0) / 2 ** 30, 3)} / ${num((x.memoryTotalBytes || 0) / 2 ** 30, 3)} GiB</td><td>${num(x.powerWatts, 3)} W</td><td>${num(x.temperatureCelsius, 3)} °C</td></tr>`).join("")}</table>`
-      : `<p class="muted">${esc(g.error || "No GPU readings (no trainer running, or it runs without a GPU).")}</p>`;
+    // A multi-node run shows each pod's GPUs, pod 0 first.
+    const perPod = (g.pods || 1) > 1;
+    el.innerHTML = (g.gpus.length ? `<table><tr>${perPod ? "<th>pod</th>" : ""}<th>GPU</th><th>util</th><th>memory</th><th>power</th><th>temp</th></tr>${g.gpus.map((x) =>
+      `<tr>${perPod ? `<td title="${esc(x.pod)}">${esc(x.index)}</td>` : ""}<td>${esc(x.gpu)}</td><td>${num((x.utilization || 0) * 100, 3)}%</td><td>${num((x.memoryUsedBytes || 0) / 2 ** 30, 3)} / ${num((x.memoryTotalBytes || 0) / 2 ** 30, 3)} GiB</td><td>${num(x.powerWatts, 3)} W</td><td>${num(x.temperatureCelsius, 3)} °C</td></tr>`).join("")}</table>`
+      : `<p class="muted">${esc(g.error || "No GPU readings (no trainer running, or it runs without a GPU).")}</p>`)
+      + (g.gpus.length && g.error ? `<p class="muted">${esc(g.error)}</p>` : "");
   } catch (e) { el.innerHTML = `<p class="error">${esc(e.message)}</p>`; }
 }
 
