@@ -258,6 +258,9 @@ def training_arguments(
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if h.eval_every_steps else "epoch"
+    # Full fine-tuning over several GPUs shards weights, gradients and optimizer state instead
+    # of keeping a whole copy on each. (accelerate applies FSDP to GPU ranks only: CPU ranks
+    # train under DDP, so FSDP is never asked for where it would not run.)
     full_sharded = config.method.type == MethodType.FULL and p.world_size > 1 and cuda
     return TrainingArguments(
         output_dir=str(Path(out.dir) / "checkpoints"),
@@ -295,17 +298,20 @@ def training_arguments(
         ddp_backend="gloo" if p.world_size > 1 and not cuda else None,
         ddp_find_unused_parameters=False,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
-        fsdp="full_shard auto_wrap" if full_sharded else "",
+        fsdp=full_sharded,
         fsdp_config=FSDP_CONFIG if full_sharded else None,
     )
 
 
-# Rank 0 alone reads the checkpoint into CPU memory and the others receive the shards: with
-# every rank loading the whole model, 8 ranks of a 27B model need 8 copies of host RAM.
+# FSDP2 (fully_shard), each decoder layer its own unit. Rank 0 alone reads the checkpoint into
+# CPU memory and the others receive their shards: with every rank loading the whole model,
+# 8 ranks of a 27B model need 8 copies of host RAM. Checkpoints hold the gathered (full) state,
+# so a checkpoint stays an ordinary model folder: resumed on any number of ranks, exported as is.
 FSDP_CONFIG = {
-    "use_orig_params": True,
+    "version": 2,
+    "reshard_after_forward": True,
     "cpu_ram_efficient_loading": True,
-    "sync_module_states": True,
+    "state_dict_type": "FULL_STATE_DICT",
 }
 
 
