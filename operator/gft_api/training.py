@@ -189,6 +189,11 @@ class Hyperparameters(ApiModel):
     more than 60% of the GPU's memory (full fine-tuning, big models, long rows), off otherwise
     (LoRA on small models) and on CPU."""
 
+    torch_compile: bool = False
+    """Compile the model with ``torch.compile`` (inductor) before training: faster steps once
+    compiled, for a compile at the start of every attempt (minutes for a large model, and
+    again for each new shape until it compiles them as dynamic)."""
+
     precision: Precision = Precision.AUTO
     """``auto`` picks bf16 on GPUs that have it, fp32 on CPU. fp16 is refused for Gemma 3
     and newer, whose activations overflow it."""

@@ -298,6 +298,7 @@ def training_arguments(
         ddp_backend="gloo" if p.world_size > 1 and not cuda else None,
         ddp_find_unused_parameters=False,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
+        torch_compile=h.torch_compile,
         fsdp=full_sharded,
         fsdp_config=FSDP_CONFIG if full_sharded else None,
     )
@@ -414,6 +415,11 @@ def run(
     args = training_arguments(
         config, p, loaded.precision, hw.cuda, prepared.eval is not None, checkpointing
     )
+    if args.torch_compile:
+        log.info(
+            "torch.compile: on (%s backend); the first steps wait for the compile",
+            args.torch_compile_backend,
+        )
     prometheus = PrometheusMetrics(config.run_name)
     prometheus.set_data(prepared.train_examples + prepared.eval_examples, prepared.truncated)
     tb_root = Path(config.observability.tensorboard_dir or out / "tensorboard")
