@@ -129,9 +129,12 @@ def test_the_operator_in_the_cluster_runs_a_fine_tune(released, namespace):
 
     c = released
     model = _model(c)
-    apply(c, namespace, on_runner("inside", model, max_steps=60))
+    manifest = on_runner("inside", model, max_steps=120)
+    # Long enough (about 12 s of training) for several reads of its metrics, 2 s apart.
+    manifest["spec"]["training"].update(batchSize=4, gradientAccumulationSteps=8)
+    apply(c, namespace, manifest)
     status = wait_phase(c, namespace, "inside", "Succeeded", timeout=STARTUP + 60)
-    assert status["result"]["globalStep"] == 60
+    assert status["result"]["globalStep"] == 120
     # The live status came from the trainer's /metrics at its pod IP (metrics.access=pod-ip).
     assert status["progress"]["updatedAt"] and status["metrics"]["loss"] > 0
     netpol = c.kubectl_json("get", "networkpolicy", "inside", "-n", namespace)

@@ -3,6 +3,7 @@ data in tests/data, and helpers to look at what the run left (pods, logs, output
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,6 +87,16 @@ def checkpoint_steps(out: Path) -> list[int]:
     return sorted(
         int(p.name.split("-")[-1]) for p in out.glob("checkpoints/checkpoint-*") if is_valid(p)
     )
+
+
+def logged_losses(run: Path) -> dict[int, float]:
+    """The logged training loss per step, from the newest checkpoint's trainer state (a
+    resumed run carries the history of the attempts before it)."""
+    newest = max(checkpoint_steps(run))
+    state = json.loads(
+        (run / "checkpoints" / f"checkpoint-{newest}" / "trainer_state.json").read_text()
+    )
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
 
 def trainer_pids(pod: str) -> list[int]:

@@ -11,7 +11,6 @@ after pod 1 is replaced.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ from operator_process import (  # noqa: F401 (fixtures)
 from runner_runs import (  # noqa: F401 (model_dir is a fixture)
     STARTUP,
     checkpoint_steps,
+    logged_losses,
     logs,
     model_dir,
     on_runner,
@@ -147,7 +147,7 @@ def test_two_pods_train_lose_one_restart_together_and_match_one_pod(
 
     reference = wait_phase(c, namespace, "one", "Succeeded", timeout=STARTUP + 600)
     assert reference["progress"]["step"] == STEPS
-    curve_two, curve_one = losses(out), losses(run_dir(c, namespace, "one"))
+    curve_two, curve_one = logged_losses(out), logged_losses(run_dir(c, namespace, "one"))
     after = [step for step in curve_one if step > resumed and step in curve_two]
     assert after, (curve_two, curve_one)
     worst = max(abs(curve_two[s] - curve_one[s]) / abs(curve_one[s]) for s in after)
@@ -157,13 +157,3 @@ def test_two_pods_train_lose_one_restart_together_and_match_one_pod(
         f"one pod {curve_one[last]:.4f}; largest relative gap after the resume {worst:.2e}"
     )
     assert worst <= 0.02, {s: (curve_two[s], curve_one[s]) for s in after}
-
-
-def losses(run: Path) -> dict[int, float]:
-    """The logged training loss per step, from the newest checkpoint's trainer state (a
-    resumed run carries the history of the attempts before it)."""
-    newest = max(checkpoint_steps(run))
-    state = json.loads(
-        (run / "checkpoints" / f"checkpoint-{newest}" / "trainer_state.json").read_text()
-    )
-    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
