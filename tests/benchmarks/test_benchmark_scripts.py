@@ -1,0 +1,41 @@
+"""The trainer's benchmark scripts still run (smoke runs on CPU, tiny settings): the figures in
+docs/benchmarks.md come from them, so they must not rot between measurements."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def run(module: str, *args: str) -> str:
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_cpu_loop_benchmark_reports_its_ratios_and_the_monitoring_share():
+    out = run("benchmarks.trainer_cpu", "--rounds", "1", "--steps", "5")
+    assert "ours / bare" in out and "ours-quiet / bare" in out
+    share = [line for line in out.splitlines() if line.startswith("monitoring's own time")]
+    assert share and "over 1 rounds" in share[0], out
+
+
+def test_gpu_benchmark_smoke_run_on_cpu():
+    out = run("benchmarks.trainer_gpu", "--tiny", "--shapes", "gemma-3-1b")
+    assert "gemma-3-1b  ours/bare tokens/s" in out, out
