@@ -194,6 +194,12 @@ class Hyperparameters(ApiModel):
     compiled, for a compile at the start of every attempt (minutes for a large model, and
     again for each new shape until it compiles them as dynamic)."""
 
+    liger_kernels: bool | None = None
+    """Liger's Triton kernels for Gemma: fused linear cross-entropy (the vocabulary-wide logits
+    are never materialised, token accuracy comes from inside the loss), RMSNorm, GeGLU and RoPE.
+    Unset: on when the trainer has a CUDA GPU and Liger supports the model (every generation
+    but Gemma 3n), off otherwise. ``true`` where they cannot run is refused before training."""
+
     precision: Precision = Precision.AUTO
     """``auto`` picks bf16 on GPUs that have it, fp32 on CPU. fp16 is refused for Gemma 3
     and newer, whose activations overflow it."""

@@ -8,7 +8,8 @@ third of each a prompt that is not learned) go through two loops side by side:
   attention mask, the model's default kernel, AdamW, grad clipping;
 - ``ours``: what gft-train runs by default: the trainer's own data path (packed rows of up to
   ``--seq`` tokens flattened padding-free into one row per micro-batch), the kernel it picks,
-  its ``TrainingArguments`` (fused AdamW on CUDA, gradient checkpointing as configured) and
+  its ``TrainingArguments`` (fused AdamW and Liger's kernels on CUDA, gradient checkpointing
+  as configured) and
   ``GemmaTrainer`` with every monitoring callback.
 
 Both loops see the same examples in the same steps: a step is ``--batch`` packed rows for ours
@@ -221,8 +222,10 @@ def run(loop: str, shape: str, a: argparse.Namespace, device: str, work: Path) -
         )
         dataset = Steps(tokens, steps, a.seq)
         precision = Precision.BF16 if device == "cuda" else Precision.FP32
+        # Liger's kernels as gft-train picks them by default: on wherever there is CUDA.
+        liger = modeling.choose_liger(None, cfg.model_type, modeling.Hardware.detect())
         args = training_arguments(
-            config, plan(config, len(dataset), 1), precision, device == "cuda", False
+            config, plan(config, len(dataset), 1), precision, device == "cuda", False, None, liger
         )
         args.dataloader_drop_last = False
         timer = StepTimer()

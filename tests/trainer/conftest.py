@@ -87,12 +87,14 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_gft_train(config: Path, *extra: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_gft_train(
+    config: Path, *extra: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         gft_train_cmd(config, *extra),
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=child_env(),
+        env=child_env(**(env or {})),
         cwd=REPO,
     )

@@ -51,6 +51,43 @@ def test_flash_attention_is_refused_up_front_where_it_cannot_run(model_type: str
     assert modeling.choose_attention("auto", model_type, A100) == "sdpa"
 
 
+def test_liger_kernels_by_default_wherever_they_can_run() -> None:
+    h100 = modeling.Hardware(cuda=True, bf16=True, flash_attn_version=(2, 7), liger=True)
+    cpu = modeling.Hardware(cuda=False, bf16=False, flash_attn_version=None, liger=True)
+    for model_type in modeling.LIGER_FAMILIES:
+        every = {"rope": False} if model_type.startswith("gemma4") else {}  # as Liger patches it
+        assert modeling.choose_liger(None, model_type, h100) == every
+        assert modeling.choose_liger(None, model_type, cpu) is None
+        assert modeling.choose_liger(False, model_type, h100) is None
+    assert modeling.choose_liger(None, "gemma3n_text", h100) is None  # Liger has no Gemma 3n
+    assert modeling.choose_liger(None, "gemma3_text", A100) is None  # the package is missing
+    # Triton's CPU interpreter runs the loss and RoPE kernels, not RMSNorm and GeGLU.
+    interpreter = modeling.Hardware(False, False, None, liger=True, triton_interpreter=True)
+    assert modeling.choose_liger(True, "gemma2", interpreter) == {"rms_norm": False, "geglu": False}
+    assert modeling.choose_liger(None, "gemma2", interpreter) is None
+
+
+@pytest.mark.parametrize(
+    ("model_type", "hardware", "why"),
+    [
+        ("gemma3_text", "cpu", "need a CUDA GPU"),
+        ("gemma3n_text", "h100", "no kernels for gemma3n_text"),
+        ("gemma2", "a100", "lacks the liger-kernel package"),
+    ],
+)
+def test_liger_asked_for_where_it_cannot_run_is_refused_up_front(
+    model_type: str, hardware: str, why: str
+) -> None:
+    hw = {
+        "cpu": modeling.Hardware(cuda=False, bf16=False, flash_attn_version=None, liger=True),
+        "h100": modeling.Hardware(cuda=True, bf16=True, flash_attn_version=None, liger=True),
+        "a100": A100,
+    }[hardware]
+    with pytest.raises(UnsupportedError, match=f"training.ligerKernels: .*{why}") as refused:
+        modeling.choose_liger(True, model_type, hw)
+    assert exit_code_for(refused.value) == ExitCode.UNSUPPORTED
+
+
 def test_unknown_family_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="llama"):
         modeling.family_of("llama")

@@ -43,3 +43,13 @@ def test_full_fine_tuning_on_several_gpus_is_sharded_with_fsdp2(tmp_path, caplog
 def test_otherwise_no_fsdp(tmp_path, method, world_size, cuda):
     args = arguments(tmp_path, method, world_size, cuda)
     assert not args.fsdp and not args.fsdp_plugin_args
+
+
+@pytest.mark.parametrize("liger", [None, {}, {"rms_norm": False, "geglu": False}])
+def test_liger_kernels_are_handed_to_transformers_as_chosen(tmp_path, liger):
+    config = TrainerConfig.load(write_config(tmp_path / "c.yaml", "m", tmp_path / "out"))
+    args = training_arguments(
+        config, Plan(1, 4, 8, 0), Precision.FP32, False, False, checkpointing=False, liger=liger
+    )
+    assert args.use_liger_kernel is (liger is not None)
+    assert args.liger_kernel_config == liger

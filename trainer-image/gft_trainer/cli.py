@@ -63,6 +63,8 @@ def setup_logging() -> None:
     )
     for noisy in ("transformers", "accelerate", "peft", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Liger warns about every optional backend it could not import (CuTe DSL, Ascend NPUs).
+    logging.getLogger("liger_kernel").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

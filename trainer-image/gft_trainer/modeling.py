@@ -47,6 +47,15 @@ NO_FLASH_ATTENTION = {
     "gemma4_text": "Gemma 4's global layers have head_dim 512, beyond FlashAttention-2's 256",
 }
 LOCAL_PREFIXES = ("/", "./", "../", "~")
+# Families Liger (0.8) has kernels for: all but Gemma 3n.
+LIGER_FAMILIES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
+# Liger's kernel switches (transformers' ``liger_kernel_config`` keys), as a human names them.
+LIGER_KERNELS = {
+    "fused_linear_cross_entropy": "fused linear cross-entropy",
+    "rms_norm": "RMSNorm",
+    "geglu": "GeGLU",
+    "rope": "RoPE",
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,10 @@ class Hardware:
     cuda: bool
     bf16: bool
     flash_attn_version: tuple[int, ...] | None
+    liger: bool = False  # the liger-kernel package is installed
+    # TRITON_INTERPRET=1: Triton kernels run on the CPU through Triton's interpreter (slowly;
+    # for tests of the Liger path on machines without a GPU).
+    triton_interpreter: bool = False
 
     @classmethod
     def detect(cls) -> Hardware:
@@ -62,6 +75,8 @@ class Hardware:
             cuda=cuda,
             bf16=cuda and torch.cuda.is_bf16_supported(),
             flash_attn_version=_flash_attn_version(),
+            liger=importlib.util.find_spec("liger_kernel") is not None,
+            triton_interpreter=os.environ.get("TRITON_INTERPRET") == "1",
         )
 
 
@@ -130,6 +145,38 @@ def choose_attention(requested: str, model_type: str, hw: Hardware) -> str:
         if requested == "auto":
             return "flash_attention_2" if fa_ok and hw.flash_attn_version >= (2, 6) else "eager"
     return "sdpa" if requested == "auto" else requested
+
+
+def choose_liger(requested: bool | None, model_type: str, hw: Hardware) -> dict[str, bool] | None:
+    """Liger's kernels (fused linear cross-entropy: the vocabulary-wide logits are never
+    materialised; RMSNorm, GeGLU, RoPE): the kernel config for transformers, or None for off.
+    Unset means on wherever they can run: a CUDA GPU, the package, a family Liger patches."""
+    if requested is False:
+        return None
+    runnable = hw.cuda or hw.triton_interpreter
+    # Liger's Gemma 4 patch leaves its RoPE kernel off; say so rather than imply it.
+    kernels = {"rope": False} if model_type.startswith("gemma4") else {}
+    if requested is None:
+        return kernels if hw.cuda and hw.liger and model_type in LIGER_FAMILIES else None
+    if model_type not in LIGER_FAMILIES:
+        raise UnsupportedError(
+            f"training.ligerKernels: Liger has no kernels for {model_type}; leave it unset"
+        )
+    if not hw.liger:
+        raise UnsupportedError(
+            "training.ligerKernels: this image lacks the liger-kernel package; use the trainer "
+            "image or leave it unset"
+        )
+    if not runnable:
+        raise UnsupportedError(
+            "training.ligerKernels: Liger's kernels are Triton GPU kernels and need a CUDA GPU; "
+            "leave it unset (on wherever there is one) or set it to false"
+        )
+    if not hw.cuda:
+        # Triton's interpreter cannot run Liger's RMSNorm and GeGLU kernels (they cast Python
+        # float arguments as if they were Triton scalars); the loss and RoPE kernels run.
+        return {**kernels, "rms_norm": False, "geglu": False}
+    return kernels
 
 
 def torch_dtype(precision: Precision) -> torch.dtype:
@@ -264,6 +311,7 @@ class LoadedModel:
     precision: Precision
     attention: str
     path: Path
+    liger: dict[str, bool] | None = None  # Liger's kernel config for transformers; None: off
 
 
 def read_model_type(path: Path) -> str:
@@ -273,9 +321,15 @@ def read_model_type(path: Path) -> str:
 
 
 def load(
-    source: ModelSource, method: Method, precision: Precision, cache_dir: str | None, hw: Hardware
+    source: ModelSource,
+    method: Method,
+    precision: Precision,
+    cache_dir: str | None,
+    hw: Hardware,
+    liger: bool | None = None,
 ) -> LoadedModel:
-    """Load the model and tokenizer, decide precision and attention, apply the method."""
+    """Load the model and tokenizer, decide precision, attention and kernels (before any weight
+    is read), apply the method."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if method.type == MethodType.QLORA and not hw.cuda:
@@ -285,6 +339,7 @@ def load(
     generation = family_of(model_type)
     chosen = choose_precision(precision, generation, hw)
     attention = choose_attention(source.attn_implementation, model_type, hw)
+    kernels = choose_liger(liger, model_type, hw)
     kwargs: dict[str, Any] = {
         "dtype": load_dtype(method.type, chosen),
         "attn_implementation": attention,
@@ -296,7 +351,7 @@ def load(
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = apply_method(model, method)
     check_trainable_dtypes(model, chosen)
-    return LoadedModel(model, tokenizer, model_type, generation, chosen, attention, path)
+    return LoadedModel(model, tokenizer, model_type, generation, chosen, attention, path, kernels)
 
 
 def check_trainable_dtypes(model: Any, precision: Precision) -> None:

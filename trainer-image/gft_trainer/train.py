@@ -80,17 +80,23 @@ class GemmaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        if self.args.use_liger_kernel:
+            # Liger's fused loss never makes the logits (in training, and in evaluation where
+            # Trainer asks it to skip them); it reports the share of tokens it got right.
+            inputs = {**inputs, "return_token_accuracy": True}
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         labels = inputs["labels"]
         with torch.no_grad():
-            logits = outputs["logits"]
+            logits = outputs.get("logits")
             target = labels[:, 1:]
             mask = target != data.IGNORE_INDEX
-            hit = (logits[:, :-1].argmax(dim=-1) == target) & mask
             acc = self._acc[model.training]
-            acc[0] += hit.sum()
+            if logits is None:
+                acc[0] += (outputs["token_accuracy"] * mask.sum()).round().long()
+            else:
+                acc[0] += ((logits[:, :-1].argmax(dim=-1) == target) & mask).sum()
             acc[1] += mask.sum()
             if model.training:
                 self._tokens += (inputs["input_ids"] != self.pad_id).sum()
@@ -252,6 +258,7 @@ def training_arguments(
     cuda: bool,
     has_eval: bool,
     checkpointing: bool | None = None,
+    liger: dict[str, bool] | None = None,
 ) -> TrainingArguments:
     h, out = config.training, config.output
     checkpointing = bool(h.gradient_checkpointing) if checkpointing is None else checkpointing
@@ -299,9 +306,24 @@ def training_arguments(
         ddp_find_unused_parameters=False,
         optim="adamw_torch_fused" if cuda else "adamw_torch",
         torch_compile=h.torch_compile,
+        use_liger_kernel=liger is not None,
+        liger_kernel_config=liger,
         fsdp=full_sharded,
         fsdp_config=FSDP_CONFIG if full_sharded else None,
     )
+
+
+def liger_line(
+    kernels: dict[str, bool] | None, requested: bool | None, hw: modeling.Hardware
+) -> str:
+    if kernels is not None:
+        names = modeling.LIGER_KERNELS
+        on = [name for key, name in names.items() if kernels.get(key, True)]
+        off = [name for key, name in names.items() if not kernels.get(key, True)]
+        return f"on ({', '.join(on)}{'; left out: ' + ', '.join(off) if off else ''})"
+    if requested is False:
+        return "off (training.ligerKernels: false)"
+    return "off (no CUDA GPU)" if not hw.cuda else "off (not available for this model)"
 
 
 # FSDP2 (fully_shard), each decoder layer its own unit. Rank 0 alone reads the checkpoint into
@@ -357,7 +379,14 @@ def run(
     # whatever the process's generator held (another fine-tune run before in the same process).
     set_seed(config.training.seed)
     cache_dir = config.model.cache_dir or str(out / "hub-cache")
-    loaded = modeling.load(config.model, config.method, config.training.precision, cache_dir, hw)
+    loaded = modeling.load(
+        config.model,
+        config.method,
+        config.training.precision,
+        cache_dir,
+        hw,
+        liger=config.training.liger_kernels,
+    )
     loaded.model.config.use_cache = False  # a cache would hide packed examples from the mask
     start = resume.choose(out / "checkpoints", config.output.resume_from, config.method.type)
     if start.adapter is not None:
@@ -413,8 +442,15 @@ def run(
         "" if config.training.gradient_checkpointing is not None else " (chosen by memory need)",
     )
     args = training_arguments(
-        config, p, loaded.precision, hw.cuda, prepared.eval is not None, checkpointing
+        config,
+        p,
+        loaded.precision,
+        hw.cuda,
+        prepared.eval is not None,
+        checkpointing,
+        loaded.liger,
     )
+    log.info("Liger kernels: %s", liger_line(loaded.liger, config.training.liger_kernels, hw))
     if args.torch_compile:
         log.info(
             "torch.compile: on (%s backend); the first steps wait for the compile",

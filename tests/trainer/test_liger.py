@@ -1,0 +1,105 @@
+"""``training.ligerKernels``: Liger's fused linear cross-entropy trains what the plain loss
+trains, and the token accuracy it reports from inside the loss is the accuracy the trainer
+computes from the logits.
+
+Liger's kernels are Triton kernels. Here, without a GPU, they run through Triton's CPU
+interpreter (``TRITON_INTERPRET=1``), which runs the loss and RoPE kernels but not RMSNorm and
+GeGLU; the ``gpu`` test runs them all on CUDA when a GPU machine is at hand."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from gft_api.contract import ExitCode
+from safetensors.torch import load_file
+
+from trainer.conftest import run_gft_train, write_config
+
+STEPS = 12
+INTERPRETER = {"TRITON_INTERPRET": "1"}
+
+
+def train(
+    tmp_path: Path, model: Path, liger: bool, env: dict[str, str] | None = None
+) -> tuple[list[dict], Path, str]:
+    out = tmp_path / f"out-{liger}"
+    cfg = write_config(
+        tmp_path / f"c-{liger}.yaml",
+        model,
+        out,
+        # Full fine-tuning at a high rate: the output head learns (its gradient comes from the
+        # fused kernel) and the model gets tokens right within a few steps, so that the
+        # accuracies compared below are not all zero.
+        method={"type": "full"},
+        training={
+            "maxSteps": STEPS,
+            "batchSize": 4,
+            "learningRate": 1e-2,
+            "loggingEverySteps": 2,
+            "evalEverySteps": STEPS // 2,
+            "ligerKernels": liger,
+        },
+        output={"dir": str(out), "checkpointEverySteps": STEPS},
+    )
+    done = run_gft_train(cfg, timeout=900, env=env)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    state = json.loads(
+        (out / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text()
+    )
+    return state["log_history"], out / "model" / "model.safetensors", log
+
+
+def series(history: list[dict], key: str) -> dict[int, float]:
+    return {e["step"]: e[key] for e in history if key in e}
+
+
+def assert_same_curves(plain: list[dict], fused: list[dict], tolerance: float) -> None:
+    for key in ("loss", "eval_loss", "token_accuracy", "eval_token_accuracy"):
+        a, b = series(plain, key), series(fused, key)
+        assert a and a.keys() == b.keys(), (key, a, b)
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=tolerance, abs=tolerance), (key, a, b)
+
+
+@pytest.mark.slow
+def test_the_fused_loss_trains_what_the_plain_loss_trains(tmp_path: Path, tiny_gemma3: Path):
+    plain, plain_weights, plain_log = train(tmp_path, tiny_gemma3, liger=False)
+    fused, fused_weights, log = train(tmp_path, tiny_gemma3, liger=True, env=INTERPRETER)
+    assert "Liger kernels: on (fused linear cross-entropy, RoPE; left out: RMSNorm, GeGLU)" in log
+    assert "Liger kernels: off (training.ligerKernels: false)" in plain_log
+    assert "could not be imported" not in log  # Liger's optional backends are not our news
+    assert_same_curves(plain, fused, tolerance=1e-6)
+    assert max(series(fused, "token_accuracy").values()) > 0.05, fused
+    assert max(series(fused, "eval_token_accuracy").values()) > 0.05, fused
+    a, b = load_file(plain_weights), load_file(fused_weights)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_liger_asked_for_without_a_gpu_is_refused_before_training(
+    tmp_path: Path, tiny_gemma3: Path
+):
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_gemma3, out, training={"ligerKernels": True})
+    done = run_gft_train(cfg)
+    assert done.returncode == ExitCode.UNSUPPORTED, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (
+        "training.ligerKernels: Liger's kernels are Triton GPU kernels" in done.stdout + done.stderr
+    )
+    assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+def test_all_liger_kernels_on_a_gpu_train_what_the_plain_model_trains(
+    tmp_path: Path, tiny_gemma3: Path
+):
+    assert torch.cuda.is_available()
+    plain, _, _ = train(tmp_path, tiny_gemma3, liger=False)
+    fused, _, log = train(tmp_path, tiny_gemma3, liger=True)
+    assert "Liger kernels: on (fused linear cross-entropy, RMSNorm, GeGLU, RoPE)" in log
+    # bf16 on the GPU: the fused kernels round differently from the plain modules.
+    assert_same_curves(plain, fused, tolerance=2e-2)
