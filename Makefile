@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m proving_ground
 export PYTHONPATH := $(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast demo cluster-up cluster-down tools system-deps manifests
+.PHONY: help venv lock lint test test-fast bench-gpu demo cluster-up cluster-down tools system-deps manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -66,6 +66,10 @@ test: venv tools ## set up everything and run the whole suite (what CI runs)
 
 test-fast: venv ## the suite without the slow end-to-end tests
 	$(VENV)/bin/pytest -m "not slow"
+
+bench-gpu: venv ## on a CUDA machine: the trainer's GPU throughput table and the gpu-marked tests, in one go
+	$(PY) -m benchmarks.trainer_gpu --steps 20 --seq 2048 --batch 1
+	$(VENV)/bin/pytest -m gpu tests/trainer
 
 cluster-up: venv tools ## start the proving ground (or reuse a running one); the last line printed is the kubeconfig path
 	$(PG) up
