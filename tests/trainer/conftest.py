@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,16 @@ def run_gft_train(
         env=child_env(**(env or {})),
         cwd=REPO,
     )
+
+
+def log_history(out: Path, step: int) -> list[dict[str, Any]]:
+    """The trainer's log history as saved in the checkpoint at ``step``."""
+    state = json.loads(
+        (out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text()
+    )
+    return state["log_history"]
+
+
+def series(history: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """One logged value (``loss``, ``eval_loss``, ...) by step."""
+    return {e["step"]: e[key] for e in history if key in e}

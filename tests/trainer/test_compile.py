@@ -3,13 +3,12 @@ learns exactly what the eager model learns, and its adapter is saved as an ordin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from trainer.conftest import run_gft_train, write_config
+from trainer.conftest import log_history, run_gft_train, series, write_config
 
 STEPS = 8
 
@@ -27,10 +26,7 @@ def train(tmp_path: Path, model: Path, compiled: bool) -> tuple[dict[int, float]
     done = run_gft_train(cfg, timeout=600)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    state = json.loads(
-        (out / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text()
-    )
-    losses = {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+    losses = series(log_history(out, STEPS), "loss")
     return losses, out / "adapter" / "adapter_model.safetensors", log
 
 

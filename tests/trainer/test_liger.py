@@ -8,7 +8,6 @@ GeGLU; the ``gpu`` test runs them all on CUDA when a GPU machine is at hand."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from gft_api.contract import ExitCode
 from safetensors.torch import load_file
 
-from trainer.conftest import run_gft_train, write_config
+from trainer.conftest import log_history, run_gft_train, series, write_config
 
 STEPS = 12
 INTERPRETER = {"TRITON_INTERPRET": "1"}
@@ -47,14 +46,7 @@ def train(
     done = run_gft_train(cfg, timeout=900, env=env)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    state = json.loads(
-        (out / "checkpoints" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text()
-    )
-    return state["log_history"], out / "model" / "model.safetensors", log
-
-
-def series(history: list[dict], key: str) -> dict[int, float]:
-    return {e["step"]: e[key] for e in history if key in e}
+    return log_history(out, STEPS), out / "model" / "model.safetensors", log
 
 
 def assert_same_curves(plain: list[dict], fused: list[dict], tolerance: float) -> None:

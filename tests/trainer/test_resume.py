@@ -10,7 +10,7 @@ import pytest
 from gft_api.contract import ExitCode
 from gft_trainer import checkpoints
 
-from trainer.conftest import write_config
+from trainer.conftest import log_history, write_config
 from trainer.test_cli import run_cli
 
 
@@ -22,10 +22,7 @@ def _config(tmp_path: Path, model: Path, out: Path, name: str = "c.yaml", **over
 
 
 def _trained_steps(out: Path, step: int) -> list[int]:
-    state = json.loads(
-        (out / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text()
-    )
-    return [e["step"] for e in state["log_history"] if "loss" in e]
+    return [e["step"] for e in log_history(out, step) if "loss" in e]
 
 
 def test_a_rerun_of_a_finished_run_trains_nothing(tmp_path: Path, tiny_gemma3: Path, capsys):
