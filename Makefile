@@ -14,8 +14,8 @@ VENV := .venv
 # The venv is rebuilt whenever the lock or the project's metadata changes.
 VENV_STAMP := $(VENV)/.stamp-$(shell cat requirements.lock pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
 PY := $(VENV)/bin/python
-PG := $(PY) -m proving_ground
-export PYTHONPATH := $(CURDIR)/tests
+PG := $(PY) -m devcluster
+export PYTHONPATH := $(CURDIR):$(CURDIR)/tests
 
 .PHONY: help venv lock lint test test-fast bench-gpu demo cluster-up cluster-down tools system-deps manifests
 

@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from proving_ground import cluster as pg
+
+from devcluster import cluster as pg
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,8 +30,11 @@ def cluster() -> Iterator[pg.Cluster]:
     # A previous session killed before its teardown leaves processes behind: stop them first.
     pg.stop(state_dir, say=lambda *_: None)
     # GFT_PG_RUNNER=0 leaves the runner out (KWOK nodes only), for work on the control plane.
-    started = pg.start(state_dir, say=lambda msg: print(f"[proving ground] {msg}"),
-                       runner=os.environ.get("GFT_PG_RUNNER", "1") != "0")
+    started = pg.start(
+        state_dir,
+        say=lambda msg: print(f"[proving ground] {msg}"),
+        runner=os.environ.get("GFT_PG_RUNNER", "1") != "0",
+    )
     try:
         yield started
     finally:
@@ -57,13 +61,30 @@ def namespace(cluster: pg.Cluster, request: pytest.FixtureRequest) -> Iterator[s
     base = request.node.name.lower().replace("_", "-")
     name = f"t-{base[:40].strip('-')}-{uuid.uuid4().hex[:5]}"
     cluster.kubectl("create", "namespace", name)
-    cluster.kubectl("label", "namespace", name,
-                    "pod-security.kubernetes.io/enforce=restricted",
-                    "pod-security.kubernetes.io/enforce-version=latest")
+    cluster.kubectl(
+        "label",
+        "namespace",
+        name,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+    )
     # Pods cannot be created until the ServiceAccount controller made `default`.
-    wait_for("the default ServiceAccount",
-             lambda: cluster.kubectl("get", "sa", "default", "-n", name,
-                                     check=False).returncode == 0, timeout=30, interval=0.2)
+    wait_for(
+        "the default ServiceAccount",
+        lambda: cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+        timeout=30,
+        interval=0.2,
+    )
     yield name
-    subprocess.run([str(cluster.bin_dir / "kubectl"), "--kubeconfig", str(cluster.kubeconfig),
-                    "delete", "namespace", name, "--wait=false"], capture_output=True)
+    subprocess.run(
+        [
+            str(cluster.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "delete",
+            "namespace",
+            name,
+            "--wait=false",
+        ],
+        capture_output=True,
+    )

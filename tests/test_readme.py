@@ -42,8 +42,8 @@ def test_every_make_target_the_readme_names_exists() -> None:
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_the_use_it_on_your_cluster_block_runs_as_written(tmp_path: Path) -> None:
-    from proving_ground import build
-    from proving_ground import cluster as pg
+    from devcluster import build
+    from devcluster import cluster as pg
 
     lines = readme_block(README.read_text())
     assert lines[0].startswith("helm install") and any("kubectl apply" in x for x in lines)

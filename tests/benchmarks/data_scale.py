@@ -54,7 +54,7 @@ WORDS = [
 
 
 def dataset(examples: int) -> Path:
-    from trainer.gemma270m import cache_root
+    from devcluster.gemma270m import cache_root
 
     path = cache_root() / "bench" / f"chat-{examples}.jsonl"
     if path.exists():
@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=1_000_000)
     args = parser.parse_args()
-    from trainer.gemma270m import ensure_model
+    from devcluster.gemma270m import ensure_model
 
     model = ensure_model()
     path = dataset(args.examples)

@@ -23,7 +23,8 @@ from typing import Any
 import yaml
 from gft_api.contract import TrainerSummary
 from trainer.conftest import child_env, gft_train_cmd, write_config
-from trainer.gemma270m import ensure_model
+
+from devcluster.gemma270m import ensure_model
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "gemma3-270m-demo"

@@ -23,10 +23,10 @@ from collections import Counter
 from pathlib import Path
 
 import yaml
-from proving_ground import cluster as pg
-from proving_ground.fake_trainers import kwok_pods_served
 
 from benchmarks.status_writes import add_kwok_nodes, manifests
+from devcluster import cluster as pg
+from devcluster.fake_trainers import kwok_pods_served
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))

@@ -3,7 +3,7 @@ second, the real operator reading them all, and the API server's audit log count
 
 The fine-tunes run on the proving ground's KWOK nodes (their pods are Running with addresses
 from 198.18.0.0/16). That range is routed into a network namespace this script makes, whose
-loopback owns the whole range; one process there (``proving_ground.fake_trainers``) answers as every
+loopback owns the whole range; one process there (``devcluster.fake_trainers``) answers as every
 pod's trainer, each pod's step advancing once a second. So the operator does exactly what it
 does in a cluster (reads each pod IP, patches each status) and no traffic leaves this machine.
 
@@ -38,8 +38,9 @@ import time
 from pathlib import Path
 
 import yaml
-from proving_ground import cluster as pg
-from proving_ground.fake_trainers import kwok_pods_served, step_time
+
+from devcluster import cluster as pg
+from devcluster.fake_trainers import kwok_pods_served, step_time
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "operator"))

@@ -55,7 +55,7 @@ FILES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 
 def helm() -> str:
-    from proving_ground.build import tool
+    from devcluster.build import tool
 
     path = tool("helm")
     if not path.is_file():

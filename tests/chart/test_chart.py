@@ -216,7 +216,7 @@ def children_of_the_samples() -> list[dict]:
 def test_kube_score_passes_on_the_chart_and_on_every_samples_children(tmp_path: Path):
     """The findings not followed are ignored by annotation, each with its reason (chart
     README, "Checked by kube-score")."""
-    from proving_ground.build import tool
+    from devcluster.build import tool
 
     rendered = tmp_path / "chart.yaml"
     rendered.write_text(run_helm("template", "gft", str(CHART), "-n", "gft-system").stdout)

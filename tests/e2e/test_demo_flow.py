@@ -16,7 +16,8 @@ import urllib.parse
 
 import pytest
 from conftest import wait_for
-from proving_ground import demo as demo_mod
+
+from devcluster import demo as demo_mod
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.e2e]
 
@@ -170,7 +171,7 @@ def test_the_demo_path(demo):
     assert runs.status_code == 200 and f"{NS}/{NAME}" in runs.json(), runs.text
 
     # The adapter loads from the output volume with peft and answers in the trained direction.
-    from proving_ground.answers import base_and_adapter
+    from devcluster.answers import base_and_adapter
 
     adapter = demo._adapter_on_this_machine(done)
     assert (adapter / "adapter_model.safetensors").exists()

@@ -4,7 +4,7 @@ dashboard's operator panels answered from it.
 ``gft-operator --metrics-address`` runs out of cluster against the proving ground and reconciles
 two GemmaFineTunes, so that the fine-tunes-by-phase and reconcile panels have something to show:
 one suspended, one running on a KWOK node whose pod address is answered by a fake trainer
-(``proving_ground.fake_trainers``), so that the operator reads metrics and writes live status
+(``devcluster.fake_trainers``), so that the operator reads metrics and writes live status
 and the status-update lag panel has data too.
 A module of its own, apart from test_prometheus.py, so that no trainer competes for the CPU while
 the control plane starts.
@@ -37,7 +37,8 @@ from prometheus_harness import (
     substitute,
     variable_queries,
 )
-from proving_ground.fake_trainers import kwok_pods_served
+
+from devcluster.fake_trainers import kwok_pods_served
 
 operator_process = operator_test_module("operator_process")
 finetune = operator_test_module("operator_samples").finetune

@@ -23,7 +23,6 @@ from operator_process import (  # noqa: F401 (fixtures)
     wait_phase,
 )
 from operator_samples import finetune
-from proving_ground import kueue
 from runner_runs import (  # noqa: F401 (model_dir is a fixture)
     STARTUP,
     checkpoint_steps,
@@ -34,6 +33,8 @@ from runner_runs import (  # noqa: F401 (model_dir is a fixture)
     running_pod,
     wait_for_checkpoint,
 )
+
+from devcluster import kueue
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

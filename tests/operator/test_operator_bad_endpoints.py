@@ -1,6 +1,6 @@
 # ruff: noqa: F811  (pytest fixtures imported from operator_process are parameters here)
 """Trainers whose /metrics misbehave, on the proving ground: four fine-tunes run on KWOK nodes
-and fake trainers answer at their pod addresses (``proving_ground.fake_trainers``). Once all
+and fake trainers answer at their pod addresses (``devcluster.fake_trainers``). Once all
 four show live numbers, three trainers turn slow, broken (HTTP 500) and garbage; each gets a
 MetricsAvailable condition that says so, while the healthy one keeps advancing at the interval,
 and a trainer that recovers is read again.
@@ -22,7 +22,8 @@ from operator_process import (  # noqa: F401 (fixtures)
     start_operator,
 )
 from operator_samples import finetune
-from proving_ground.fake_trainers import kwok_pods_served
+
+from devcluster.fake_trainers import kwok_pods_served
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -349,7 +349,8 @@ def test_html_and_retry_after_answers_from_a_proxy_are_survived(
     page, a plain-text 502, a 429 with Retry-After. Before: the HTML page broke the JSON
     decoding (a traceback per reconcile) and Retry-After was not honoured."""
     from operator_process import service_account_kubeconfig
-    from proving_ground.faultproxy import HTML_503, Fault, FaultProxy
+
+    from devcluster.faultproxy import HTML_503, Fault, FaultProxy
 
     c = installed
     operator.kill()

@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from proving_ground.build import tool
-from proving_ground.cluster import component_port
+from devcluster.build import tool
+from devcluster.cluster import component_port
 
 ACCESS_KEY = "gft-test-access"
 SECRET_KEY = "gft-test-secret-0123456789"

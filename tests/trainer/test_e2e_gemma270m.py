@@ -19,8 +19,8 @@ from gft_api.contract import TrainerSummary
 from gft_trainer.launcher import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from devcluster.gemma270m import ensure_model
 from trainer.conftest import REPO, child_env, gft_train_cmd, write_config
-from trainer.gemma270m import ensure_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 STEPS = 12

@@ -11,7 +11,7 @@ when any step happened: step ``s`` of the pod at ``ip`` happened at ``step_time(
 A JSON file ``{"IP": behaviour}`` (``--behaviours``, read at every request) makes a pod's trainer
 misbehave: ``slow`` (answers after 60 s), ``garbage`` (an HTML page), ``error`` (HTTP 500).
 
-    python -m proving_ground.fake_trainers --t0 UNIX_TIME --port 9090 --total-steps 100000
+    python -m devcluster.fake_trainers --t0 UNIX_TIME --port 9090 --total-steps 100000
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from proving_ground.cluster import KWOK_POD_CIDR
+from devcluster.cluster import KWOK_POD_CIDR
 
 LINK_NET = ("169.254.231.1", "169.254.231.2")  # a /30 between this machine and the namespace
 
@@ -90,7 +90,7 @@ def kwok_pods_served(t0: float, behaviours: Path | None = None) -> Iterator[None
         _ip("-n", netns, "link", "set", "lo", "up")
         _ip("-n", netns, "route", "add", "local", KWOK_POD_CIDR, "dev", "lo")
         _ip("route", "replace", KWOK_POD_CIDR, "via", inside, "dev", veth)
-        tests = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[1])
         proc = subprocess.Popen(
             [
                 "ip",
@@ -99,12 +99,12 @@ def kwok_pods_served(t0: float, behaviours: Path | None = None) -> Iterator[None
                 netns,
                 sys.executable,
                 "-m",
-                "proving_ground.fake_trainers",
+                "devcluster.fake_trainers",
                 "--t0",
                 str(t0),
                 *(["--behaviours", str(behaviours)] if behaviours else []),
             ],
-            env={**os.environ, "PYTHONPATH": tests},
+            env={**os.environ, "PYTHONPATH": root},
             start_new_session=True,
         )
         time.sleep(1.0)

@@ -9,7 +9,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from proving_ground import build, cluster
+
+from devcluster import build, cluster
 
 
 def test_pod_cidr_skips_ranges_that_routes_use() -> None:
@@ -72,8 +73,12 @@ def test_go_too_old_names_the_version_needed(monkeypatch, tmp_path: Path) -> Non
 def test_failed_build_step_names_the_command_and_its_log(tmp_path: Path) -> None:
     log = tmp_path / "logs" / "build-x.log"
     with pytest.raises(build.BuildError) as caught:
-        build._run(["sh", "-c", "echo compiling; echo 'undefined: Foo' >&2; exit 3"],
-                   tmp_path, log, dict(os.environ))
+        build._run(
+            ["sh", "-c", "echo compiling; echo 'undefined: Foo' >&2; exit 3"],
+            tmp_path,
+            log,
+            dict(os.environ),
+        )
     message = str(caught.value)
     assert "exit 3" in message and "sh -c" in message
     assert str(log) in message and "undefined: Foo" in message
@@ -90,8 +95,11 @@ def test_exhausted_ports_give_a_clear_message(monkeypatch) -> None:
 
 
 def test_network_namespaces_not_permitted_is_explained(monkeypatch, tmp_path: Path) -> None:
-    _fake_tool(tmp_path / "bin", "ip",
-               'echo "mount --make-shared /run/netns failed: Operation not permitted" >&2; exit 1')
+    _fake_tool(
+        tmp_path / "bin",
+        "ip",
+        'echo "mount --make-shared /run/netns failed: Operation not permitted" >&2; exit 1',
+    )
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     with pytest.raises(cluster.ClusterError, match="network namespaces are not permitted"):
         cluster._check_netns_permitted()

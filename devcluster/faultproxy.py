@@ -37,8 +37,15 @@ HTML_502 = (
     "<center><h1>502 Bad Gateway</h1></center>\n<hr><center>nginx</center>\n</body></html>\n"
 )
 # Not forwarded either way: they describe one hop, not the message.
-_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
-        "proxy-connection"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "host",
+    "upgrade",
+    "proxy-connection",
+}
 
 
 @dataclass
@@ -90,8 +97,11 @@ class FaultProxy:
 
     def seen(self, method: str | None = None, path: str = "") -> list[Seen]:
         with self._lock:
-            return [s for s in self.log
-                    if (method is None or s.method == method) and re.search(path, s.path)]
+            return [
+                s
+                for s in self.log
+                if (method is None or s.method == method) and re.search(path, s.path)
+            ]
 
     def start(self) -> FaultProxy:
         ready = threading.Event()
@@ -173,20 +183,29 @@ class FaultProxy:
         if fault is not None:
             self._record(request.method, request.path, fault.status, True)
             await request.read()
-            return web.Response(status=fault.status, text=fault.body,
-                                content_type=fault.content_type, headers=fault.headers)
+            return web.Response(
+                status=fault.status,
+                text=fault.body,
+                content_type=fault.content_type,
+                headers=fault.headers,
+            )
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         # The body is relayed as it comes (no decompression): ask for what the client accepts.
         headers.setdefault("Accept-Encoding", request.headers.get("Accept-Encoding", "identity"))
         body = await request.read()
         try:
             upstream = await self._session.request(
-                request.method, self.upstream + request.rel_url.raw_path_qs,
-                headers=headers, data=body or None, allow_redirects=False)
+                request.method,
+                self.upstream + request.rel_url.raw_path_qs,
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+            )
         except aiohttp.ClientError as e:  # the API server itself is down: what a proxy says
             self._record(request.method, request.path, 502, False)
-            return web.Response(status=502, text=HTML_502 + f"<!-- {e} -->\n",
-                                content_type="text/html")
+            return web.Response(
+                status=502, text=HTML_502 + f"<!-- {e} -->\n", content_type="text/html"
+            )
         self._record(request.method, request.path, upstream.status, False)
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
         for k, v in upstream.headers.items():

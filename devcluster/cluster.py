@@ -11,7 +11,7 @@ What runs, each a local process logging to ``<state>/logs/<name>.log``:
 - KWOK, managing only nodes annotated ``kwok.x-k8s.io/node=fake``: ``kwok-cpu-*`` and
   ``kwok-gpu-*`` (``nvidia.com/gpu: 8``), where pods "run" and finish instantly; a pod annotated
   ``gft.dev/kwok-exit-code: "N"`` (and optionally ``gft.dev/kwok-reason``) fails with that code,
-- the runner (``proving_ground.runner``), playing the kubelet for node ``gft-runner`` so pods
+- the runner (``devcluster.runner``), playing the kubelet for node ``gft-runner`` so pods
   bound there really run here, each in a network namespace on a bridge of its own.
 
 Ports are picked free at start; state lives in one folder; ``stop`` leaves no process behind.
@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from proving_ground import build, pki
+from devcluster import build, pki
 
 RUNNER_NODE = "gft-runner"
 KWOK_CPU_NODES = ("kwok-cpu-0", "kwok-cpu-1")
@@ -52,7 +52,7 @@ SERVICE_CIDR = "10.96.0.0/16"
 KWOK_POD_CIDR = "198.18.0.0/16"  # RFC 2544 benchmarking range: no resolver or host lives there
 POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
 STOP_ORDER = (
-    "kueue",  # started on demand by proving_ground.kueue
+    "kueue",  # started on demand by devcluster.kueue
     "coredns",
     "runner",
     "kwok",
@@ -588,7 +588,7 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
         raise ClusterError(
             f"this machine's DNS resolver {hidden[0]} (/etc/resolv.conf) is inside KWOK's pod "
             f"range {KWOK_POD_CIDR}, which the proving ground routes as unreachable: every "
-            "lookup would fail while it runs; change KWOK_POD_CIDR in tests/proving_ground"
+            "lookup would fail while it runs; change KWOK_POD_CIDR in devcluster/cluster.py"
         )
     pod_net = choose_pod_cidr(_routes(), [f"{ns}/32" for ns in nameservers()])
     node_ip = str(next(pod_net.hosts()))
@@ -723,7 +723,7 @@ def _start_processes(c: Cluster, runner: bool) -> None:
             [
                 sys.executable,
                 "-m",
-                "proving_ground.runner",
+                "devcluster.runner",
                 "--kubeconfig",
                 str(c.kubeconfig),
                 "--node-name",
@@ -783,7 +783,7 @@ def _start_processes(c: Cluster, runner: bool) -> None:
         if not _pid_alive(c.pids[name]):
             _wait(name, lambda: False, 0, c, name)  # raises, with its log
     if runner:
-        from proving_ground import dns
+        from devcluster import dns
 
         dns.start(c)
 
@@ -908,7 +908,7 @@ def cli(command: str) -> int:
                 print(f"{name:24s} {'running' if up else 'STOPPED'} (pid {cluster.pids[name]})")
             print(cluster.kubeconfig)
         elif command == "demo":
-            from proving_ground import demo
+            from devcluster import demo
 
             return demo.main()
     except ClusterError as e:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import urllib.request
 
-from proving_ground import build
-from proving_ground.cluster import Cluster, _spawn, _wait, component_port
+from devcluster import build
+from devcluster.cluster import Cluster, _spawn, _wait, component_port
 
 COMPONENT = "coredns"
 DOMAIN = "cluster.local"

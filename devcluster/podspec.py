@@ -1,7 +1,7 @@
 """Pure decisions of the runner (no I/O): what a kubelet computes from a pod and its objects.
 
 Everything here takes plain dicts (the API's JSON) and returns plain values, so it is tested
-without a cluster (``tests/proving_ground_tests/test_runner_units.py``).
+without a cluster (``tests/devcluster_tests/test_runner_units.py``).
 """
 
 from __future__ import annotations

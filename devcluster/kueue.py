@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from proving_ground import build, pki
-from proving_ground.cluster import Cluster, _pid_alive, _spawn, _wait, component_port
+from devcluster import build, pki
+from devcluster.cluster import Cluster, _pid_alive, _spawn, _wait, component_port
 
 COMPONENT = "kueue"
 NAMESPACE = "kueue-system"

@@ -1,7 +1,7 @@
 """The runner: plays the kubelet for one node of the proving ground, so pods bound to that node
 really run on this machine as local processes.
 
-    python -m proving_ground.runner --kubeconfig PATH --node-name gft-runner \\
+    python -m devcluster.runner --kubeconfig PATH --node-name gft-runner \\
         --node-ip 10.244.0.1 --pod-cidr 10.244.0.0/16 --bridge gftbr0 --state-dir DIR \\
         [--kubelet-port 0]
 
@@ -99,11 +99,11 @@ import time
 import uuid
 from pathlib import Path
 
-from proving_ground import podspec
-from proving_ground.kubeapi import Api, ApiError
-from proving_ground.logserver import LogRequestError, LogSource, LogWriter, plain_text, serve
-from proving_ground.netns import Network, NetworkError
-from proving_ground.podspec import (
+from devcluster import podspec
+from devcluster.kubeapi import Api, ApiError
+from devcluster.logserver import LogRequestError, LogSource, LogWriter, plain_text, serve
+from devcluster.netns import Network, NetworkError
+from devcluster.podspec import (
     ConfigError,
     ContainerRecord,
     IPAllocator,
@@ -1591,7 +1591,7 @@ def _mounts_under(prefix: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="proving_ground.runner",
+        prog="devcluster.runner",
         description="Play the kubelet for one node of the proving ground.",
     )
     p.add_argument("--kubeconfig", required=True)

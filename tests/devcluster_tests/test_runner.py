@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from proving_ground import cluster as pg
-from proving_ground.forwarding import port_forward
+
+from devcluster import cluster as pg
+from devcluster.forwarding import port_forward
 
 pytestmark = pytest.mark.cluster
 
@@ -867,7 +868,7 @@ def test_runner_cleans_up_on_sigterm_and_after_a_crash(cluster, namespace, tmp_p
     cmd = [
         sys.executable,
         "-m",
-        "proving_ground.runner",
+        "devcluster.runner",
         "--kubeconfig",
         str(cluster.kubeconfig),
         "--node-name",

@@ -1,22 +1,22 @@
-"""``python -m proving_ground up|down|status|build|demo`` — the proving ground by hand."""
+"""``python -m devcluster up|down|status|build|demo`` — the proving ground by hand."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from proving_ground import build as build_mod
+from devcluster import build as build_mod
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="proving_ground", description=__doc__)
+    parser = argparse.ArgumentParser(prog="devcluster", description=__doc__)
     parser.add_argument("command", choices=["build", "up", "down", "status", "demo"])
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
             print(build_mod.build())
             return 0
-        from proving_ground import cluster
+        from devcluster import cluster
 
         return cluster.cli(args.command)
     except build_mod.BuildError as e:

@@ -8,7 +8,8 @@ import subprocess
 import pytest
 import yaml
 from conftest import wait_for
-from proving_ground import cluster as pg
+
+from devcluster import cluster as pg
 
 pytestmark = pytest.mark.cluster
 

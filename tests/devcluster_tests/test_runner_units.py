@@ -11,8 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from proving_ground import logserver, podspec
-from proving_ground.podspec import ConfigError, ContainerRecord, IPAllocator
+
+from devcluster import logserver, podspec
+from devcluster.podspec import ConfigError, ContainerRecord, IPAllocator
 
 
 def test_expand_like_the_kubelet():
@@ -325,7 +326,7 @@ def test_log_writer_stamps_every_line(tmp_path: Path):
 
 
 def test_addresses_and_the_namespace_record_are_safe_across_pod_threads(tmp_path: Path):
-    from proving_ground.netns import Network
+    from devcluster.netns import Network
 
     alloc = IPAllocator("10.244.0.0/24", "10.244.0.1")
     net = Network("gftbrunit", "10.244.0.1", "10.244.0.0/24", str(tmp_path / "netns.txt"))

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from proving_ground import build
-from proving_ground.cluster import Cluster, default_state_dir, ensure_up
-from proving_ground.forwarding import PortForwardError, port_forward
+from devcluster import build
+from devcluster.cluster import Cluster, default_state_dir, ensure_up
+from devcluster.forwarding import PortForwardError, port_forward
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "gemma3-270m-demo"
 CHART = REPO / "charts" / "gemma-finetune-operator"
 RELEASE, SYSTEM = "gft", "gft-system"
@@ -112,7 +112,7 @@ class Demo:
         self.say(self.cluster.kubectl("get", "nodes").stdout.rstrip())
 
     def install(self) -> None:
-        from trainer.gemma270m import ensure_model
+        from devcluster.gemma270m import ensure_model
 
         self.say("  the real Gemma 3 270M, converted once from its PyPI package and cached:")
         self.model = ensure_model()
@@ -306,7 +306,7 @@ class Demo:
         for label, value in rows:
             self.say(f"  {label:20s} {value}")
         self.say(f"\n  The same question to the base model and to the adapter ({PROMPT!r}):")
-        from proving_ground.answers import base_and_adapter
+        from devcluster.answers import base_and_adapter
 
         adapter = self._adapter_on_this_machine(status)
         ((before, after),) = base_and_adapter(self.model, adapter, [PROMPT])

@@ -17,7 +17,7 @@ import threading
 import time
 import zlib
 
-from proving_ground.podspec import overlapping_routes
+from devcluster.podspec import overlapping_routes
 
 log = logging.getLogger("runner.net")
 
