@@ -25,7 +25,9 @@ What it does
   HOSTNAME, and the runner's own PATH (with its Python's bin folder) and LANG; nothing else of the
   runner's environment leaks in; without ``workingDir`` a container starts in its HOME. A
   missing ConfigMap/Secret leaves the container waiting with ``CreateContainerConfigError``
-  naming it, retried every few seconds.
+  naming it, retried every few seconds. The folders the commands come from (this Python's
+  environment and the checkout) stay visible at their own paths whatever volume the pod mounts
+  above them, so a checkout under /tmp runs as well as one anywhere else.
 - Volumes: configMap, secret, downwardAPI and projected (including serviceAccountToken through
   the TokenRequest API) are written out as files; emptyDir is a per-pod folder (a tmpfs for
   ``medium: Memory``) removed with the pod; persistentVolumeClaim waits until the claim is bound
@@ -120,6 +122,17 @@ NODE_STATUS_PERIOD = 20.0
 CONFIG_RETRY = 3.0
 TICK = 0.25
 SHIM = str(Path(__file__).resolve().parent / "shim.py")
+
+
+def command_sources() -> list[str]:
+    """The host folders a pod's commands come from: this Python's environment (the venv and
+    the interpreter it was made from) and the checkout (its packages are installed editable,
+    the test data lives in it). A volume of the pod mounted above one of them must not hide
+    it: a checkout made with ``mktemp -d`` lives under /tmp, where a training pod mounts a
+    scratch emptyDir."""
+    here = Path(__file__).resolve().parents[1]
+    folders = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, here)}
+    return sorted(f for f in folders if f != "/")
 IP_BIN = shutil.which("ip") or "/usr/sbin/ip"
 UNSHARE_BIN = shutil.which("unshare") or "/usr/bin/unshare"
 
@@ -555,6 +568,7 @@ class PodWorker(threading.Thread):
             return False
         if self.netns:
             mounts = self._etc_mounts(hostname, mounts)
+        mounts += [{"kind": "keep", "source": f, "target": f} for f in self.runner.keep_visible]
         n = r.restart_count
         term = self.dir / "term" / f"{name}-{n}"
         term.write_bytes(b"")
@@ -1053,6 +1067,7 @@ class Runner:
         bindir = os.path.dirname(sys.executable)
         path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         self.path = path if bindir in path.split(os.pathsep) else f"{bindir}{os.pathsep}{path}"
+        self.keep_visible = command_sources()
         self.boot_id = str(uuid.uuid4())
         self.events: queue.Queue[dict] = queue.Queue(maxsize=1000)
 

@@ -4,6 +4,11 @@ mounts the container's volumes at their mount paths (creating missing mount poin
 host's file system), mounts the termination-message file, changes directory and then execs the
 container's command, so the command's process keeps the shim's pid.
 
+Mounts of kind ``keep`` name host folders the command itself comes from (the Python
+environment, the checkout): wherever a volume of the pod lands above one of them (an emptyDir
+over /tmp, where a checkout made with ``mktemp -d`` lives), the folder is bound back at its own
+path, so the command still runs and the pod still gets its volume everywhere else.
+
 Standard library only; it must not import the runner.
 """
 
@@ -17,7 +22,10 @@ MOUNT = next((p for p in ("/usr/bin/mount", "/bin/mount") if os.path.exists(p)),
 
 
 def mount(*args: str) -> None:
-    result = subprocess.run([MOUNT, *args], capture_output=True, text=True)
+    # --no-canonicalize: a pinned source (/proc/PID/fd/N) must be followed as the magic link
+    # it is; canonicalized, it becomes the path string it names, which may by now lead to
+    # whatever a mount put there (the volume over a checkout under /tmp, say).
+    result = subprocess.run([MOUNT, "--no-canonicalize", *args], capture_output=True, text=True)
     if result.returncode != 0:
         raise OSError(f"mount {' '.join(args)}: {result.stderr.strip()}")
 
@@ -39,6 +47,17 @@ def pinned(path: str) -> str:
     return f"/proc/{os.getpid()}/fd/{fd}"  # mount(8) runs as a child: name our fd by pid
 
 
+def depth(path: str) -> int:
+    return path.rstrip("/").count("/")
+
+
+def shadowed(path: str, applied: list[tuple[str, str]]) -> bool:
+    """Whether the deepest mount made so far at or above ``path`` is a volume of the pod
+    (which hides the host folder there), not one of the folders kept visible."""
+    above = [(t, kind) for t, kind in applied if path == t or path.startswith(t.rstrip("/") + "/")]
+    return bool(above) and max(above, key=lambda a: depth(a[0]))[1] != "keep"
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -51,8 +70,19 @@ def main() -> None:
         term_source = pinned(term["source"]) if term else None
         if spec.get("hostname"):
             socket.sethostname(spec["hostname"])
-        for m in sorted(spec["mounts"], key=lambda m: m["target"].rstrip("/").count("/")):
+        # Shallow before deep, so a deeper mount lands inside a shallower one; at equal depth a
+        # kept folder comes last (the command must run).
+        order = sorted(spec["mounts"], key=lambda m: (depth(m["target"]), m["kind"] == "keep"))
+        applied: list[tuple[str, str]] = []
+        for m in order:
             target = m["target"]
+            if m["kind"] == "keep":
+                if shadowed(target, applied):
+                    ensure_target(target, True)
+                    mount("--bind", sources[id(m)], target)
+                    applied.append((target, "keep"))
+                continue
+            applied.append((target, m["kind"]))
             if m["kind"] == "tmpfs":
                 ensure_target(target, True)
                 mount("-t", "tmpfs", "-o", m.get("options") or "mode=1777", "tmpfs", target)

@@ -41,18 +41,71 @@ def cluster() -> Iterator[pg.Cluster]:
         pg.stop(state_dir, say=lambda *_: None)
 
 
-def wait_for(what: str, check, timeout: float = 60, interval: float = 0.5, on_timeout=None):
+def wait_for(
+    what: str,
+    check,
+    timeout: float = 60,
+    interval: float = 0.5,
+    on_timeout=None,
+    give_up=None,
+    give_up_every: float = 2.0,
+):
     """Poll ``check`` until it returns something truthy; fail the test naming ``what`` (and
-    adding what ``on_timeout()`` returns, e.g. a log tail)."""
+    adding what ``on_timeout()`` returns, e.g. a log tail). ``give_up()``, asked every
+    ``give_up_every`` seconds, returns a reason when waiting longer is pointless (a pod that
+    can never start): the test fails at once with it instead of waiting out the timeout."""
     deadline = time.monotonic() + timeout
+    next_give_up = time.monotonic()
     last = None
     while time.monotonic() < deadline:
         last = check()
         if last:
             return last
+        if give_up is not None and time.monotonic() >= next_give_up:
+            reason = give_up()
+            if reason:
+                pytest.fail(f"gave up waiting for {what}: {reason}")
+            next_give_up = time.monotonic() + give_up_every
         time.sleep(interval)
     extra = f"\n{on_timeout()}" if on_timeout else ""
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){extra}")
+
+
+# The kubelet's reasons for a container that will not start without someone changing something
+# (its command, its image, a Secret it names): a test waiting for it to run has failed already.
+NEVER_STARTS = {
+    "StartError",
+    "ContainerCannotRun",
+    "ImageEntrypointUnknown",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+}
+
+
+def pod_that_cannot_start(cluster: pg.Cluster, namespace: str, selector: str = "") -> str | None:
+    """The first container of the pods in ``namespace`` (matching ``selector``) that cannot
+    start, named with the kubelet's reason and message; None when there is none."""
+    args = ["get", "pods", "-n", namespace, *(["-l", selector] if selector else [])]
+    try:
+        pods = cluster.kubectl_json(*args)["items"]
+    except (subprocess.SubprocessError, ValueError):
+        return None  # an API hiccup is not a verdict on the pods
+    for pod in pods:
+        status = pod.get("status") or {}
+        for cs in [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]:
+            for state in (cs.get("state") or {}, cs.get("lastState") or {}):
+                detail = state.get("waiting") or state.get("terminated") or {}
+                if detail.get("reason") in NEVER_STARTS:
+                    return (
+                        f"pod {namespace}/{pod['metadata']['name']}, container {cs['name']}: "
+                        f"{detail['reason']}: {detail.get('message', '')}".rstrip(": ")
+                    )
+    return None
 
 
 @pytest.fixture

@@ -18,11 +18,12 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import pod_that_cannot_start, wait_for
 
 from devcluster import cluster as pg
 from devcluster.forwarding import port_forward
@@ -35,6 +36,7 @@ RESTRICTED_POD = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+NAME = "test.gft.dev/pod"  # a label on every pod of these tests: its name, to select it by
 
 
 def container(name: str, script: str, **extra) -> dict:
@@ -53,7 +55,7 @@ def runner_pod(name: str, containers: list[dict], **spec) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {NAME: name}},
         "spec": {
             "nodeSelector": {"gft.dev/runner": "true"},
             "tolerations": [
@@ -83,7 +85,15 @@ def wait_phase(cluster, namespace: str, name: str, phases: tuple[str, ...], time
         pod = get_pod(cluster, namespace, name)
         return pod if pod and pod.get("status", {}).get("phase") in phases else None
 
-    return wait_for(f"pod {name} in phase {phases}", check, timeout=timeout)
+    def give_up():
+        return pod_that_cannot_start(cluster, namespace, f"{NAME}={name}")
+
+    return wait_for(
+        f"pod {name} in phase {phases}",
+        check,
+        timeout=timeout,
+        give_up=None if "Failed" in phases else give_up,
+    )
 
 
 def wait_running(cluster, namespace: str, name: str, timeout=60) -> dict:
@@ -95,7 +105,12 @@ def wait_running(cluster, namespace: str, name: str, timeout=60) -> dict:
             return pod
         return None
 
-    return wait_for(f"pod {name} Running and ready", check, timeout=timeout)
+    return wait_for(
+        f"pod {name} Running and ready",
+        check,
+        timeout=timeout,
+        give_up=lambda: pod_that_cannot_start(cluster, namespace, f"{NAME}={name}"),
+    )
 
 
 def terminated(pod: dict, name: str, init: bool = False) -> dict:
@@ -764,6 +779,16 @@ def test_container_without_a_usable_command_fails_clearly(cluster, namespace):
     pod = wait_phase(cluster, namespace, "notfound", ("Failed",))
     t = terminated(pod, "main")
     assert t["reason"] == "StartError" and "no-such-program-gft" in t["message"]
+
+    # A test waiting for such a pod to run gives up at once, saying why, instead of waiting
+    # out its timeout.
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as gave_up:
+        wait_running(cluster, namespace, "notfound", timeout=120)
+    assert time.monotonic() - started < 15
+    message = str(gave_up.value)
+    assert f"pod {namespace}/notfound, container main: StartError" in message, message
+    assert "no-such-program-gft" in message, message
 
 
 def test_on_failure_restarts_the_container_and_keeps_the_previous_log(cluster, namespace):

@@ -343,3 +343,74 @@ def test_addresses_and_the_namespace_record_are_safe_across_pod_threads(tmp_path
         t.join()
     assert len(set(got)) == 40
     assert sorted(net._recorded()) == [f"gft-{i:04d}" for i in range(40)]
+
+
+def _run_shim(tmp_path: Path, mounts: list[dict], argv: list[str]):
+    """The runner's container shim in a private mount namespace, as the runner starts it."""
+    import json
+    import subprocess
+    import sys
+
+    from devcluster.runner import SHIM, UNSHARE_BIN
+
+    spec = tmp_path / "spec.json"
+    fail = tmp_path / "startfail"
+    spec.write_text(
+        json.dumps(
+            {
+                "mounts": mounts,
+                "home": str(tmp_path),
+                "argv": argv,
+                "env": {"PATH": "/usr/bin:/bin"},
+                "startFailFile": str(fail),
+            }
+        )
+    )
+    cmd = [UNSHARE_BIN, "--mount", "--propagation", "private", "--", sys.executable, "-I"]
+    done = subprocess.run([*cmd, SHIM, str(spec)], capture_output=True, text=True, timeout=30)
+    return done, fail.read_text() if fail.exists() else ""
+
+
+def test_a_volume_over_the_checkout_does_not_hide_the_command(tmp_path: Path):
+    """A checkout made with ``mktemp -d`` lives under /tmp, where a training pod mounts its own
+    emptyDir: the folder the command comes from is bound back at its own path, while the rest
+    of the volume stays the pod's and a volume inside the kept folder still mounts."""
+    scratch = tmp_path / "tmp"  # stands for /tmp: the pod mounts a volume over it
+    checkout = scratch / "clone-x1"
+    (checkout / "bin").mkdir(parents=True)
+    (checkout / "data").mkdir()
+    (scratch / "host-only").write_text("the host's")
+    volume = tmp_path / "volume"  # what the pod mounts inside the checkout
+    volume.mkdir()
+    (volume / "f").write_text("from the volume")
+    tool = checkout / "bin" / "tool"
+    tool.write_text(
+        "#!/bin/sh\n"
+        f'test -e {scratch}/host-only && echo "host file visible"\n'
+        f"cat {checkout}/data/f; echo; echo inside > {scratch}/written\n"
+    )
+    tool.chmod(0o755)
+    mounts = [
+        {"kind": "tmpfs", "target": str(scratch)},
+        {"kind": "bind", "source": str(volume), "target": str(checkout / "data")},
+        {"kind": "keep", "source": str(checkout), "target": str(checkout)},
+    ]
+    done, failed = _run_shim(tmp_path, mounts, [str(tool)])
+    assert (done.returncode, failed) == (0, ""), (done.stdout, done.stderr, failed)
+    assert done.stdout == "from the volume\n"  # the host's other files stay hidden
+    assert not (scratch / "written").exists()  # the pod wrote into its own volume
+
+    # Without the kept folder the command is hidden, as it was for a checkout under /tmp.
+    done, failed = _run_shim(tmp_path, mounts[:2], [str(tool)])
+    assert done.returncode == 128 and "No such file or directory" in failed, failed
+
+
+def test_a_kept_folder_that_no_volume_covers_is_left_alone(tmp_path: Path):
+    from devcluster.shim import shadowed
+
+    assert not shadowed("/home/u/repo", [("/tmp", "tmpfs"), ("/etc/hosts", "bind")])
+    assert shadowed("/tmp/x/repo", [("/tmp", "tmpfs")])
+    assert shadowed("/tmp", [("/tmp", "bind")])
+    assert not shadowed("/tmp/x/repo/.venv", [("/tmp", "tmpfs"), ("/tmp/x/repo", "keep")])
+    assert shadowed("/tmp/x/repo/.venv", [("/tmp/x/repo", "keep"), ("/tmp/x/repo/.venv", "bind")])
+    assert not shadowed("/tmpfoo/repo", [("/tmp", "tmpfs")])

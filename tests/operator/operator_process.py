@@ -25,12 +25,12 @@ REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
 
 
-def install(cluster) -> None:
+def install(cluster, manifests: Path = MANIFESTS) -> None:
     """The CRD, the operator's namespace and its RBAC for running it out of the cluster (it
     reads trainers' metrics through the API server's pod proxy), as a user installs them."""
-    cluster.kubectl("apply", "--server-side", "-f", str(MANIFESTS / "crd.yaml"))
-    cluster.kubectl("apply", "-f", str(MANIFESTS / "namespace.yaml"))
-    cluster.kubectl("apply", "-f", str(MANIFESTS / "rbac-out-of-cluster.yaml"))
+    cluster.kubectl("apply", "--server-side", "-f", str(manifests / "crd.yaml"))
+    cluster.kubectl("apply", "-f", str(manifests / "namespace.yaml"))
+    cluster.kubectl("apply", "-f", str(manifests / "rbac-out-of-cluster.yaml"))
     cluster.kubectl(
         "wait",
         "--for",
@@ -74,7 +74,10 @@ def _free_port() -> int:
 class OperatorProcess:
     """Start, kill and restart ``gft-operator``; its log is kept for the assertions."""
 
-    def __init__(self, cluster, kubeconfig: Path, log_path: Path, *extra: str) -> None:
+    def __init__(
+        self, cluster, kubeconfig: Path, log_path: Path, *extra: str, venv: Path | None = None
+    ) -> None:
+        self.venv = venv or Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv"))
         self.cluster = cluster
         self.kubeconfig = kubeconfig
         self.log_path = log_path
@@ -85,7 +88,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         env = {**os.environ, **self.cluster.env, "KUBECONFIG": str(self.kubeconfig)}
-        exe = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / "gft-operator"
+        exe = self.venv / "bin" / "gft-operator"
         if not exe.exists():
             exe = REPO / ".venv" / "bin" / "gft-operator"
         log = self.log_path.open("a")
@@ -140,7 +143,9 @@ def get_gft(cluster, namespace: str, name: str) -> dict:
 
 
 def wait_phase(cluster, namespace, name, phase, reason=None, timeout=60) -> dict:
-    from conftest import wait_for
+    """Wait for the fine-tune's phase (and reason). Waiting for a run to train (Running or
+    Succeeded) gives up at once when one of its pods can never start, naming the pod and why."""
+    from conftest import pod_that_cannot_start, wait_for
 
     def check():
         status = get_gft(cluster, namespace, name).get("status") or {}
@@ -148,7 +153,15 @@ def wait_phase(cluster, namespace, name, phase, reason=None, timeout=60) -> dict
             return status
         return None
 
-    return wait_for(f"{name} to be {phase}/{reason or '*'}", check, timeout=timeout)
+    def give_up():
+        return pod_that_cannot_start(cluster, namespace, f"finetune.gemma.dev/name={name}")
+
+    return wait_for(
+        f"{name} to be {phase}/{reason or '*'}",
+        check,
+        timeout=timeout,
+        give_up=give_up if phase in ("Running", "Succeeded") else None,
+    )
 
 
 def events_of(cluster, namespace, name) -> list[dict]:
@@ -219,14 +232,16 @@ def installed(cluster):
     return cluster
 
 
-def start_operator(cluster, tmp_path_factory, *extra: str) -> OperatorProcess:
+def start_operator(
+    cluster, tmp_path_factory, *extra: str, venv: Path | None = None
+) -> OperatorProcess:
     """``gft-operator`` out of cluster, logged in as its service account, with ``extra``
     arguments; started and healthy."""
     kubeconfig = service_account_kubeconfig(
         cluster, tmp_path_factory.mktemp("op") / "operator.kubeconfig"
     )
     log = tmp_path_factory.mktemp("oplog") / "operator.log"
-    op = OperatorProcess(cluster, kubeconfig, log, *extra)
+    op = OperatorProcess(cluster, kubeconfig, log, *extra, venv=venv)
     op.start()
     return op
 
