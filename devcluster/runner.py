@@ -133,6 +133,8 @@ def command_sources() -> list[str]:
     here = Path(__file__).resolve().parents[1]
     folders = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, here)}
     return sorted(f for f in folders if f != "/")
+
+
 IP_BIN = shutil.which("ip") or "/usr/sbin/ip"
 UNSHARE_BIN = shutil.which("unshare") or "/usr/bin/unshare"
 
