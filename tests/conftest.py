@@ -17,6 +17,31 @@ from devcluster import cluster as pg
 REPO = Path(__file__).resolve().parent.parent
 
 
+# One timeout per kind of test, far below a quarter of an hour, so that a stuck test fails with
+# its stack (pytest-timeout) in minutes. A test that needs longer says so itself with
+# @pytest.mark.timeout(N) and why. Fixture set-up counts: the first test of a module pays for
+# its module's operator, the first cluster test for the proving ground.
+TIMEOUTS = {"unit": 60, "slow": 300, "cluster": 300}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        # Every test on the shared proving ground is marked `cluster`, so that `make test` can
+        # run them (-m cluster) beside the rest (-m "not cluster").
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+        if item.get_closest_marker("timeout") is None:
+            kind = (
+                "cluster"
+                if item.get_closest_marker("cluster")
+                else "slow"
+                if item.get_closest_marker("slow") or item.get_closest_marker("e2e")
+                else "unit"
+            )
+            item.add_marker(pytest.mark.timeout(TIMEOUTS[kind]))
+
+
 def _test_state_dir() -> Path:
     """One state folder per checkout, apart from the one `make cluster-up` uses."""
     digest = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
