@@ -60,7 +60,7 @@ def test_proxy_mode_puts_oauth2_proxy_in_front_of_a_dashboard_on_loopback():
     assert "--address=127.0.0.1:8090" in dash["args"] and "ports" not in dash
     assert proxy["image"] == "quay.io/oauth2-proxy/oauth2-proxy:v7.15.6"
     args = proxy["args"]
-    for expected in ("--upstream=http://127.0.0.1:8090/gft/", "--provider=oidc",
+    for expected in ("--upstream=http://127.0.0.1:8090/", "--provider=oidc",
                      "--oidc-issuer-url=https://login.example.com", "--proxy-prefix=/gft/oauth2",
                      "--skip-auth-route=^/gft/tb/", "--cookie-path=/gft/"):  # fmt: skip
         assert expected in args, (expected, args)

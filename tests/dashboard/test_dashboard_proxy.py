@@ -49,6 +49,7 @@ def proxied(cluster, setup, tmp_path_factory):
     values = tmp_path_factory.mktemp("proxy") / "values.yaml"
     values.write_text(yaml.safe_dump({"dashboard": {
         "auth": "proxy",
+        "pathPrefix": "/gft",
         "proxy": {"oidcIssuerURL": issuer, "secretName": "oidc",
                   "extraArgs": ["--scope=openid email profile groups"]},
         **pods.RUNNER,
@@ -64,7 +65,7 @@ def proxied(cluster, setup, tmp_path_factory):
     forward, port = port_forward(cluster, ns, "svc/gft-dashboard", 80, 0, log=log)
     selector = "app.kubernetes.io/name=gemma-finetune-dashboard"
     pod = cluster.kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"][0]
-    yield {"ns": ns, "url": f"http://127.0.0.1:{port}", "pod_ip": pod["status"]["podIP"],
+    yield {"ns": ns, "url": f"http://127.0.0.1:{port}/gft", "pod_ip": pod["status"]["podIP"],
            "group": group}  # fmt: skip
     forward.kill()
     provider.terminate()
@@ -118,8 +119,8 @@ for url in sys.argv[1:]:
 def test_a_forged_identity_header_from_another_pod_gets_nothing(proxied, setup, cluster):
     other = setup["other"]
     ip = proxied["pod_ip"]
-    urls = [f"http://{ip}:8090/api/finetunes", f"http://{ip}:4180/api/finetunes",
-            f"http://{ip}:4180/tb/{other}/hidden/x/data/runs"]  # fmt: skip
+    urls = [f"http://{ip}:8090/gft/api/finetunes", f"http://{ip}:4180/gft/api/finetunes",
+            f"http://{ip}:4180/gft/tb/{other}/hidden/x/data/runs"]  # fmt: skip
     forger = pods.pod("forger", other, ["python", "-c", FORGER, *urls])
     forger["spec"]["restartPolicy"] = "Never"
     cluster.kubectl("apply", "-f", "-", input=json.dumps(forger))

@@ -154,7 +154,9 @@ async function loadCurves(ns, name, tb) {
     for (const tag of tags) {
       try {
         const r = await fetch(base + encodeURIComponent(tag), {credentials: "omit"});
-        if (r.ok) series.push({tag, points: (await r.json()).map((p) => [p[1], p[2]])});
+        // TensorBoard's answer is the pod's: only what reads as two numbers is drawn.
+        const points = r.ok ? (await r.json()).map((p) => [Number(p[1]), Number(p[2])]) : [];
+        if (r.ok) series.push({tag, points: points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y))});
       } catch { /* TensorBoard not up yet */ }
     }
     if (series.some((s) => s.points.length)) out.push(`<div class="card"><h3>${esc(title)}</h3>${chart(series.filter((s) => s.points.length))}</div>`);
