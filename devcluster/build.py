@@ -38,6 +38,8 @@ TOOLS = {
     "kueue": ("sigs.k8s.io/kueue/cmd/kueue", "0.17.0"),
     # Cluster DNS, so that pods find each other by name (multi-node training).
     "coredns": ("github.com/coredns/coredns", "1.15.0"),
+    # The dashboard's authenticating proxy (dashboard.auth=proxy), as the chart's sidecar runs it.
+    "oauth2-proxy": ("github.com/oauth2-proxy/oauth2-proxy/v7", "7.15.6"),
 }
 # Tools whose go.mod has replace directives, which `go install pkg@version` refuses: they are
 # built inside their own module (downloaded to the module cache), as their main module.
@@ -49,6 +51,7 @@ TOOL_VERSION_VARS = {
     "weed": "github.com/seaweedfs/seaweedfs/weed/util/version.COMMIT",
     "kueue": "sigs.k8s.io/kueue/pkg/version.GitVersion",
     "coredns": "github.com/coredns/coredns/coremain.GitCommit",
+    "oauth2-proxy": "github.com/oauth2-proxy/oauth2-proxy/v7/pkg/version.VERSION",
 }
 # Files a tool's install needs from its module besides the binary (Kueue's CRDs and webhook
 # configurations), copied next to it so that installing needs no Go: name -> (module, paths).
@@ -338,32 +341,45 @@ def _module_dir(go: str, module_at: str, cwd: Path, log: Path, env: dict[str, st
     return Path(json.loads(out.stdout)["Dir"])
 
 
-PORT_FORWARD_SOURCE = Path(__file__).resolve().parent / "portforward"
+# Small Go programs of our own (each a folder with go.mod, go.sum and main.go), built from the
+# module proxy and cached per version of their source: name -> (folder, binary).
+OWN_PROGRAMS = {
+    # The runner's port-forward helper (the kubelet's own streaming code).
+    "portforward": (Path(__file__).resolve().parent / "portforward", "gft-portforward"),
+    # A real OpenID Connect provider (github.com/oauth2-proxy/mockoidc) for the dashboard's
+    # proxy-mode login tests.
+    "mockoidc": (Path(__file__).resolve().parent / "mockoidc", "gft-mockoidc"),
+}
+
+
+def own_binary(name: str) -> Path:
+    """Where the cached build of one of ``OWN_PROGRAMS`` lives (a folder per source digest)."""
+    source, binary = OWN_PROGRAMS[name]
+    digest = hashlib.sha256()
+    for file in ("go.mod", "go.sum", "main.go"):
+        digest.update((source / file).read_bytes())
+    return cache_root() / "bin" / "tools" / f"{binary}-{digest.hexdigest()[:16]}" / binary
 
 
 def port_forward_binary() -> Path:
-    """The runner's port-forward helper, cached per version of its source."""
-    digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum", "main.go"):
-        digest.update((PORT_FORWARD_SOURCE / name).read_bytes())
-    folder = f"gft-portforward-{digest.hexdigest()[:16]}"
-    return cache_root() / "bin" / "tools" / folder / "gft-portforward"
+    return own_binary("portforward")
 
 
-def build_port_forward(say=print) -> Path:
-    """Build the port-forward helper (the kubelet's own streaming code) unless cached."""
-    target = port_forward_binary()
+def build_own(name: str, say=print) -> Path:
+    """Build one of ``OWN_PROGRAMS`` unless cached."""
+    target = own_binary(name)
     if target.is_file():
         return target
+    source, binary = OWN_PROGRAMS[name]
     toolchain = find_go()
-    log = cache_root() / "logs" / "build-gft-portforward.log"
+    log = cache_root() / "logs" / f"build-{binary}.log"
     log.unlink(missing_ok=True)
-    say(f"building the runner's port-forward helper with {toolchain.go} (log: {log})")
+    say(f"building {binary} with {toolchain.go} (log: {log})")
     target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="gft-portforward-", dir=target.parent.parent))
+    work = Path(tempfile.mkdtemp(prefix=f"{binary}-", dir=target.parent.parent))
     try:
-        for name in ("go.mod", "go.sum", "main.go"):
-            shutil.copy(PORT_FORWARD_SOURCE / name, work / name)
+        for file in ("go.mod", "go.sum", "main.go"):
+            shutil.copy(source / file, work / file)
         _run(
             [
                 toolchain.go,
@@ -372,14 +388,14 @@ def build_port_forward(say=print) -> Path:
                 "-ldflags",
                 "-s -w",
                 "-o",
-                str(work / "gft-portforward"),
+                str(work / binary),
                 ".",
             ],
             work,
             log,
             _go_env(),
         )
-        os.replace(work / "gft-portforward", target)
+        os.replace(work / binary, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -388,7 +404,8 @@ def build_port_forward(say=print) -> Path:
 def build(say=print) -> Path:
     """Build whatever is missing; return the folder holding all the binaries."""
     build_tools(say)
-    build_port_forward(say)
+    for name in OWN_PROGRAMS:
+        build_own(name, say)
     target = bin_dir()
     missing = missing_binaries()
     if not missing:

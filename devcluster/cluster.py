@@ -717,6 +717,11 @@ def _start_processes(c: Cluster, runner: bool) -> None:
     if runner:
         runner_env = _clean_env()
         runner_env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+        # The programs of images other than ours that pods here run by name: oauth2-proxy (the
+        # dashboard's sidecar with dashboard.auth=proxy), built by `make tools`.
+        runner_env["PATH"] = os.pathsep.join(
+            [str(build.tool("oauth2-proxy").parent), runner_env.get("PATH", os.defpath)]
+        )
         _spawn(
             c,
             "runner",

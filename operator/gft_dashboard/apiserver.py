@@ -5,10 +5,18 @@ behind an authenticating proxy, with the dashboard's credentials impersonating t
 groups the proxy vouched for. The API server's RBAC then decides, and its 403 is the user's 403.
 Only the shared watch that feeds the live list runs with the dashboard's own rights; what it
 delivers is filtered per user by what they may list.
+
+No user can take the connections from the others: each identity has at most
+``PER_USER_REQUESTS`` requests in flight (the rest wait their turn), long streams (watches,
+followed logs) have connections of their own, every request has a timeout, and no redirect
+is followed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -18,10 +26,14 @@ from typing import Any
 
 import aiohttp
 import kubernetes
+from multidict import CIMultiDict
 
 Manifest = dict[str, Any]
 GROUP, VERSION, PLURAL = "finetune.gemma.dev", "v1alpha1", "gemmafinetunes"
 SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+PER_USER_REQUESTS = 8  # in flight at once per identity; the others queue behind them
+REQUEST_TIMEOUT = 30.0
+MAX_ANSWER_BYTES = 64 << 20  # a list of many fine-tunes; the API server pages lists anyway
 
 
 @dataclass(frozen=True)
@@ -37,10 +49,8 @@ class Identity:
     @property
     def key(self) -> str:
         """A cache key that never holds the token itself."""
-        import hashlib
-
         if self.token:
-            return "t:" + hashlib.sha256(self.token.encode()).hexdigest()[:16]
+            return "t:" + hashlib.sha256(self.token.encode()).hexdigest()[:24]
         return f"u:{self.user}:{','.join(self.groups)}" if self.user else "self"
 
 
@@ -57,10 +67,10 @@ class ApiServer:
     ssl_context: ssl.SSLContext  # the dashboard's own: may carry its client certificate
     user_ssl_context: ssl.SSLContext  # for users' tokens: the CA only, never our certificate
     own_headers: dict[str, str]
-    session: aiohttp.ClientSession | None = None
-    user_session: aiohttp.ClientSession | None = None
     # In a pod: the service account token's file, read per request (the kubelet rotates it).
     token_file: str | None = None
+    _sessions: dict[tuple[bool, bool], aiohttp.ClientSession] = field(default_factory=dict)
+    _turns: dict[str, tuple[asyncio.Semaphore, int]] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, kubeconfig: str | None = None) -> ApiServer:
@@ -99,25 +109,27 @@ class ApiServer:
         )
 
     async def start(self) -> None:
-        def session(context: ssl.SSLContext) -> aiohttp.ClientSession:
-            return aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=context, limit=64),
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            )
-
-        self.session = session(self.ssl_context)
-        self.user_session = session(self.user_ssl_context)
+        """Four pools: our credentials or a user's token, short requests or long streams (a
+        stream holds its connection for minutes; it must never wait for, or keep, one that
+        a request needs)."""
+        for own in (True, False):
+            for streaming in (True, False):
+                context = self.ssl_context if own else self.user_ssl_context
+                self._sessions[own, streaming] = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=context, limit=256 if streaming else 64),
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+                )
 
     async def close(self) -> None:
-        for session in (self.session, self.user_session):
-            if session is not None:
-                await session.close()
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
 
-    def _session(self, who: Identity | None) -> aiohttp.ClientSession:
+    def _session(self, who: Identity | None, streaming: bool) -> aiohttp.ClientSession:
         """A user's own token goes over connections without our client certificate."""
-        session = self.user_session if who is not None and who.token else self.session
-        assert session is not None, "ApiServer.start() first"
-        return session
+        own = who is None or not who.token
+        assert self._sessions, "ApiServer.start() first"
+        return self._sessions[own, streaming]
 
     def headers(self, who: Identity | None) -> dict[str, str]:
         """The dashboard's own credentials (``who`` None: its own watch), the user's token, or
@@ -137,6 +149,26 @@ class ApiServer:
             return []
         return [("Impersonate-Group", g) for g in who.groups]
 
+    def _all_headers(self, who: Identity | None) -> CIMultiDict:
+        return CIMultiDict(list(self.headers(who).items()) + self._impersonated_groups(who))
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, who: Identity | None) -> AsyncIterator[None]:
+        """The identity's share of the request pool: at most PER_USER_REQUESTS in flight. The
+        table holds only identities with a request in flight or waiting."""
+        key = who.key if who is not None else "dashboard"
+        turn, users = self._turns.get(key) or (asyncio.Semaphore(PER_USER_REQUESTS), 0)
+        self._turns[key] = (turn, users + 1)
+        try:
+            async with turn:
+                yield
+        finally:
+            turn, users = self._turns[key]
+            if users == 1:
+                del self._turns[key]
+            else:
+                self._turns[key] = (turn, users - 1)
+
     async def request(
         self,
         method: str,
@@ -146,22 +178,30 @@ class ApiServer:
         body: Any = None,
         params: dict[str, str] | None = None,
         content_type: str = "application/json",
-        timeout: float = 30,
+        timeout: float = REQUEST_TIMEOUT,
     ) -> Manifest:
-        headers = list(self.headers(who).items()) + self._impersonated_groups(who)
+        headers = self._all_headers(who)
         data = None
         if body is not None:
             data = body if isinstance(body, bytes | str) else json.dumps(body)
-            headers.append(("Content-Type", content_type))
-        async with self._session(who).request(
-            method,
-            self.host + path,
-            headers=_multi(headers),
-            params=params,
-            data=data,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as r:
-            raw = await r.read()
+            headers["Content-Type"] = content_type
+        async with (
+            self._turn(who),
+            self._session(who, streaming=False).request(
+                method,
+                self.host + path,
+                headers=headers,
+                params=params,
+                data=data,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                allow_redirects=False,
+            ) as r,
+        ):
+            raw = await read_at_most(r.content, MAX_ANSWER_BYTES)
+            if len(raw) > MAX_ANSWER_BYTES:
+                raise ApiError(
+                    502, f"the API server's answer is larger than {MAX_ANSWER_BYTES >> 20} MiB"
+                )
             return _answer(r.status, raw)
 
     async def stream(
@@ -169,13 +209,19 @@ class ApiServer:
         path: str,
         who: Identity | None,
         params: dict[str, str] | None = None,
+        idle_timeout: float | None = None,
     ) -> AsyncIterator[bytes]:
-        """The body of a long request (a watch, a followed log) chunk by chunk."""
-        headers = list(self.headers(who).items()) + self._impersonated_groups(who)
-        session = self._session(who)
-        async with session.get(self.host + path, headers=_multi(headers), params=params) as r:
-            if r.status >= 400:
-                _answer(r.status, await r.read())
+        """The body of a long request (a watch, a followed log) chunk by chunk; with
+        ``idle_timeout``, a TimeoutError once nothing came for that long."""
+        async with self._session(who, streaming=True).get(
+            self.host + path,
+            headers=self._all_headers(who),
+            params=params,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=idle_timeout),
+        ) as r:
+            if r.status >= 300:
+                _answer(r.status, await read_at_most(r.content, 1 << 20))  # raises
             async for chunk in r.content.iter_any():
                 yield chunk
 
@@ -223,16 +269,22 @@ class ApiServer:
         return got.get("status", {}).get("userInfo", {}).get("username", "?")
 
 
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes when it is longer (the caller refuses it)."""
+    parts, size = [], 0
+    while size <= limit:
+        chunk = await content.read(min(1 << 20, limit + 1 - size))
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 def _bare(token: str) -> str:
     """The token without a scheme (the in-cluster loader stores "bearer <token>")."""
     token = token.strip()
     return token.split(" ", 1)[1].strip() if token.lower().startswith("bearer ") else token
-
-
-def _multi(headers: list[tuple[str, str]]):
-    from multidict import CIMultiDict
-
-    return CIMultiDict(headers)
 
 
 def _answer(status: int, raw: bytes) -> Manifest:
@@ -240,6 +292,8 @@ def _answer(status: int, raw: bytes) -> Manifest:
         body = json.loads(raw) if raw else {}
     except ValueError:
         body = {"message": raw[:500].decode(errors="replace")}
+    if 300 <= status < 400:
+        raise ApiError(502, f"the API server answered with a redirect (HTTP {status})")
     if status >= 400:
         message = body.get("message") if isinstance(body, dict) else None
         raise ApiError(status, message or f"HTTP {status}", body if isinstance(body, dict) else {})

@@ -1,5 +1,6 @@
 """The live list: one watch on every GemmaFineTune (the dashboard's own rights), kept in
-memory and fanned out to every open page; and the pure summaries the pages show."""
+memory and fanned out to every open page; who may see which namespace of it (asked of the
+API server as each user, cached and bounded); and the pure summaries the pages show."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
-from gft_dashboard.apiserver import ApiError, ApiServer, Manifest
+from gft_dashboard.apiserver import ApiError, ApiServer, Identity, Manifest
 
 log = logging.getLogger("gft_dashboard.hub")
 # Conditions whose False (or True, for these) is trouble worth a red light, with its reason.
@@ -91,10 +95,16 @@ def gpu_series(metrics_text: str) -> list[dict[str, Any]]:
 
 
 class FineTuneHub:
-    """Every GemmaFineTune, from one list-then-watch; subscribers get each change."""
+    """Every GemmaFineTune, from one list-then-watch; subscribers get each change.
 
-    def __init__(self, api: ApiServer) -> None:
+    The list is read in pages of ``page_size``; a relist (at start, and after the watch
+    failed or its resourceVersion expired) publishes only what differs from what subscribers
+    already have. A watch that simply ended is started again from the last resourceVersion it
+    saw (bookmarks keep that current), without a relist."""
+
+    def __init__(self, api: ApiServer, page_size: int = 500) -> None:
         self.api = api
+        self.page_size = page_size
         self._objects: dict[str, Manifest] = {}
         self._subscribers: set[asyncio.Queue] = set()
         self.synced = False
@@ -104,6 +114,10 @@ class FineTuneHub:
             self._objects.values(),
             key=lambda o: (o["metadata"].get("namespace", ""), o["metadata"]["name"]),
         )
+
+    def namespaces(self) -> set[str]:
+        """The namespaces that hold a fine-tune (the only ones worth asking about)."""
+        return {o["metadata"].get("namespace", "") for o in self._objects.values()}
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
@@ -127,38 +141,58 @@ class FineTuneHub:
                 self._subscribers.discard(queue)
 
     async def run(self) -> None:
-        """List, then watch from that resourceVersion; relist on 410 Gone or any error, with
-        a back-off, so the hub never stops."""
+        """List, then watch; watch again from where it ended; relist on 410 Gone or any error,
+        with a back-off, so the hub never stops."""
         backoff = 1.0
+        version: str | None = None
         while True:
             try:
-                version = await self._relist()
+                if version is None:
+                    version = await self.relist()
+                began = time.monotonic()
+                version = await self._watch(version)
                 backoff = 1.0
-                await self._watch(version)
+                if time.monotonic() - began < 1:  # ended at once: never a busy loop
+                    await asyncio.sleep(1)
             except asyncio.CancelledError:
                 raise
             except (TimeoutError, ApiError, OSError, ValueError) as e:
+                version = None
                 log.warning("watch of gemmafinetunes ended (%s); again in %.0fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30)
             except Exception:
+                version = None
                 log.exception("watch of gemmafinetunes failed; again in %.0fs", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30)
 
-    async def _relist(self) -> str:
-        listed = await self.api.request("GET", self.api.finetunes_path(), None)
-        fresh = {o["metadata"]["uid"]: o for o in listed.get("items", [])}
+    async def relist(self) -> str:
+        """Every fine-tune, page by page; publish what changed since the last list. Returns
+        the list's resourceVersion."""
+        fresh: dict[str, Manifest] = {}
+        params = {"limit": str(self.page_size)}
+        while True:
+            page = await self.api.request("GET", self.api.finetunes_path(), None, params=params)
+            for obj in page.get("items") or []:
+                fresh[obj["metadata"]["uid"]] = _trimmed(obj)
+            meta = page.get("metadata") or {}
+            if not meta.get("continue"):
+                break
+            params = {"limit": str(self.page_size), "continue": meta["continue"]}
         for uid, obj in self._objects.items():
             if uid not in fresh:
                 self._publish("deleted", obj)
-        for obj in fresh.values():
-            self._publish("changed", obj)
+        for uid, obj in fresh.items():
+            known = self._objects.get(uid)
+            if known is None or _version(known) != _version(obj):
+                self._publish("changed", obj)
         self._objects = fresh
         self.synced = True
-        return listed.get("metadata", {}).get("resourceVersion", "")
+        return meta.get("resourceVersion", "")
 
-    async def _watch(self, version: str) -> None:
+    async def _watch(self, version: str) -> str:
+        """Watch from ``version`` until the server ends the watch; the last version seen."""
         params = {
             "watch": "true",
             "resourceVersion": version,
@@ -176,6 +210,7 @@ class FineTuneHub:
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     raise ApiError(obj.get("code", 500), obj.get("message", "watch error"))
+                version = _version(obj) or version
                 if kind == "BOOKMARK":
                     continue
                 uid = obj["metadata"]["uid"]
@@ -183,5 +218,75 @@ class FineTuneHub:
                     self._objects.pop(uid, None)
                     self._publish("deleted", obj)
                 else:
-                    self._objects[uid] = obj
-                    self._publish("changed", obj)
+                    self._objects[uid] = _trimmed(obj)
+                    self._publish("changed", self._objects[uid])
+        return version
+
+
+def _version(obj: Manifest) -> str:
+    return (obj.get("metadata") or {}).get("resourceVersion", "")
+
+
+def _trimmed(obj: Manifest) -> Manifest:
+    """What the list needs of an object: without managedFields and kubectl's copy of the
+    applied manifest, which can be most of its size."""
+    meta = dict(obj.get("metadata") or {})
+    meta.pop("managedFields", None)
+    annotations = dict(meta.get("annotations") or {})
+    annotations.pop("kubectl.kubernetes.io/last-applied-configuration", None)
+    meta["annotations"] = annotations
+    return {**obj, "metadata": meta}
+
+
+@dataclass
+class _Seen:
+    at: float
+    everywhere: bool | None = None
+    namespaces: dict[str, bool] = field(default_factory=dict)
+
+
+class Visibility:
+    """Where each user may list fine-tunes, asked of the API server as them.
+
+    First whether they may list them everywhere (one review); if not, one review per
+    namespace that holds a fine-tune (never per namespace of the cluster), at most
+    ``concurrency`` at a time. Answers are kept ``ttl`` seconds, for at most ``max_users``
+    identities (the least recently asked go first)."""
+
+    def __init__(
+        self, api: ApiServer, ttl: float = 30.0, max_users: int = 1000, concurrency: int = 8
+    ) -> None:
+        self.api, self.ttl, self.max_users = api, ttl, max_users
+        self._concurrency = concurrency
+        self._seen: OrderedDict[str, _Seen] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    async def namespaces(
+        self, who: Identity, candidates: set[str], fresh: bool = False
+    ) -> set[str] | None:
+        """Of ``candidates``, where ``who`` may list fine-tunes; None for everywhere. A 401
+        (the token no longer works) raises ApiError."""
+        now = time.monotonic()
+        seen = self._seen.get(who.key)
+        if seen is None or fresh or now - seen.at > self.ttl:
+            seen = _Seen(now)
+        self._seen[who.key] = seen
+        self._seen.move_to_end(who.key)
+        while len(self._seen) > self.max_users:
+            self._seen.popitem(last=False)
+        if seen.everywhere is None:
+            seen.everywhere = await self.api.may(who, "list", None)
+        if seen.everywhere:
+            return None
+        unknown = sorted(candidates - seen.namespaces.keys())
+        turns = asyncio.Semaphore(self._concurrency)
+
+        async def ask(ns: str) -> bool:
+            async with turns:
+                return await self.api.may(who, "list", ns)
+
+        for ns, ok in zip(unknown, await asyncio.gather(*map(ask, unknown)), strict=True):
+            seen.namespaces[ns] = ok
+        return {ns for ns in candidates if seen.namespaces.get(ns)}

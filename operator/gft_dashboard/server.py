@@ -1,6 +1,6 @@
-"""The dashboard's HTTP server: pages, a JSON API, live updates (server-sent events) and a
-same-origin TensorBoard proxy. Handlers are thin: who is asking (``identity``), may they
-(the API server decides, as them), then one call."""
+"""The dashboard's HTTP server: pages, a JSON API, live updates (server-sent events) and
+TensorBoard (sandboxed, see tensorboard.py). Handlers are thin: who is asking (``caller``,
+before anything is read), may they (the API server decides, as them), then one call."""
 
 from __future__ import annotations
 
@@ -10,29 +10,44 @@ import json
 import logging
 import secrets
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import yaml
+import yarl
 from aiohttp import web
 
-from gft_dashboard.apiserver import GROUP, VERSION, ApiError, ApiServer, Identity, Manifest
-from gft_dashboard.hub import FineTuneHub, summarize
+from gft_dashboard import auth, manifest, names, tensorboard
+from gft_dashboard.apiserver import (
+    GROUP,
+    VERSION,
+    ApiError,
+    ApiServer,
+    Identity,
+    Manifest,
+    read_at_most,
+)
+from gft_dashboard.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, Settings
+from gft_dashboard.hub import FineTuneHub, Visibility, gpu_series, summarize
+from gft_dashboard.limits import StreamLimits, TooManyStreams
+from gft_dashboard.sessions import Sessions
 
+__all__ = ["Settings", "make_app"]
 log = logging.getLogger("gft_dashboard")
 STATIC = Path(__file__).parent / "static"
-CSRF_COOKIE, CSRF_HEADER, TOKEN_COOKIE = "gft_csrf", "X-CSRF-Token", "gft_token"
 LOG_CAP_BYTES = 1 << 20  # a followed log stops after 1 MiB: the page is not an archive
-TENSORBOARD_PORT = 6006
+LOG_IDLE_SECONDS = 1800  # a followed log that says nothing for this long is ended
+KEEP_ALIVE_SECONDS = 15
+PROXY_STREAM_SECONDS = 900  # behind oauth2-proxy, a live list reconnects through it this often
 METRICS_PORT = 9090  # the trainer container's metrics port, as the operator renders it
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # set by an Indexed Job
 SECURITY_HEADERS = {
-    # Same-origin everything: no CDN, TensorBoard framed only from here.
+    # Our own code only: no CDN; framed by nobody; TensorBoard framed from here (sandboxed).
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-        "script-src 'self'; frame-ancestors 'self'; "
+        "script-src 'self'; frame-ancestors 'none'; frame-src 'self'; "
         "base-uri 'self'; form-action 'self'"
     ),
     "X-Content-Type-Options": "nosniff",
@@ -41,10 +56,13 @@ SECURITY_HEADERS = {
 
 
 @dataclass
-class Settings:
-    auth: str  # token | proxy | kubeconfig
-    prefix: str = ""  # the Ingress path prefix, without a trailing slash
-    secure_cookies: bool = False
+class Caller:
+    """Who a request is for, and (token mode) the session that holds their token."""
+
+    identity: Identity
+    session_id: str | None = None
+    user: str | None = None  # the name shown, where it is known without asking
+    expires: float | None = None  # Unix time the session ends
 
 
 @dataclass
@@ -52,50 +70,51 @@ class Dashboard:
     api: ApiServer
     settings: Settings
     hub: FineTuneHub = field(init=False)
-    _namespaces: dict[str, tuple[float, set[str] | None]] = field(default_factory=dict)
+    visibility: Visibility = field(init=False)
+    sessions: Sessions = field(default_factory=Sessions)
+    tickets: tensorboard.Tickets = field(default_factory=tensorboard.Tickets)
+    limits: StreamLimits = field(init=False)
+    plain: aiohttp.ClientSession | None = None  # to pods: TensorBoard, trainers' /metrics
 
     def __post_init__(self) -> None:
         self.hub = FineTuneHub(self.api)
+        self.visibility = Visibility(self.api)
+        self.limits = StreamLimits(self.settings.streams_per_user)
 
     # -- who is asking ----------------------------------------------------------------------
 
-    def identity(self, request: web.Request) -> Identity:
-        """The caller, per ``--auth``; 401 when the request names no one."""
+    def caller(self, request: web.Request) -> Caller:
+        """The caller, per ``--auth``; 401 when the request names no one (nothing about the
+        request has been read yet)."""
         mode = self.settings.auth
         if mode == "kubeconfig":
-            return Identity()
+            return Caller(Identity())
         if mode == "proxy":
-            user = request.headers.get("X-Forwarded-User") or request.headers.get(
-                "X-Auth-Request-User"
-            )
-            if not user:
-                raise web.HTTPUnauthorized(text="no X-Forwarded-User from the proxy")
-            groups = request.headers.get("X-Forwarded-Groups") or request.headers.get(
-                "X-Auth-Request-Groups", ""
-            )
-            return Identity(user=user, groups=tuple(g for g in groups.split(",") if g))
-        bearer = request.headers.get("Authorization", "")
-        token = bearer[7:] if bearer.startswith("Bearer ") else request.cookies.get(TOKEN_COOKIE)
-        if not token:
+            try:
+                who = auth.proxied_identity(request.headers, self.settings)
+            except auth.NotSignedIn as e:
+                raise web.HTTPUnauthorized(text=str(e)) from None
+            except auth.Refused as e:
+                raise web.HTTPForbidden(text=str(e)) from None
+            return Caller(who, user=who.user)
+        session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is None:
             raise web.HTTPUnauthorized(text="sign in with a Kubernetes bearer token")
-        return Identity(token=token)
+        return Caller(session.identity, session.id, session.user, session.expires)
 
-    async def visible_namespaces(self, who: Identity) -> set[str] | None:
-        """Where the user may list fine-tunes: None for everywhere, else a set (cached 30 s)."""
-        cached = self._namespaces.get(who.key)
-        if cached and time.monotonic() - cached[0] < 30:
-            return cached[1]
-        if await self.api.may(who, "list", None):
-            allowed: set[str] | None = None
-        else:
-            names = [
-                ns["metadata"]["name"]
-                for ns in (await self.api.request("GET", "/api/v1/namespaces", None))["items"]
-            ]
-            checks = await asyncio.gather(*(self.api.may(who, "list", ns) for ns in names))
-            allowed = {ns for ns, ok in zip(names, checks, strict=True) if ok}
-        self._namespaces[who.key] = (time.monotonic(), allowed)
-        return allowed
+    def session_over(self, caller: Caller) -> bool:
+        return caller.session_id is not None and self.sessions.get(caller.session_id) is None
+
+    async def visible(self, who: Identity, fresh: bool = False) -> set[str] | None:
+        """Namespaces (of those holding fine-tunes) where the user may list them; None: all."""
+        return await self.visibility.namespaces(who, self.hub.namespaces(), fresh=fresh)
+
+    def stream_slot(self, caller: Caller) -> contextlib.ExitStack:
+        """One of the caller's live streams (429 past their limit), held until it exits."""
+        try:
+            return self.limits.hold(caller.identity.key)
+        except TooManyStreams as e:
+            raise web.HTTPTooManyRequests(text=str(e)) from None
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -104,28 +123,43 @@ class Dashboard:
 @web.middleware
 async def security(request: web.Request, handler):
     dash: Dashboard = request.app["dashboard"]
-    if request.method in ("POST", "PUT", "PATCH", "DELETE"):
+    if not auth.host_allowed(request.headers.get("Host"), dash.settings):
+        raise web.HTTPForbidden(
+            text=f"the Host {request.headers.get('Host')!r} is not this dashboard's address "
+            f"({', '.join(sorted(dash.settings.allowed_hosts))}): a DNS-rebound name?"
+        )
+    # Route parameters are Kubernetes names before anything is built from them.
+    try:
+        for key in ("namespace", "name"):
+            if key in request.match_info:
+                check = names.namespace if key == "namespace" else names.name
+                check(request.match_info[key], key)
+    except names.BadName as e:
+        raise web.HTTPBadRequest(text=str(e)) from None
+    framed = request.path.startswith(f"{dash.settings.prefix}/tb/")
+    if request.method in ("POST", "PUT", "PATCH", "DELETE") and not framed:
         # Double-submit: the header must repeat the SameSite=Strict cookie, which another
-        # site can neither read nor make the browser send.
+        # site can neither read nor make the browser send. (TensorBoard's POSTs carry their
+        # ticket instead; see tensorboard.py.)
         cookie = request.cookies.get(CSRF_COOKIE, "")
         if not cookie or not secrets.compare_digest(cookie, request.headers.get(CSRF_HEADER, "")):
             raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page")
     try:
         response = await handler(request)
     except ApiError as e:
+        if e.status == 401 and request.cookies.get(SESSION_COOKIE):  # the token died
+            dash.sessions.end(request.cookies[SESSION_COOKIE])
+            dash.tickets.end_session(request.cookies[SESSION_COOKIE])
         response = web.json_response({"error": str(e), "status": e.status}, status=e.status)
-    if not request.path.startswith(f"{dash.settings.prefix}/tb/"):
-        response.headers.update(SECURITY_HEADERS)
-    else:
-        response.headers["X-Content-Type-Options"] = "nosniff"
+    if framed:
+        return response  # its own headers (tensorboard.FRAME_HEADERS)
+    for key, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(key, value)
     if CSRF_COOKIE not in request.cookies and not response.prepared:
         response.set_cookie(
-            CSRF_COOKIE,
-            secrets.token_urlsafe(24),
-            samesite="Strict",
-            secure=dash.settings.secure_cookies,
-            path="/",
-        )
+            CSRF_COOKIE, secrets.token_urlsafe(24), samesite="Strict",
+            secure=dash.settings.secure_cookies, path=dash.settings.cookie_path,
+        )  # fmt: skip
     return response
 
 
@@ -135,35 +169,48 @@ async def security(request: web.Request, handler):
 async def index(request: web.Request) -> web.StreamResponse:
     dash: Dashboard = request.app["dashboard"]
     page = (STATIC / "index.html").read_text().replace("{{PREFIX}}", dash.settings.prefix)
-    return web.Response(text=page, content_type="text/html")
+    return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
 
 async def login(request: web.Request) -> web.Response:
+    """Token mode: the token is checked by the API server (a SelfSubjectReview made with it)
+    and kept here; the browser gets an opaque session id."""
     dash: Dashboard = request.app["dashboard"]
+    if dash.settings.auth != "token":
+        raise web.HTTPNotFound(text=f"no sign-in form with --auth {dash.settings.auth}")
+    if (request.content_length or 0) > 64 << 10:
+        raise web.HTTPRequestEntityTooLarge(max_size=64 << 10, actual_size=request.content_length)
     body = await request.json()
-    token = str(body.get("token", "")).strip()
+    token = str(body.get("token", "")).strip() if isinstance(body, dict) else ""
     if not token:
         raise web.HTTPBadRequest(text="paste a bearer token")
     who = Identity(token=token)
     user = await dash.api.whoami(who)  # 401 from the API server if the token is not good
+    session = dash.sessions.start(who, user)
     response = web.json_response({"user": user})
     response.set_cookie(
-        TOKEN_COOKIE, token, httponly=True, samesite="Strict",
-        secure=dash.settings.secure_cookies, path="/",
+        SESSION_COOKIE, session.id, httponly=True, samesite="Strict",
+        secure=dash.settings.secure_cookies, path=dash.settings.cookie_path,
+        max_age=max(0, int(session.expires - time.time())),
     )  # fmt: skip
     return response
 
 
 async def logout(request: web.Request) -> web.Response:
+    dash: Dashboard = request.app["dashboard"]
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if session_id:
+        dash.sessions.end(session_id)
+        dash.tickets.end_session(session_id)
     response = web.json_response({})
-    response.del_cookie(TOKEN_COOKIE, path="/")
+    response.del_cookie(SESSION_COOKIE, path=dash.settings.cookie_path)
     return response
 
 
 async def whoami(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
-    user = await dash.api.whoami(who)
+    caller = dash.caller(request)
+    user = caller.user or await dash.api.whoami(caller.identity)
     return web.json_response({"user": user, "auth": dash.settings.auth})
 
 
@@ -172,47 +219,94 @@ async def whoami(request: web.Request) -> web.Response:
 
 async def finetunes(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
-    allowed = await dash.visible_namespaces(who)
+    caller = dash.caller(request)
+    allowed = await dash.visible(caller.identity)
     items = [summarize(o) for o in dash.hub.objects() if allowed is None or _ns(o) in allowed]
-    return web.json_response({"items": items, "namespaces": sorted(allowed or [])})
+    return web.json_response({"items": items})
 
 
 async def stream(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: the visible fine-tunes now, then each change as it happens. Every
-    browser is fed from the one watch the hub keeps."""
+    """Server-sent events: the visible fine-tunes now, then each change as it happens, every
+    browser fed from the one watch the hub keeps. Every ``recheck_seconds`` the user's rights
+    are asked again: what they may no longer see goes (a new snapshot), and a session that
+    ended (logout, an expired or deleted token) ends the stream with an ``expired`` event.
+    Behind the proxy a stream also ends after PROXY_STREAM_SECONDS: the browser reconnects at
+    once, through oauth2-proxy, which checks its session again."""
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
-    allowed = await dash.visible_namespaces(who)
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
-    )
-    await response.prepare(request)
-    queue = dash.hub.subscribe()
+    caller = dash.caller(request)
+    with dash.stream_slot(caller):
+        allowed = await dash.visible(caller.identity)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+        queue = dash.hub.subscribe()
+        started = time.monotonic()
+        try:
+            await response.write(_event("snapshot", _visible(dash, allowed)))
+            recheck = started + dash.settings.recheck_seconds
+            while (
+                dash.settings.auth != "proxy" or time.monotonic() - started < PROXY_STREAM_SECONDS
+            ):
+                wait = min(KEEP_ALIVE_SECONDS, max(0.0, recheck - time.monotonic()))
+                try:
+                    kind, obj = await asyncio.wait_for(queue.get(), timeout=wait)
+                except TimeoutError:
+                    if time.monotonic() < recheck:
+                        await response.write(b": keep-alive\n\n")
+                        continue
+                    recheck = time.monotonic() + dash.settings.recheck_seconds
+                    now_allowed = await _rights(dash, caller, dash.visible, caller.identity, True)
+                    if now_allowed == "expired":
+                        await response.write(_event("expired", {"reason": "session expired"}))
+                        break
+                    if now_allowed != allowed:
+                        allowed = now_allowed
+                        await response.write(_event("snapshot", _visible(dash, allowed)))
+                    continue
+                if kind is None:  # shutting down
+                    break
+                if allowed is not None and _ns(obj) not in allowed:
+                    # A namespace with its first fine-tune: asked about once (then cached).
+                    now_allowed = await _rights(dash, caller, dash.visible, caller.identity)
+                    if now_allowed == "expired":
+                        await response.write(_event("expired", {"reason": "session expired"}))
+                        break
+                    allowed = now_allowed
+                if allowed is None or _ns(obj) in allowed:
+                    await response.write(_event(kind, summarize(obj)))
+        except ConnectionResetError:
+            pass
+        except (ApiError, TimeoutError, aiohttp.ClientError) as e:
+            # Rights that cannot be asked are not assumed: end it; the browser reconnects.
+            log.warning("a live list ended: its user's rights could not be checked (%s)", e)
+        finally:
+            dash.hub.unsubscribe(queue)
+        return response
+
+
+async def _rights(dash: Dashboard, caller: Caller, check, *args):
+    """``check(*args)`` as the user, or "expired" when their session or token is over."""
+    if dash.session_over(caller) or (caller.expires and caller.expires <= time.time()):
+        return "expired"
     try:
-        visible = [o for o in dash.hub.objects() if allowed is None or _ns(o) in allowed]
-        snapshot = [summarize(o) for o in visible]
-        await response.write(_event("snapshot", snapshot))
-        while True:
-            try:
-                kind, obj = await asyncio.wait_for(queue.get(), timeout=15)
-            except TimeoutError:
-                await response.write(b": keep-alive\n\n")
-                continue
-            if kind is None:  # shutting down
-                break
-            if allowed is None or _ns(obj) in allowed:
-                await response.write(_event(kind, summarize(obj)))
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
-    finally:
-        dash.hub.unsubscribe(queue)
-    return response
+        return await check(*args)
+    except ApiError as e:
+        if e.status == 401:
+            if caller.session_id:
+                dash.sessions.end(caller.session_id)
+                dash.tickets.end_session(caller.session_id)
+            return "expired"
+        raise
+
+
+def _visible(dash: Dashboard, allowed: set[str] | None) -> list[dict[str, Any]]:
+    return [summarize(o) for o in dash.hub.objects() if allowed is None or _ns(o) in allowed]
 
 
 async def detail(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
+    who = dash.caller(request).identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
     obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
     events = await dash.api.request(
@@ -250,68 +344,123 @@ async def detail(request: web.Request) -> web.Response:
 
 async def trainer_log(request: web.Request) -> web.StreamResponse:
     """The trainer's log, followed, from the Kubernetes log API (as the user), at most
-    LOG_CAP_BYTES."""
+    LOG_CAP_BYTES; it ends when the user may no longer read it (asked again every
+    ``recheck_seconds``) or their session is over, and says which."""
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
+    caller = dash.caller(request)
+    who = caller.identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
-    obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
-    pod = (obj.get("status") or {}).get("podName")
-    if not pod:
-        raise web.HTTPNotFound(text="no trainer pod yet")
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
-    )
+    follow = request.query.get("follow") != "0"
     params = {
         "container": "trainer",
         "limitBytes": str(LOG_CAP_BYTES),
-        "follow": "true" if request.query.get("follow") != "0" else "false",
+        "follow": str(follow).lower(),
     }
-    chunks = dash.api.stream(f"/api/v1/namespaces/{ns}/pods/{pod}/log", who, params)
-    first = await anext(chunks, b"")  # a refusal (403, 404) raises here, before the reply starts
-    await response.prepare(request)
-    with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-        await response.write(first)
-        async for chunk in chunks:
-            await response.write(chunk)
-    return response
+    with dash.stream_slot(caller):
+        obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
+        pod = (obj.get("status") or {}).get("podName")
+        if not pod:
+            raise web.HTTPNotFound(text="no trainer pod yet")
+        try:
+            names.name(pod, "status.podName")
+        except names.BadName as e:
+            raise web.HTTPBadGateway(text=str(e)) from None
+        chunks = dash.api.stream(f"/api/v1/namespaces/{ns}/pods/{pod}/log", who, params,
+                                 idle_timeout=LOG_IDLE_SECONDS)  # fmt: skip
+        first = await anext(chunks, b"")  # a refusal (403, 404) raises here, before the reply
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
+        )
+        await response.prepare(request)
+
+        async def pump() -> str:
+            await response.write(first)
+            async for chunk in chunks:
+                await response.write(chunk)
+            return ""
+
+        async def may_read() -> bool:
+            return await dash.api.may(who, "get", ns, resource="pods", group="", name=pod,
+                                      subresource="log")  # fmt: skip
+
+        copying = asyncio.create_task(pump())
+        ending = ""
+        try:
+            while True:
+                done, _ = await asyncio.wait({copying}, timeout=dash.settings.recheck_seconds)
+                if done:
+                    copying.result()
+                    break
+                verdict = await _rights(dash, caller, may_read)
+                if verdict is not True:
+                    ending = ("\n[session expired: sign in again]\n" if verdict == "expired"
+                              else "\n[you may no longer read this log]\n")  # fmt: skip
+                    break
+        except aiohttp.ServerTimeoutError:  # the log's idle timeout
+            ending = f"\n[no new lines for {LOG_IDLE_SECONDS // 60} minutes: reload to follow]\n"
+        except (ApiError, TimeoutError) as e:  # rights that cannot be asked are not assumed
+            ending = f"\n[your rights to this log could not be checked ({e!r}): reload]\n"
+        except (ConnectionResetError, aiohttp.ClientError):
+            pass
+        finally:
+            copying.cancel()
+            with contextlib.suppress(BaseException):
+                await copying
+            await chunks.aclose()
+        if ending:
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(ending.encode())
+        return response
 
 
 async def gpus(request: web.Request) -> web.Response:
     """The GPU series of every running pod of the run right now (per pod, per GPU), read from
-    each pod's /metrics at its IP: pod 0's trainer, and the other pods of a multi-node run."""
+    each pod's /metrics at its IP (pods listed as the user): pod 0's trainer, and the other
+    pods of a multi-node run. Only numbers come back from what the pods answer."""
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
+    who = dash.caller(request).identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
     obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
     job = (obj.get("status") or {}).get("jobName")
     if not job:
         return web.json_response({"gpus": []})
+    try:
+        names.namespace(job, "status.jobName")  # a label value: the selector stays one term
+    except names.BadName as e:
+        raise web.HTTPBadGateway(text=str(e)) from None
     listed = await dash.api.request(
-        "GET", f"/api/v1/namespaces/{ns}/pods", None, params={"labelSelector": f"job-name={job}"}
+        "GET", f"/api/v1/namespaces/{ns}/pods", who, params={"labelSelector": f"job-name={job}"}
     )
     running = running_pods(listed.get("items") or [])
     if not running:
         return web.json_response({"gpus": [], "error": "no trainer is running"})
-    from gft_dashboard.hub import gpu_series
+    assert dash.plain is not None
 
-    async def read(session: aiohttp.ClientSession, ip: str) -> str | None:
+    async def read(ip: str) -> str | None:
         try:
-            async with session.get(
-                f"http://{ip}:{METRICS_PORT}/metrics", timeout=aiohttp.ClientTimeout(total=5)
-            ) as r:
-                return await r.text()
+            async with dash.plain.get(
+                f"http://{ip}:{METRICS_PORT}/metrics", allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as r:  # fmt: skip
+                if r.status != 200:
+                    return None
+                text = await read_at_most(r.content, 4 << 20)
+                return None if len(text) > 4 << 20 else text.decode("utf-8", errors="replace")
         except (aiohttp.ClientError, TimeoutError):
             return None
 
-    async with aiohttp.ClientSession() as plain:
-        texts = await asyncio.gather(*(read(plain, ip) for _, _, ip in running))
-    series = [
-        {"pod": pod, "index": index, **gpu}
-        for (pod, index, _), text in zip(running, texts, strict=True)
-        if text is not None
-        for gpu in gpu_series(text)
-    ]
-    silent = [pod for (pod, _, _), text in zip(running, texts, strict=True) if text is None]
+    texts = await asyncio.gather(*(read(ip) for _, _, ip in running))
+    series = []
+    silent = []
+    for (pod, index, _), text in zip(running, texts, strict=True):
+        try:
+            readings = gpu_series(text) if text is not None else None
+        except ValueError:
+            readings = None
+        if readings is None:
+            silent.append(pod)
+        else:
+            series += [{"pod": pod, "index": index, **gpu} for gpu in readings]
     answer: dict[str, Any] = {"gpus": series, "pods": len(running)}
     if silent:
         answer["error"] = f"the metrics of {', '.join(silent)} did not answer"
@@ -343,49 +492,129 @@ def running_pods(pods: list[Manifest]) -> list[tuple[str, str, str]]:
 # -- TensorBoard -----------------------------------------------------------------------------
 
 
-async def tensorboard(request: web.Request) -> web.StreamResponse:
-    """TensorBoard of one fine-tune, same-origin, once the user may read the fine-tune: the
-    dashboard fetches it from a ready endpoint of the fine-tune's Service."""
+async def tensorboard_ticket(request: web.Request) -> web.Response:
+    """Where the run page frames the fine-tune's TensorBoard: a path with a ticket for this
+    user and fine-tune, once they may read it."""
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
+    caller = dash.caller(request)
     ns, name = request.match_info["namespace"], request.match_info["name"]
-    if not await dash.api.may(who, "get", ns, name=name):
+    if not await dash.api.may(caller.identity, "get", ns, name=name):
         raise web.HTTPForbidden(text=f"you may not read gemmafinetune {ns}/{name}")
-    obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), None)
-    prefix = ((obj.get("spec") or {}).get("tensorboard") or {}).get("pathPrefix", "/")
-    address = await _tensorboard_address(dash.api, ns, name)
-    if address is None:
-        raise web.HTTPServiceUnavailable(text="TensorBoard is not running for this fine-tune")
-    upstream = f"http://{address}{prefix.rstrip('/')}/{request.match_info['tail']}"
-    async with (
-        aiohttp.ClientSession(auto_decompress=False) as plain,
-        plain.get(upstream, params=request.query, timeout=aiohttp.ClientTimeout(total=30)) as r,
-    ):
-        body = await r.read()
-        headers = {
-            k: v
-            for k, v in r.headers.items()
-            if k.lower() in ("content-type", "content-encoding", "cache-control")
-        }
-        return web.Response(body=body, status=r.status, headers=headers)
+    expires = caller.expires or time.time() + tensorboard.TICKET_TTL
+    ticket = dash.tickets.issue(caller.identity, caller.session_id, ns, name, expires)
+    return web.json_response({"url": f"{dash.settings.prefix}/tb/{ns}/{name}/{ticket.id}/"})
 
 
-async def _tensorboard_address(api: ApiServer, ns: str, name: str) -> str | None:
-    """``ip:port`` of a ready TensorBoard behind the fine-tune's Service (its EndpointSlices:
-    no cluster DNS or Service IP is needed, so it also works from a laptop on the pod network)."""
-    slices = await api.request(
-        "GET", f"/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", None,
-        params={"labelSelector": f"kubernetes.io/service-name={name}"},
-    )  # fmt: skip
-    for s in slices.get("items", []):
-        port = next(
-            (p["port"] for p in s.get("ports") or [] if p.get("name") == "tensorboard"),
-            TENSORBOARD_PORT,
+async def tensorboard_proxy(request: web.Request) -> web.StreamResponse:
+    """TensorBoard's pages and data for the holder of a ticket (see tensorboard.py)."""
+    dash: Dashboard = request.app["dashboard"]
+    ns, name = request.match_info["namespace"], request.match_info["name"]
+    ticket = dash.tickets.get(request.match_info["ticket"])
+    if ticket is None or (ticket.namespace, ticket.name) != (ns, name):
+        raise _framed(web.HTTPForbidden, "no such TensorBoard ticket: reload the run page")
+    if ticket.session_id and dash.sessions.get(ticket.session_id) is None:
+        dash.tickets.drop(ticket.id)
+        raise _framed(web.HTTPForbidden, "session expired: sign in again")
+    try:
+        tail = names.tail(request.match_info["tail"])
+    except names.BadName as e:
+        raise _framed(web.HTTPBadRequest, str(e)) from None
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers=tensorboard.PREFLIGHT)
+    body = None
+    if request.method == "POST":
+        if not tensorboard.POSTS.fullmatch(tail):
+            raise _framed(web.HTTPMethodNotAllowed, "only TensorBoard's data endpoints take a POST",
+                          method="POST", allowed_methods=["GET"])  # fmt: skip
+        if request.headers.get("X-XSRF-Protected") != "1":
+            raise _framed(web.HTTPForbidden, "TensorBoard's POSTs carry X-XSRF-Protected: 1")
+        if (request.content_length or 0) > tensorboard.MAX_POST_BYTES:
+            raise _framed(web.HTTPRequestEntityTooLarge, "too large",
+                          max_size=tensorboard.MAX_POST_BYTES,
+                          actual_size=request.content_length)  # fmt: skip
+        body = await read_at_most(request.content, tensorboard.MAX_POST_BYTES)
+        if len(body) > tensorboard.MAX_POST_BYTES:
+            raise _framed(web.HTTPRequestEntityTooLarge, "too large",
+                          max_size=tensorboard.MAX_POST_BYTES, actual_size=len(body))  # fmt: skip
+    address, prefix = await _tensorboard_upstream(dash, ticket)
+    headers = {"Accept-Encoding": "identity"}
+    if "Content-Type" in request.headers:
+        headers["Content-Type"] = request.headers["Content-Type"]
+    if body is not None:
+        headers["X-XSRF-Protected"] = "1"
+    assert dash.plain is not None
+    try:
+        async with dash.plain.request(
+            request.method, _upstream_url(address, prefix, tail, request.rel_url.raw_query_string),
+            data=body, headers=headers, allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=tensorboard.TIMEOUT),
+        ) as r:  # fmt: skip
+            if 300 <= r.status < 400:
+                raise _framed(
+                    web.HTTPBadGateway,
+                    f"TensorBoard answered with a redirect (HTTP {r.status}), which the "
+                    "dashboard does not follow",
+                )
+            content = await read_at_most(r.content, tensorboard.MAX_BYTES)
+            kind = r.headers.get("Content-Type", "application/octet-stream")
+            cache = r.headers.get("Cache-Control")
+            status = r.status
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise _framed(
+            web.HTTPBadGateway, f"TensorBoard did not answer: {type(e).__name__}"
+        ) from None
+    if len(content) > tensorboard.MAX_BYTES:
+        raise _framed(web.HTTPBadGateway, f"TensorBoard's answer is larger than "
+                      f"{tensorboard.MAX_BYTES >> 20} MiB")  # fmt: skip
+    if kind.split(";")[0].strip().lower() == "text/html":
+        content = tensorboard.with_shim(content, f"{dash.settings.prefix}/static/tb-frame.js")
+    response = web.Response(body=content, status=status, headers={
+        "Content-Type": kind, **({"Cache-Control": cache} if cache else {}),
+        **tensorboard.FRAME_HEADERS})  # fmt: skip
+    if len(content) > 1024:
+        response.enable_compression()
+    return response
+
+
+def _upstream_url(address: str, prefix: str, tail: str, query: str) -> yarl.URL:
+    """TensorBoard's URL for ``tail`` (checked: it stays below the prefix), the query passed
+    on exactly as the browser sent it."""
+    path = f"{prefix.rstrip('/')}/{urllib.parse.quote(tail, safe='/-._~')}"
+    return yarl.URL(f"http://{address}{path}" + (f"?{query}" if query else ""), encoded=True)
+
+
+def _framed(error: type[web.HTTPException], text: str, **kw) -> web.HTTPException:
+    return error(text=text, headers=tensorboard.FRAME_HEADERS, **kw)
+
+
+async def _tensorboard_upstream(dash: Dashboard, ticket: tensorboard.Ticket) -> tuple[str, str]:
+    """(ip:port, path prefix) of the fine-tune's TensorBoard, as the ticket's user sees it;
+    asked again (their right to read it too) every ``recheck_seconds``."""
+    fresh = time.monotonic() - ticket.checked_at < dash.settings.recheck_seconds
+    if fresh and ticket.upstream is not None:
+        return ticket.upstream
+    who, ns, name = ticket.identity, ticket.namespace, ticket.name
+    try:
+        obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
+        selector = {"labelSelector": f"{tensorboard.NAME_LABEL}={name}"}
+        listed = await dash.api.request(
+            "GET", f"/api/v1/namespaces/{ns}/pods", who, params=selector
         )
-        for endpoint in s.get("endpoints") or []:
-            if (endpoint.get("conditions") or {}).get("ready") and endpoint.get("addresses"):
-                return f"{endpoint['addresses'][0]}:{port}"
-    return None
+    except ApiError as e:
+        if e.status in (401, 403, 404):
+            dash.tickets.drop(ticket.id)
+            raise _framed(web.HTTPForbidden, f"you may no longer read {ns}/{name}: {e}") from None
+        raise _framed(web.HTTPBadGateway, str(e)) from None
+    prefix = ((obj.get("spec") or {}).get("tensorboard") or {}).get("pathPrefix", "/")
+    try:
+        prefix = names.path_prefix(prefix)
+    except names.BadName as e:
+        raise _framed(web.HTTPBadGateway, str(e)) from None
+    address = tensorboard.upstream_address(listed.get("items") or [])
+    if address is None:
+        raise _framed(web.HTTPServiceUnavailable, "TensorBoard is not running for this fine-tune")
+    ticket.checked_at, ticket.upstream = time.monotonic(), (address, prefix)
+    return ticket.upstream
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -393,32 +622,49 @@ async def _tensorboard_address(api: ApiServer, ns: str, name: str) -> str | None
 
 async def create(request: web.Request) -> web.Response:
     """Create from YAML (the form writes YAML too). ``dryRun``: validate only, by the API
-    server's own dry run, whose error names the field."""
+    server's own dry run with strict field validation, whose error names the field."""
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
-    body = await request.json()
+    who = dash.caller(request).identity  # before a byte of the body is read
+    limit = manifest.MAX_BYTES * 2 + 1024  # JSON escaping of the YAML, and the envelope
+    if request.content_length is None or request.content_length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length or 0)
     try:
-        manifest = yaml.safe_load(str(body.get("yaml", "")))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise web.HTTPBadRequest(text=f"the YAML does not parse{where}: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("kind") != "GemmaFineTune":
+        body = json.loads(await read_at_most(request.content, limit))
+    except ValueError as e:
+        raise web.HTTPBadRequest(text=f"expected a JSON body with a yaml field: {e}") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="expected a JSON body with a yaml field")
+    try:
+        obj = manifest.load(str(body.get("yaml", "")))
+    except manifest.BadManifest as e:
+        raise (web.HTTPRequestEntityTooLarge(max_size=manifest.MAX_BYTES, actual_size=limit,
+                                             text=str(e)) if "larger" in str(e)
+               else web.HTTPBadRequest(text=str(e))) from None  # fmt: skip
+    if not isinstance(obj, dict) or obj.get("kind") != "GemmaFineTune":
         raise web.HTTPBadRequest(text="expected one GemmaFineTune (kind: GemmaFineTune)")
-    manifest.setdefault("apiVersion", f"{GROUP}/{VERSION}")
-    ns = (manifest.get("metadata") or {}).get("namespace") or body.get("namespace") or "default"
-    manifest.setdefault("metadata", {})["namespace"] = ns
-    path = dash.api.finetunes_path(ns)
-    checked = await dash.api.request("POST", path, who, body=manifest, params={"dryRun": "All"})
+    obj.setdefault("apiVersion", f"{GROUP}/{VERSION}")
+    meta = obj.setdefault("metadata", {})
+    if not isinstance(meta, dict):
+        raise web.HTTPBadRequest(text="metadata must be a mapping")
+    ns = meta.get("namespace") or body.get("namespace") or "default"
+    try:
+        meta["namespace"] = names.namespace(str(ns), "metadata.namespace")
+    except names.BadName as e:
+        raise web.HTTPBadRequest(text=str(e)) from None
+    path = dash.api.finetunes_path(meta["namespace"])
+    strict = {"fieldValidation": "Strict"}
+    checked = await dash.api.request(
+        "POST", path, who, body=obj, params={**strict, "dryRun": "All"}
+    )
     if body.get("dryRun"):
         return web.json_response({"ok": True, "object": checked})
-    created = await dash.api.request("POST", path, who, body=manifest)
+    created = await dash.api.request("POST", path, who, body=obj, params=strict)
     return web.json_response({"ok": True, "object": created}, status=201)
 
 
 async def set_suspend(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
+    who = dash.caller(request).identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
     suspend = request.match_info["action"] == "suspend"
     patched = await dash.api.request(
@@ -430,7 +676,7 @@ async def set_suspend(request: web.Request) -> web.Response:
 
 async def delete(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
-    who = dash.identity(request)
+    who = dash.caller(request).identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
     await dash.api.request("DELETE", dash.api.finetunes_path(ns, name), who)
     return web.json_response({"ok": True})
@@ -448,11 +694,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 def make_app(api: ApiServer, settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[security])
+    app = web.Application(middlewares=[security], client_max_size=64 << 10)
     dash = Dashboard(api, settings)
     app["dashboard"] = dash
     p = settings.prefix
     ft = p + "/api/finetunes/{namespace}/{name}"
+    tb = p + "/tb/{namespace}/{name}/{ticket}/{tail:.*}"
     app.add_routes([
         web.get(p + "/", index),
         web.get(p + "/healthz", healthz),
@@ -467,19 +714,24 @@ def make_app(api: ApiServer, settings: Settings) -> web.Application:
         web.delete(ft, delete),
         web.get(ft + "/log", trainer_log),
         web.get(ft + "/gpus", gpus),
+        web.get(ft + "/tensorboard", tensorboard_ticket),
         web.post(ft + "/{action:suspend|resume}", set_suspend),
-        web.get(p + "/tb/{namespace}/{name}/{tail:.*}", tensorboard),
+        web.get(tb, tensorboard_proxy),
+        web.post(tb, tensorboard_proxy),
+        web.options(tb, tensorboard_proxy),
     ])  # fmt: skip
     if p:
         app.router.add_get(p, lambda r: web.HTTPFound(p + "/"))
 
     async def lifecycle(app: web.Application):
         await api.start()
+        dash.plain = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
         task = asyncio.create_task(dash.hub.run())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await dash.plain.close()
         await api.close()
 
     async def end_streams(app: web.Application) -> None:

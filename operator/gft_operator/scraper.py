@@ -11,10 +11,16 @@ pod proxy (``/api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics``), which works f
 A multi-node run is read at pod 0 (rank 0's training metrics and its GPUs) and, in the same
 read, at each other pod (their GPUs alone, read side by side); a pod that does not answer
 leaves its GPUs out of that reading and is logged once until it answers again.
+
+What a trainer's pod answers is foreign text (its image is the fine-tune author's choice):
+a redirect is never followed (it could point the operator anywhere it can reach), and none
+of the answer's words go into a status message, only the reader's own (the status is shown to
+everyone who may read the fine-tune, and in the dashboard's shared list).
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import threading
 import time
@@ -35,8 +41,17 @@ from gft_operator.trainer_metrics import BadMetrics, Reading, parse, parse_gpus
 log = logging.getLogger("gft_operator.scraper")
 
 MAX_BYTES = 4 * 1024 * 1024  # a trainer's /metrics is a few kB; more is not a trainer
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as what it is (an HTTPError with its 3xx code), not followed."""
+
+    def redirect_request(self, *args: object) -> None:
+        return None
+
+
 # Pod IPs are reached directly, never through an HTTP proxy from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
 
 class Access(StrEnum):
@@ -170,7 +185,9 @@ class Scraper:
             text = self._fetch(target.namespace, target.pod, target.pod_ip, target.port)
             reading = parse(text)
         except BadMetrics as e:
-            problem = Problem("MetricsInvalid", f"the trainer's metrics at {where}: {e}", "invalid")
+            problem = Problem(
+                "MetricsInvalid", f"the trainer's metrics at {where}: {_own_words(e)}", "invalid"
+            )
         except (OSError, ApiError, urllib3.exceptions.HTTPError) as e:
             if _timed_out(e):
                 problem = Problem(
@@ -256,8 +273,30 @@ def _timed_out(e: BaseException) -> bool:
 
 
 def _short(e: BaseException) -> str:
-    if isinstance(e, urllib.error.HTTPError):
-        return f"HTTP {e.code} {e.reason}"
+    """Why a read failed, in the reader's own words: a status code and its standard phrase,
+    never the reason phrase or body the pod sent."""
+    if isinstance(e, urllib.error.HTTPError | ApiError):
+        code = e.code if isinstance(e, urllib.error.HTTPError) else e.status
+        phrase = _phrase(code)
+        if 300 <= code < 400:
+            return f"it answered with a redirect (HTTP {code}{phrase}), which is not followed"
+        through = " through the API server's pod proxy" if isinstance(e, ApiError) else ""
+        return f"HTTP {code}{phrase}{through}"
     if isinstance(e, urllib.error.URLError) and e.reason:
-        return str(e.reason)
+        return str(e.reason)[:300]
     return str(e)[:300]
+
+
+def _phrase(code: int) -> str:
+    try:
+        return f" {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return ""
+
+
+def _own_words(e: BadMetrics) -> str:
+    """Why the answer is not a trainer's metrics, without quoting the answer."""
+    text = str(e)
+    if text.startswith("not the Prometheus text format") or "it starts with" in text:
+        return "not the Prometheus text format (the answer itself is not copied here)"
+    return text

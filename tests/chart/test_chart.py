@@ -170,15 +170,19 @@ def test_the_dashboard_acts_as_its_users_and_is_off_able():
     assert verbs <= {"get", "list", "watch"}  # its own rights: reads only; actions are the user's
     proxied = template(
         "dashboard.auth=proxy",
+        "dashboard.proxy.oidcIssuerURL=https://login.acme.dev",
+        "dashboard.proxy.secretName=oidc",
         "dashboard.pathPrefix=/gft",
         "dashboard.ingress.enabled=true",
         "dashboard.ingress.host=gft.acme.dev",
     )
     role = cluster_role(proxied, "gft-dashboard")
     assert any("impersonate" in r["verbs"] for r in role["rules"])
-    container = deployment(proxied, "gft-dashboard")["spec"]["template"]["spec"]["containers"][0]
+    container, proxy = deployment(proxied, "gft-dashboard")["spec"]["template"]["spec"][
+        "containers"
+    ]
     assert {"--auth=proxy", "--path-prefix=/gft"} <= set(container["args"])
-    assert container["readinessProbe"]["httpGet"]["path"] == "/gft/healthz"
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/gft/healthz"  # through oauth2-proxy
     (ingress,) = of_kind(proxied, "Ingress")
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["path"] == "/gft"
     off = template("dashboard.enabled=false")

@@ -24,7 +24,8 @@ def free_port() -> int:
 
 def start_dashboard(cluster, log, *args: str) -> tuple[subprocess.Popen, str]:
     """``gft-dashboard`` on a free loopback port with the admin's kubeconfig as its own
-    credentials; returned once its watch is synced."""
+    credentials; returned (with its root URL, without the path prefix) once its watch is
+    synced."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=f"{REPO / 'operator'}:{os.environ.get('PYTHONPATH', '')}")
     proc = subprocess.Popen(
@@ -33,10 +34,11 @@ def start_dashboard(cluster, log, *args: str) -> tuple[subprocess.Popen, str]:
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+    prefix = args[args.index("--path-prefix") + 1] if "--path-prefix" in args else ""
 
     def healthy():
         try:
-            return requests.get(f"{base}/healthz", timeout=2).status_code == 200
+            return requests.get(f"{base}{prefix}/healthz", timeout=2).status_code == 200
         except requests.ConnectionError:
             return proc.poll() is not None and pytest.fail(log.read_text())
 

@@ -1,27 +1,23 @@
 """The dashboard in a real headless Chromium (Debian's, driven by Playwright): a user signs in,
 the list updates live when a fine-tune's status changes, the run page shows the read-only user
-no controls, and an editor starts a fine-tune from the form (validated by the API server's dry
-run) and suspends it through the confirmation dialog. (A real run's page, curves and all, is
-looked at in tests/e2e/test_demo_flow.py.)"""
+no controls, an editor starts a fine-tune from the form (validated by the API server's dry
+run, small learning rates and typos included) and suspends it through the confirmation
+dialog; TensorBoard's own scalar card draws its points in the run page while a hostile
+TensorBoard's script can do nothing to the dashboard; a session that ends says so. (A real
+run's page, curves and all, is looked at in tests/e2e/test_demo_flow.py.)"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-import browser
 import pytest
 from conftest import wait_for
 from playwright.sync_api import expect
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    with browser.chromium() as launched:
-        yield launched
 
 
 def signed_in(chromium, base: str, token: str):
@@ -51,7 +47,8 @@ def test_the_list_updates_live_and_a_viewer_sees_no_controls(setup, chromium, cl
     assert "Running" in page.locator("#phase").inner_text()
     assert page.locator("#stop").count() == 0 and page.locator("#suspend").count() == 0
     assert "not change it" in page.content()
-    assert page.locator("iframe#tb").get_attribute("src").endswith(f"/tb/{team}/seen/")
+    # TensorBoard is framed from its own ticket's path (the frame needs no cookie).
+    expect(page.locator("iframe#tb")).to_have_attribute("src", re.compile(f"/gft/tb/{team}/seen/"))
     page.close()
 
 
@@ -67,6 +64,16 @@ def test_an_editor_starts_from_the_form_and_suspends_with_confirmation(setup, ch
     page.click("#validate")
     # (Locator assertions: the page's CSP forbids evaluating strings, Playwright's included.)
     expect(page.locator("#result")).to_contain_text("spec.training.learningRate")
+    # A small rate: the form writes it as JavaScript does (5e-7), which is a number.
+    page.fill("#f-lr", "0.0000005")
+    page.click("#to-yaml")
+    assert "learningRate: 5e-7" in page.locator("#yaml").input_value()
+    page.click("#validate")
+    expect(page.locator("#result")).to_contain_text("accepts it")
+    # A typo in the YAML editor is named, not dropped.
+    page.fill("#yaml", page.locator("#yaml").input_value().replace("learningRate", "learningrate"))
+    page.click("#validate")
+    expect(page.locator("#result")).to_contain_text("learningrate")
     page.fill("#f-lr", "0.0002")
     page.click("#to-yaml")
     page.click("#create")
@@ -83,4 +90,51 @@ def test_an_editor_starts_from_the_form_and_suspends_with_confirmation(setup, ch
         ),
         timeout=20,
     )
+    page.close()
+
+
+def _series_points(frame) -> int:
+    """The most points any line of TensorBoard's scalar cards draws (its SVG path's segments)."""
+    paths = frame.locator("scalar-card line-chart path")
+    return max(((paths.nth(i).get_attribute("d") or "").count("L") for i in range(paths.count())),
+               default=0)  # fmt: skip
+
+
+def test_tensorboard_draws_its_scalars_and_its_script_cannot_act_on_the_dashboard(
+    setup, chromium, cluster
+):
+    from dashboard.pods import reports
+
+    team = setup["team"]
+    page = signed_in(chromium, setup["base"], setup["tokens"]["editor"])
+    page.goto(f"{setup['base']}/#/ft/{team}/seen")
+    page.locator("iframe#tb").scroll_into_view_if_needed()  # TensorBoard draws what is seen
+    frame = page.frame_locator("iframe#tb")
+    frame.locator("scalar-card").first.wait_for(timeout=90_000)
+    # Time Series POSTs for its data: the card's line has the run's 20 points (19 segments).
+    wait_for("TensorBoard's loss card drawn", lambda: _series_points(frame) >= 19, timeout=60)
+    # A run whose "TensorBoard" is the author's own page: its script runs, sandboxed, and reports.
+    page.goto(f"{setup['base']}/#/ft/{team}/hostile")
+    (report,) = wait_for("the hostile page's report", lambda: reports(cluster, team, "evil"),
+                         timeout=90)  # fmt: skip
+    assert report["delete"] != 200 and report["whoami"] != 200, report
+    assert "gft_" not in str(report["cookie"]) and str(report["parent"]).startswith("refused")
+    assert cluster.kubectl("get", "gft", "hostile", "-n", team, check=False).returncode == 0
+    page.close()
+
+
+def test_a_session_signs_out_and_an_expired_one_says_so(setup, chromium, cluster):
+    team = setup["team"]
+    cluster.kubectl("create", "serviceaccount", "short-lived", "-n", team)
+    cluster.kubectl("create", "rolebinding", "short-lived", "--clusterrole=view",
+                    f"--serviceaccount={team}:short-lived", "-n", team)  # fmt: skip
+    token = cluster.kubectl("create", "token", "short-lived", "-n", team).stdout.strip()
+    page = signed_in(chromium, setup["base"], token)
+    page.click("#signout")
+    page.wait_for_selector("#token")
+    page.fill("#token", token)
+    page.click("#signin")
+    page.wait_for_selector(f"tr.row[data-key='{team}/seen']")
+    cluster.kubectl("delete", "serviceaccount", "short-lived", "-n", team)
+    expect(page.locator("#expired")).to_contain_text("session expired", timeout=30_000)
     page.close()

@@ -89,3 +89,127 @@ def test_each_running_pod_of_a_run_is_read_once_newest_per_index():
     assert running_pods(pods) == [("mn-0-a", "0", "10.0.0.1"), ("mn-1-new", "1", "10.0.0.3")]
     assert running_pods([pod("single")]) == [("single", "0", "10.0.0.1")]
     assert running_pods([pod("done", phase="Succeeded")]) == []
+
+
+def test_names_are_checked_before_they_become_urls():
+    import pytest
+    from gft_dashboard import names
+
+    assert names.namespace("team-a") == "team-a" and names.name("run.v2") == "run.v2"
+    for bad in ("kube-system/pods", "..", "Team", "", "a" * 64, "-a"):
+        with pytest.raises(names.BadName, match="namespace"):
+            names.namespace(bad)
+    for bad in ("a/../b", "..", ".", "a..b", "x" * 254):
+        with pytest.raises(names.BadName, match="name"):
+            names.name(bad)
+    assert names.tail("data/plugin/scalars/tags") == "data/plugin/scalars/tags"
+    assert names.tail("") == ""
+    for bad in ("../x", "a/../../b", "a//b", "a\\b"):
+        with pytest.raises(names.BadName):
+            names.tail(bad)
+    assert names.path_prefix("/tb/") == "/tb/"
+    with pytest.raises(names.BadName):
+        names.path_prefix("/a/../b")
+
+
+def test_yaml_is_read_as_kubernetes_reads_it_without_aliases():
+    import pytest
+    from gft_dashboard import manifest
+
+    got = manifest.load("a: 2e-4\nb: 5e-7\nc: 10\nd: '2e-4'\ne: 1.5\nf: .5\ng: 1_000\nh: 0x10\n")
+    assert got == {"a": 2e-4, "b": 5e-7, "c": 10, "d": "2e-4", "e": 1.5, "f": 0.5, "g": 1000,
+                   "h": 16}  # fmt: skip
+    with pytest.raises(manifest.BadManifest, match=r"aliases .* line 2"):
+        manifest.load("a: &x [1]\nb: *x\n")
+    with pytest.raises(manifest.BadManifest, match="larger than"):
+        manifest.load("#" * (manifest.MAX_BYTES + 1))
+    with pytest.raises(manifest.BadManifest, match="line 2"):
+        manifest.load("a: [\nb")
+
+
+def test_a_session_ends_no_later_than_its_token_and_the_store_is_bounded():
+    import base64
+    import json as j
+
+    from gft_dashboard.sessions import MAX_AGE, Sessions, token_expiry
+
+    def jwt(exp: int) -> str:
+        body = base64.urlsafe_b64encode(j.dumps({"exp": exp}).encode()).decode().rstrip("=")
+        return f"e30.{body}.sig"
+
+    assert token_expiry(jwt(1000)) == 1000 and token_expiry("opaque") is None
+    store = Sessions(limit=2)
+    short = store.start(Identity(token=jwt(1600)), "ada", now=1000)
+    assert short.expires == 1600 and store.get(short.id, now=1500) == short
+    assert store.get(short.id, now=1600) is None  # expired with its token
+    long = store.start(Identity(token="opaque"), "bob", now=1000)
+    assert long.expires == 1000 + MAX_AGE
+    for _ in range(3):
+        store.start(Identity(token="x"), "x", now=1000)
+    assert len(store) == 2 and store.get(long.id, now=1000) is None  # the oldest went first
+
+
+def test_stream_limits_per_user_and_in_all():
+    import pytest
+    from gft_dashboard.limits import StreamLimits, TooManyStreams
+
+    limits = StreamLimits(per_user=2, total=3)
+    with limits.hold("ada"), limits.hold("ada"):
+        with pytest.raises(TooManyStreams, match="at most 2 per user"):
+            limits.hold("ada")
+        with limits.hold("bob"), pytest.raises(TooManyStreams, match="at most 3"):
+            limits.hold("cy")
+    assert limits.held("ada") == 0 and limits.held("bob") == 0
+
+
+def test_a_proxied_identity_is_never_a_system_name():
+    import pytest
+    from gft_dashboard import auth
+
+    settings = auth.Settings(auth="proxy")
+    who = auth.proxied_identity(
+        {"X-Forwarded-User": "ada", "X-Forwarded-Groups": "ml, dev"}, settings
+    )
+    assert who == Identity(user="ada", groups=("ml", "dev"))
+    prefixed = auth.Settings(auth="proxy", user_prefix="oidc:", group_prefix="oidc:")
+    ada = {"X-Forwarded-User": "ada", "X-Forwarded-Groups": "ml"}
+    assert auth.proxied_identity(ada, prefixed) == Identity(user="oidc:ada", groups=("oidc:ml",))
+    with pytest.raises(auth.Refused, match="system:masters"):
+        auth.proxied_identity({**ada, "X-Forwarded-Groups": "ml,system:masters"}, settings)
+    with pytest.raises(auth.Refused):
+        auth.proxied_identity({"X-Forwarded-User": "system:admin"}, settings)
+    with pytest.raises(auth.NotSignedIn):
+        auth.proxied_identity({"X-Auth-Request-User": "ada"}, settings)
+    laptop = auth.Settings(auth="kubeconfig", allowed_hosts=auth.loopback_hosts("127.0.0.1", 8090))
+    assert auth.host_allowed("localhost:8090", laptop) and auth.host_allowed(
+        "127.0.0.1:8090", laptop
+    )
+    assert not auth.host_allowed("attacker.example:8090", laptop)
+    assert not auth.host_allowed(None, laptop)
+
+
+def test_tensorboard_is_found_at_a_ready_pod_and_gets_the_shim_first():
+    from gft_dashboard import tensorboard
+
+    def pod(ready: bool, ip: str = "10.0.0.5", sidecar: bool = True) -> dict:
+        container = {
+            "name": "tensorboard",
+            "ports": [{"name": "tensorboard", "containerPort": 6007}],
+        }
+        spec = {"containers": [container]}
+        if sidecar:
+            spec = {"initContainers": [container], "containers": [{"name": "trainer"}]}
+        conditions = [{"type": "Ready", "status": "True" if ready else "False"}]
+        return {"metadata": {}, "spec": spec, "status": {"podIP": ip, "conditions": conditions}}
+
+    assert tensorboard.upstream_address([pod(False), pod(True, "10.0.0.6", sidecar=False)]) == (
+        "10.0.0.6:6007"
+    )
+    assert tensorboard.upstream_address([pod(False)]) is None
+    page = tensorboard.with_shim(b"<html><HEAD lang=x><script src=a.js></script>", "/s.js")
+    assert page.index(b"/s.js") < page.index(b"a.js")
+    assert tensorboard.with_shim(b"<p>no head</p>", "/s.js").startswith(b'<script src="/s.js">')
+    assert tensorboard.POSTS.fullmatch(
+        "experiment/defaultExperimentId/data/plugin/timeseries/timeSeries"
+    )
+    assert not tensorboard.POSTS.fullmatch("data/runs")

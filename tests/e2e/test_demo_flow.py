@@ -153,7 +153,7 @@ def test_the_demo_path(demo):
         page.close()
 
     # The dashboard, in the cluster, through its port-forward: signed in as the demo's user,
-    # it lists the run and frames its TensorBoard (same-origin, after checking the user may).
+    # it lists the run and frames its TensorBoard (sandboxed, once the user may read the run).
     import requests
 
     browser = requests.Session()
@@ -167,8 +167,12 @@ def test_the_demo_path(demo):
     assert row_["phase"] == "Succeeded" and row_["light"] == "done" and row_["percent"] == 100
     detail = browser.get(f"{demo.dashboard_url}api/finetunes/{NS}/{NAME}", timeout=30).json()
     assert detail["can"]["delete"] is True and detail["object"]["status"]["result"]
-    runs = browser.get(f"{demo.dashboard_url}tb/{NS}/{NAME}/data/runs", timeout=30)
+    # TensorBoard: by the ticket the run page frames it with (the frame sends no cookie).
+    framed = browser.get(f"{demo.dashboard_url}api/finetunes/{NS}/{NAME}/tensorboard", timeout=30)
+    root = demo.dashboard_url.rstrip("/")
+    runs = requests.get(f"{root}{framed.json()['url']}data/runs", timeout=30)
     assert runs.status_code == 200 and f"{NS}/{NAME}" in runs.json(), runs.text
+    assert "sandbox allow-scripts" in runs.headers["Content-Security-Policy"]
 
     # The adapter loads from the output volume with peft and answers in the trained direction.
     from devcluster.answers import base_and_adapter

@@ -1,6 +1,7 @@
 // The dashboard's page: a list fed by server-sent events, a run page with curves (from
 // TensorBoard's own scalars, so a page opened mid-run has the whole curve), the followed log,
-// TensorBoard framed same-origin, and the controls the signed-in user may use.
+// TensorBoard in a sandboxed frame (its own script can never act on this page), and the
+// controls the signed-in user may use.
 "use strict";
 
 const PREFIX = document.body.dataset.prefix || "";
@@ -8,6 +9,7 @@ const view = document.getElementById("view");
 let rows = new Map();       // "ns/name" -> summary
 let stream = null;          // the list's EventSource
 let leaveRun = () => {};    // stops the run page's timers and log stream
+let mode = "token";         // how this dashboard authenticates (from /api/whoami)
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
 // Significant digits without trailing zeros after the point (100 stays 100).
@@ -19,8 +21,40 @@ async function api(path, options = {}) {
   const r = await fetch(PREFIX + path, {credentials: "same-origin", ...options, headers});
   const text = await r.text();
   let body; try { body = JSON.parse(text); } catch { body = {error: text}; }
-  if (!r.ok) { const e = new Error(body.error || text || r.statusText); e.status = r.status; throw e; }
+  if (!r.ok) {
+    const e = new Error(body.error || text || r.statusText); e.status = r.status;
+    if (r.status === 401 && signedIn) expired();
+    throw e;
+  }
   return body;
+}
+
+// -- the session ----------------------------------------------------------------------------
+
+let signedIn = false;
+
+// The session is over (signed out elsewhere, token expired or revoked): stop everything live
+// and say so, instead of a page that silently stops moving.
+function expired() {
+  signedIn = false;
+  if (stream) { stream.close(); stream = null; }
+  leaveRun();
+  const banner = document.getElementById("expired");
+  banner.hidden = false;
+  banner.querySelector("span").textContent = "Your session expired: nothing here updates any more.";
+  document.getElementById("signout").hidden = true;
+}
+
+async function signOut() {
+  if (stream) { stream.close(); stream = null; }
+  leaveRun();
+  signedIn = false;
+  document.getElementById("signout").hidden = true;
+  document.getElementById("who").textContent = "";
+  document.getElementById("new-link").hidden = true;
+  if (mode === "proxy") { location.href = PREFIX + "/oauth2/sign_out?rd=" + encodeURIComponent(PREFIX + "/"); return; }
+  try { await api("/api/logout", {method: "POST"}); } catch { /* signed out either way */ }
+  signIn("Signed out.");
 }
 
 function age(ts) {
@@ -42,6 +76,7 @@ function confirmDialog(title, text) {
 
 function signIn(message) {
   leaveRun();
+  document.getElementById("expired").hidden = true;
   view.innerHTML = `<div class="card" style="max-width:520px"><h3>Sign in</h3>
     <p class="muted">Paste a Kubernetes bearer token (for example <code>kubectl create token NAME</code>).
     Everything you do here is done as you: the API server's RBAC decides.</p>
@@ -77,6 +112,7 @@ function listen() {
   stream.addEventListener("snapshot", (e) => { rows = new Map(JSON.parse(e.data).map((r) => [`${r.namespace}/${r.name}`, r])); renderList(); });
   stream.addEventListener("changed", (e) => { const r = JSON.parse(e.data); rows.set(`${r.namespace}/${r.name}`, r); renderList(); onRunChanged(r); });
   stream.addEventListener("deleted", (e) => { const r = JSON.parse(e.data); rows.delete(`${r.namespace}/${r.name}`); renderList(); onRunChanged(null, r); });
+  stream.addEventListener("expired", () => expired());
 }
 
 // -- the run page ---------------------------------------------------------------------------
@@ -101,16 +137,26 @@ function chart(series) {
     <line x1="40" y1="140" x2="590" y2="140" stroke="#d0d7de"/>${lines}</svg>`;
 }
 
-async function loadCurves(ns, name) {
+// TensorBoard's address for this run: a path with a ticket for this user (the sandboxed frame
+// sends no cookie, and the page's own reads use the same path).
+async function tensorboardBase(ns, name) {
+  try { return (await api(`/api/finetunes/${encodeURIComponent(ns)}/${encodeURIComponent(name)}/tensorboard`)).url; }
+  catch { return null; }
+}
+
+async function loadCurves(ns, name, tb) {
+  if (!tb) return;
   const run = encodeURIComponent(`${ns}/${name}`);
-  const base = `/tb/${encodeURIComponent(ns)}/${encodeURIComponent(name)}/data/plugin/scalars/scalars?run=${run}&tag=`;
+  const base = `${tb}data/plugin/scalars/scalars?run=${run}&tag=`;
   const out = [];
   for (const [title, tags] of CURVES) {
     const series = [];
     for (const tag of tags) {
       try {
-        const r = await fetch(PREFIX + base + encodeURIComponent(tag), {credentials: "same-origin"});
-        if (r.ok) series.push({tag, points: (await r.json()).map((p) => [p[1], p[2]])});
+        const r = await fetch(base + encodeURIComponent(tag), {credentials: "omit"});
+        // TensorBoard's answer is the pod's: only what reads as two numbers is drawn.
+        const points = r.ok ? (await r.json()).map((p) => [Number(p[1]), Number(p[2])]) : [];
+        if (r.ok) series.push({tag, points: points.filter(([x, y]) => Number.isFinite(x) && Number.isFinite(y))});
       } catch { /* TensorBoard not up yet */ }
     }
     if (series.some((s) => s.points.length)) out.push(`<div class="card"><h3>${esc(title)}</h3>${chart(series.filter((s) => s.points.length))}</div>`);
@@ -120,17 +166,18 @@ async function loadCurves(ns, name) {
 }
 
 // The latest sample answers, from TensorBoard's text tab (live); after the run, from its result.
-async function loadSamples(ns, name, result) {
+async function loadSamples(ns, name, result, base) {
   const el = document.getElementById("samples");
   if (!el) return;
-  const tb = `${PREFIX}/tb/${encodeURIComponent(ns)}/${encodeURIComponent(name)}/data/plugin/text/`;
+  const tb = `${base}data/plugin/text/`;
   const run = `${ns}/${name}`;
   const shown = [];
   try {
-    const tags = ((await (await fetch(tb + "tags", {credentials: "same-origin"})).json())[run] || [])
+    if (!base) throw new Error("no TensorBoard");
+    const tags = ((await (await fetch(tb + "tags", {credentials: "omit"})).json())[run] || [])
       .filter((t) => t.startsWith("samples/")).sort();
     for (const tag of tags) {
-      const r = await fetch(`${tb}text?run=${encodeURIComponent(run)}&tag=${encodeURIComponent(tag)}`, {credentials: "same-origin"});
+      const r = await fetch(`${tb}text?run=${encodeURIComponent(run)}&tag=${encodeURIComponent(tag)}`, {credentials: "omit"});
       const points = r.ok ? await r.json() : [];
       const last = points[points.length - 1];
       // TensorBoard renders the markdown to HTML; show its text only, never its markup.
@@ -175,6 +222,7 @@ function followLog(ns, name) {
         if (stick) el.scrollTop = el.scrollHeight;
       }
     } catch (e) { if (e.name !== "AbortError") el.textContent += `\n[log ended: ${e.message}]`; }
+    if (/\[session expired/.test(el.textContent.slice(-200))) expired();
   })();
   return () => ctrl.abort();
 }
@@ -205,7 +253,7 @@ async function showRun(ns, name) {
         <h3>Last checkpoint</h3><pre>${esc(st.lastCheckpoint ? JSON.stringify(st.lastCheckpoint) : "none yet")}</pre></div>
     </div>
     <h3>Training log</h3><pre class="log" id="log">…</pre>
-    <h3>TensorBoard</h3><iframe id="tb" src="${PREFIX}/tb/${encodeURIComponent(ns)}/${encodeURIComponent(name)}/" title="TensorBoard"></iframe>
+    <h3>TensorBoard</h3><div id="tb-frame"><p class="muted">Loading TensorBoard…</p></div>
     <div class="grid" style="margin-top:12px">
       <div class="card"><h3>Conditions</h3><table>${(st.conditions || []).map((c) => `<tr><td>${esc(c.type)}</td><td>${esc(c.status)}</td><td>${esc(c.reason)}</td><td class="msg">${esc(c.message)}</td></tr>`).join("")}</table></div>
       <div class="card"><h3>Events</h3><table>${d.events.map((e) => `<tr><td>${esc(e.type)}</td><td>${esc(e.reason)}</td><td class="msg">${esc(e.message)}</td><td>${age(e.time)}</td></tr>`).join("") || "<tr><td class='muted'>none</td></tr>"}</table></div>
@@ -222,9 +270,20 @@ async function showRun(ns, name) {
   on("resume", () => action(base + "/resume", "POST"));
   on("stop", () => action(base, "DELETE", "Stop and delete this fine-tune?", "The trainer saves a checkpoint, then the Job, TensorBoard and the other children are removed. The output claim (checkpoints, adapter) is kept."));
   on("clone", () => { location.hash = "#/new"; setTimeout(() => fillEditor(cloneOf(o)), 0); });
-  loadCurves(ns, name); loadGpus(ns, name); loadSamples(ns, name, st.result);
+  const tb = await tensorboardBase(ns, name);
+  const holder = document.getElementById("tb-frame");
+  if (tb && holder) {
+    // Sandboxed without allow-same-origin: TensorBoard is the fine-tune author's content.
+    // SVG charts: in a sandbox TensorBoard cannot start its chart worker.
+    const frame = document.createElement("iframe");
+    frame.id = "tb"; frame.title = "TensorBoard"; frame.referrerPolicy = "no-referrer";
+    frame.setAttribute("sandbox", "allow-scripts allow-downloads");
+    frame.src = tb + "?forceSVG=true";
+    holder.replaceChildren(frame);
+  } else if (holder) holder.innerHTML = `<p class="muted">TensorBoard is not available to you for this run.</p>`;
+  loadCurves(ns, name, tb); loadGpus(ns, name); loadSamples(ns, name, st.result, tb);
   const stopLog = followLog(ns, name);
-  const timer = setInterval(() => { loadCurves(ns, name); loadGpus(ns, name); loadSamples(ns, name, st.result); }, 10000);
+  const timer = setInterval(() => { loadCurves(ns, name, tb); loadGpus(ns, name); loadSamples(ns, name, st.result, tb); }, 10000);
   leaveRun = () => { stopLog(); clearInterval(timer); current = null; leaveRun = () => {}; };
 }
 
@@ -305,8 +364,12 @@ function route() {
 async function start() {
   try {
     const me = await api("/api/whoami");
+    mode = me.auth;
+    signedIn = true;
+    document.getElementById("expired").hidden = true;
     document.getElementById("who").textContent = me.user;
     document.getElementById("new-link").hidden = false;
+    document.getElementById("signout").hidden = mode === "kubeconfig";
   } catch (e) {
     if (e.status === 401) return signIn();
     view.innerHTML = `<p class="error">${esc(e.message)}</p>`;
@@ -317,4 +380,6 @@ async function start() {
   route();
 }
 
+document.getElementById("signout").onclick = signOut;
+document.getElementById("sign-in-again").onclick = () => (mode === "proxy" ? location.reload() : signIn());
 start();
