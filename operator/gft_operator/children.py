@@ -467,7 +467,7 @@ def tensorboard_deployment(
             _tmp_volume(),
         ],
     }
-    _place(pod_spec, spec)
+    _place(pod_spec, spec, trainer=False)
     return _adopt(
         {
             "apiVersion": "apps/v1",
@@ -666,10 +666,13 @@ def _pod_security(defaults: Defaults) -> Manifest:
     }
 
 
-def _place(pod_spec: Manifest, spec: GemmaFineTuneSpec) -> None:
-    """Node selector and tolerations of the spec (TensorBoard goes where the volume is)."""
+def _place(pod_spec: Manifest, spec: GemmaFineTuneSpec, trainer: bool = True) -> None:
+    """Node selector and tolerations of the spec. TensorBoard after the run keeps only the
+    tolerations: it needs no GPU node (the node selector would hold one for as long as it is
+    kept), and the scheduler places it where the claim's volume can be mounted; the
+    tolerations let it go to a tainted node where the volume is bound to one."""
     res = spec.resources
-    if res.node_selector:
+    if res.node_selector and trainer:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in res.tolerations]
