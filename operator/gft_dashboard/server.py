@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import yaml
 from aiohttp import web
+from gft_api.conventions import METRICS_PORT, TENSORBOARD_PORT, running_pods
 
 from gft_dashboard.apiserver import GROUP, VERSION, ApiError, ApiServer, Identity, Manifest
 from gft_dashboard.hub import FineTuneHub, summarize
@@ -25,9 +26,6 @@ log = logging.getLogger("gft_dashboard")
 STATIC = Path(__file__).parent / "static"
 CSRF_COOKIE, CSRF_HEADER, TOKEN_COOKIE = "gft_csrf", "X-CSRF-Token", "gft_token"
 LOG_CAP_BYTES = 1 << 20  # a followed log stops after 1 MiB: the page is not an archive
-TENSORBOARD_PORT = 6006
-METRICS_PORT = 9090  # the trainer container's metrics port, as the operator renders it
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # set by an Indexed Job
 SECURITY_HEADERS = {
     # Same-origin everything: no CDN, TensorBoard framed only from here.
     "Content-Security-Policy": (
@@ -316,28 +314,6 @@ async def gpus(request: web.Request) -> web.Response:
     if silent:
         answer["error"] = f"the metrics of {', '.join(silent)} did not answer"
     return web.json_response(answer)
-
-
-def running_pods(pods: list[Manifest]) -> list[tuple[str, str, str]]:
-    """(name, completion index, IP) of the run's running pods, the newest of each index, by
-    index (a one-pod Job's pod is index 0)."""
-    newest: dict[int, Manifest] = {}
-    for pod in pods:
-        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-        if meta.get("deletionTimestamp") or status.get("phase") != "Running":
-            continue
-        if not status.get("podIP"):
-            continue
-        index = int((meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or 0)
-        known = newest.get(index)
-        if known is None or meta.get("creationTimestamp", "") > known["metadata"].get(
-            "creationTimestamp", ""
-        ):
-            newest[index] = pod
-    return [
-        (newest[i]["metadata"]["name"], str(i), newest[i]["status"]["podIP"])
-        for i in sorted(newest)
-    ]
 
 
 # -- TensorBoard -----------------------------------------------------------------------------

@@ -40,6 +40,15 @@ from gft_api.contract import (
     S3Target,
     TrainerConfig,
 )
+from gft_api.conventions import (
+    MANAGED_BY,
+    METRICS_PORT,
+    NAME_LABEL,
+    TENSORBOARD,
+    TENSORBOARD_PORT,
+    TRAINER,
+    UID_LABEL,
+)
 from gft_api.v1alpha1 import GemmaFineTuneSpec, ReclaimPolicy, child_names
 from pydantic import BaseModel
 
@@ -47,10 +56,6 @@ from gft_operator.policy import Policy
 
 Manifest = dict[str, Any]
 
-TRAINER = "trainer"
-TENSORBOARD = "tensorboard"
-TENSORBOARD_PORT = 6006
-METRICS_PORT = 9090
 RENDEZVOUS_PORT = 29500  # rank 0's store, where a multi-node run's ranks meet (torch's default)
 
 OUTPUT_DIR = "/output"
@@ -65,15 +70,11 @@ KUBE_SCORE_IGNORE = {
     # addresses are the cluster's own; one TensorBoard per run is enough.
     "kube-score/ignore": "container-image-pull-policy,pod-networkpolicy,deployment-replicas"
 }
-NAME_LABEL = "finetune.gemma.dev/name"
-UID_LABEL = "finetune.gemma.dev/uid"
-"""On the Job and its pods: the uid of the GemmaFineTune (the run) they belong to."""
 OUTCOME_FINALIZER = "finetune.gemma.dev/outcome"
 """On the Job and its pods until the operator has recorded what they say about the run."""
 RUNS_DIR = "runs"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
-MANAGED_BY = "gft-operator"
 
 
 @dataclass(frozen=True)

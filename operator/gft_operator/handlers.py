@@ -221,6 +221,7 @@ def resync_forever(stop: threading.Event) -> None:
     while not stop.wait(RUNTIME.resync_seconds):
         CACHE.expire()
         resync()
+        monitoring.RESYNCS.inc()
 
 
 def resync(everything: bool = False) -> None:

@@ -15,6 +15,11 @@ from prometheus_client.registry import Collector
 REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter("gft_operator_reconciles", "Reconciles of GemmaFineTunes.", registry=REGISTRY)
+RESYNCS = Counter(
+    "gft_operator_resyncs",
+    "Passes of the periodic resync (each queues every unfinished fine-tune once).",
+    registry=REGISTRY,
+)
 RECONCILE_ERRORS = Counter(
     "gft_operator_reconcile_errors",
     "Reconciles that raised (retried by the next event or resync).",

@@ -15,14 +15,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gft_api.contract import ExitCode, Outcome, TrainerSummary, describe_exit_code
+from gft_api.conventions import (
+    COMPLETION_INDEX_LABEL,
+    TRAINER,
+    WARNING_REASONS,
+    leaders,
+    newest_pod,
+    peers,
+)
 from gft_api.v1alpha1 import TERMINAL_PHASES, Phase
-
-from gft_operator.children import TRAINER
 
 Manifest = dict[str, Any]
 
 CONDITION_TYPES = ("Ready", "Suspended", "Complete", "Failed")
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 SPEC_UNDERSTOOD = "SpecUnderstood"
 METRICS_AVAILABLE = "MetricsAvailable"
 APPLIED = "Applied"
@@ -30,30 +35,7 @@ APPLIED = "Applied"
 REASON_PATTERN = re.compile(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?")
 """A condition's reason, as the CRD (and the API conventions) hold it."""
 
-# Phases that are a problem for the user to look at; their events are Warnings.
-_WARNING_REASONS = frozenset(
-    {
-        "Unschedulable",
-        "PersistentVolumeClaimNotBound",
-        "ImagePullFailed",
-        "SecretNotFound",
-        "ConfigMapNotFound",
-        "CreateContainerConfigError",
-        "VolumeMountFailed",
-        "PodSecurityViolation",
-        "QuotaExceeded",
-        "FailedCreate",
-        "OOMKilled",
-        "AttemptFailed",
-        "JobConflict",
-        "ChildConflict",
-        "PolicyViolation",
-        "InvalidSpec",
-        "UnknownFields",
-        "Inadmissible",
-        "RecordingOutcome",
-    }
-)
+__all__ = ["COMPLETION_INDEX_LABEL", "leaders", "newest_pod", "peers"]  # (from gft_api)
 
 
 @dataclass
@@ -192,38 +174,6 @@ def tensorboard_kept_until(completion_time: str | None, keep_seconds: int) -> fl
     if not completion_time or keep_seconds <= 0:
         return None
     return unix_time(completion_time) + keep_seconds
-
-
-def _created(pod: Manifest) -> str:
-    return pod.get("metadata", {}).get("creationTimestamp") or ""
-
-
-def leaders(pods: list[Manifest]) -> list[Manifest]:
-    """The pods that speak for the run: all of a one-pod Job's, pod 0 of an Indexed Job's
-    (rank 0 writes the result and serves the training metrics)."""
-    return [
-        p
-        for p in pods
-        if ((p.get("metadata") or {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL, "0") == "0"
-    ]
-
-
-def peers(pods: list[Manifest]) -> list[Manifest]:
-    """The newest pod of each index past 0 of an Indexed Job (each serves its own GPUs'
-    readings), by index; none for a one-pod Job."""
-    newest: dict[int, Manifest] = {}
-    for p in pods:
-        index = ((p.get("metadata") or {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL)
-        if index is None or not index.isdigit() or index == "0":
-            continue
-        known = newest.get(int(index))
-        if known is None or newest_pod([known, p]) is p:
-            newest[int(index)] = p
-    return [newest[i] for i in sorted(newest)]
-
-
-def newest_pod(pods: list[Manifest]) -> Manifest | None:
-    return max(pods, key=lambda p: (_created(p), p["metadata"].get("name", "")), default=None)
 
 
 def _disruption(pod: Manifest) -> Manifest | None:
@@ -839,7 +789,7 @@ def decide(obs: Observed, now: str) -> Decision:
     transition = None
     if verdict.phase.value != old_phase or verdict.reason != old.get("reason"):
         refused = obs.refusal is not None and obs.blocked == obs.refusal
-        warning = verdict.phase == Phase.FAILED or verdict.reason in _WARNING_REASONS or refused
+        warning = verdict.phase == Phase.FAILED or verdict.reason in WARNING_REASONS or refused
         transition = Transition(
             type="Warning" if warning else "Normal",
             reason=verdict.reason,

@@ -792,3 +792,17 @@ def test_a_finished_run_keeps_observing_its_generation():
     assert d.status["phase"] == "Succeeded"
     assert d.status["observedGeneration"] == 4
     assert all(c["observedGeneration"] == 4 for c in d.status["conditions"])
+
+
+def test_the_dashboard_lights_every_reason_the_operator_warns_about():
+    """Shape (issue 25): the dashboard kept its own list of trouble reasons and missed the
+    operator's own (ImagePullFailed, AttemptFailed, QuotaExceeded, ...): a run that could not
+    pull its image showed no warning light. Both now read gft_api.conventions."""
+    from gft_api.conventions import WARNING_REASONS
+    from gft_dashboard.hub import summarize
+
+    for reason in sorted(WARNING_REASONS):
+        row = summarize(
+            {"metadata": {"name": "x"}, "status": {"phase": "Pending", "reason": reason}}
+        )
+        assert row["light"] == "warning", (reason, row["light"])
