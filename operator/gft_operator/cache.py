@@ -12,8 +12,9 @@ ConfigMap data; the Warning events of the operator's own Jobs and pods, not the 
 A watch echoes a write a moment after it succeeded. So that a reconcile right after a write
 does not act on the older version, what this operator wrote is kept (``wrote``) until the watch
 delivers that version or a newer one (``seen``), and what it deleted is hidden (``deleted``)
-until the watch no longer has it; each for ``WRITE_MEMORY_SECONDS`` at most (``expire``). This
-is the one memory of the operator's own writes.
+until the watch no longer has it (for ``WRITE_MEMORY_SECONDS`` at most); a write whose object the
+watch no longer shows is forgotten after that long (``expire``). This is the one memory of the
+operator's own writes: one entry per object at most, none once the watch has caught up.
 """
 
 from __future__ import annotations
@@ -205,9 +206,9 @@ class Cache:
             written = self._written.get(key)
             if written is None:
                 return None
-            at, obj = written
-            if version(seen) >= version(obj) or time.monotonic() - at > WRITE_MEMORY_SECONDS:
-                del self._written[key]  # the watch caught up (or never will: it was deleted)
+            _, obj = written
+            if version(seen) >= version(obj):
+                del self._written[key]  # the watch caught up
                 return None
             return obj
 
@@ -315,13 +316,40 @@ class Cache:
             self._written.pop(("GemmaFineTune", namespace, name), None)
 
     def expire(self) -> None:
-        """Forget the writes whose echo never came (the object was deleted meanwhile)."""
+        """Forget the writes whose echo will never come: the object is gone from the watch
+        (deleted meanwhile) for ``WRITE_MEMORY_SECONDS``. A write of an object the watch still
+        shows is kept until its echo (a watch that is behind, or reconnecting after the API
+        server or etcd restarted, must not make the operator act on an older version)."""
         cutoff = time.monotonic() - WRITE_MEMORY_SECONDS
         with self._changed:
-            for key in [k for k, (at, _) in self._written.items() if at < cutoff]:
-                del self._written[key]
-            for key in [k for k, (at, _) in self._deleted.items() if at < cutoff]:
-                del self._deleted[key]
+            old = [k for k, (at, _) in self._written.items() if at < cutoff]
+            deletes = [k for k, (at, _) in self._deleted.items() if at < cutoff]
+        gone = [k for k in old if not self._watched(*k)]
+        with self._changed:
+            for key in gone:
+                written = self._written.get(key)
+                if written is not None and written[0] < cutoff:
+                    del self._written[key]
+            for key in deletes:
+                self._deleted.pop(key, None)
+
+    def _watched(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether the watch shows the object (a pod by its name among its fine-tune's)."""
+        if kind == "Pod":
+            return any(
+                p["metadata"]["name"] == name
+                for pods in list(self._indices.get(PODS_INDEX, {}).values())
+                for p in list(pods)
+                if p["metadata"].get("namespace") == namespace
+            )
+        if kind == "Workload":
+            return any(
+                w["metadata"]["name"] == name
+                for found in list(self._indices.get(WORKLOADS_INDEX, {}).values())
+                for w in list(found)
+                if w["metadata"].get("namespace") == namespace
+            )
+        return bool(self._values(INDEX_OF_KIND[kind], (namespace, name)))
 
     def counts(self) -> dict[str, int]:
         """How much is held, for the operator's own metrics."""
