@@ -402,6 +402,7 @@ def _reconcile(w: Writer, namespace: str, name: str) -> None:
     job = observed.job
     if job is not None and status.pods_behind_job(job, current):
         _confirm_pods(observed, namespace, name, job)
+        current = observed.pods  # what the API server has: released once recorded
     if job is not None and not observed.blocked:
         running = any(p.get("status", {}).get("phase") == "Running" for p in current)
         if not running and not status.job_finished(job):

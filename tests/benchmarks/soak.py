@@ -190,7 +190,7 @@ def main() -> int:
             while pending and now >= (len(runs) - len(pending)) * gap:
                 run = pending.pop(0)
                 run.created = time.monotonic()
-                api.create(manifest(run, rng))
+                api.request("POST", api.custom_path(run.namespace), body=manifest(run, rng))
                 live[(run.namespace, run.name)] = run
                 created = len(runs) - len(pending)
                 if created == args.first:
