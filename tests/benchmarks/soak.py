@@ -201,7 +201,7 @@ def main() -> int:
             if now < next_look:
                 time.sleep(min(gap, 0.2))
                 continue
-            next_look = now + 2.0
+            next_look = now + 5.0
             # End the runs whose time has come; see which have finished; delete the old ones.
             phases = {}
             for ns in spaces:
