@@ -49,7 +49,11 @@ SERVICE_CIDR = "10.96.0.0/16"
 # Fake pod IPs for KWOK's pods. Something may still try them (the operator reads the metrics
 # of every running pod, and the API server proxies to pod IPs), so the range gets an
 # `unreachable` route while the proving ground runs: a connect fails at once, on this machine.
-KWOK_POD_CIDR = "198.18.0.0/16"  # RFC 2544 benchmarking range: no resolver or host lives there
+KWOK_POD_CIDR = os.environ.get("GFT_KWOK_POD_CIDR", "198.18.0.0/16")
+"""KWOK's pod addresses: RFC 2544's benchmarking range, where no resolver or host lives. The
+route to it is the machine's own, so a benchmark that serves fake trainers there while other
+proving grounds start (each routes the range as unreachable) picks a range of its own:
+``GFT_KWOK_POD_CIDR=198.19.0.0/16`` (the other half of RFC 2544's)."""
 POD_CIDR_CANDIDATES = (*(f"10.{n}.0.0/16" for n in range(244, 254)), "172.30.0.0/16")
 STOP_ORDER = (
     "kueue",  # started on demand by devcluster.kueue

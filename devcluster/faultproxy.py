@@ -6,6 +6,8 @@ that can answer chosen requests itself with the faults such fronts really produc
     proxy = FaultProxy(cluster).start()          # http://127.0.0.1:PORT, forwards over TLS
     proxy.inject(Fault(status=503, body=HTML_503, content_type="text/html", times=4,
                        method="PATCH", path=r"/status$"))
+    proxy.inject(Fault(delay=8, forward=True, method="GET", path=r"/pods$",
+                       query=r"^(?!.*watch=)"))   # hold lists back (watches pass), then forward
     proxy.seen(...)                              # what came through, and what was answered how
 
 Clients speak plain HTTP to it on loopback with a bearer token (``kubeconfig_for``); it
@@ -50,9 +52,10 @@ _HOP = {
 
 @dataclass
 class Fault:
-    """Answer matching requests with this, ``times`` times (then forward again)."""
+    """Answer matching requests with this, ``times`` times (then forward again); with
+    ``forward``, hold them back ``delay`` seconds and then forward them (a slow API server)."""
 
-    status: int
+    status: int = 0
     body: str = ""
     content_type: str = "text/plain"
     headers: dict[str, str] = field(default_factory=dict)
@@ -60,9 +63,17 @@ class Fault:
     method: str | None = None
     path: str = ""
     """A regular expression searched in the request's path (query excluded)."""
+    query: str = ""
+    """A regular expression searched in the request's query string."""
+    delay: float = 0.0
+    forward: bool = False
 
-    def matches(self, method: str, path: str) -> bool:
-        return (self.method is None or self.method == method) and re.search(self.path, path)
+    def matches(self, method: str, path: str, query: str = "") -> bool:
+        return bool(
+            (self.method is None or self.method == method)
+            and re.search(self.path, path)
+            and re.search(self.query, query)
+        )
 
 
 @dataclass
@@ -166,10 +177,10 @@ class FaultProxy:
             task.cancel()
         await asyncio.gather(*rest, return_exceptions=True)
 
-    def _fault_for(self, method: str, path: str) -> Fault | None:
+    def _fault_for(self, method: str, path: str, query: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
-                if fault.times > 0 and fault.matches(method, path):
+                if fault.times > 0 and fault.matches(method, path, query):
                     fault.times -= 1
                     return fault
         return None
@@ -179,8 +190,10 @@ class FaultProxy:
             self.log.append(Seen(time.monotonic(), method, path, status, injected))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        fault = self._fault_for(request.method, request.path)
-        if fault is not None:
+        fault = self._fault_for(request.method, request.path, request.query_string)
+        if fault is not None and fault.forward:
+            await asyncio.sleep(fault.delay)
+        elif fault is not None:
             self._record(request.method, request.path, fault.status, True)
             await request.read()
             return web.Response(

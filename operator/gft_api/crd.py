@@ -26,7 +26,8 @@ from gft_api.v1alpha1 import MAX_NAME_LENGTH, NAME_PATTERN, GemmaFineTuneSpec, G
 
 Schema = dict[str, Any]
 
-_DROP = {"title", "$defs", "examples", "propertyNames"}  # map keys: checked by pydantic only
+_DROP = {"title", "$defs", "examples", "propertyNames", "patternProperties"}
+# (map keys: checked by pydantic, and by a CEL rule on the map where the API server needs it)
 _PASSTHROUGH = {
     "type",
     "description",
@@ -126,6 +127,10 @@ def structural(node: Schema, defs: dict[str, Schema], path: str) -> Schema:
             raise SchemaError(f"{path}: cannot express a union of {types} structurally")
     if node.get("default", ...) is None:
         del node["default"]
+    patterned = node.get("patternProperties")
+    if patterned and "additionalProperties" not in node and len(patterned) == 1:
+        # A map whose keys have a pattern: its values' schema, for any key.
+        node["additionalProperties"] = next(iter(patterned.values()))
 
     out: Schema = {}
     for key, value in node.items():

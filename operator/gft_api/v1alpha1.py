@@ -48,6 +48,11 @@ def _rules(*entries: dict[str, str]) -> dict[str, Any]:
     return {"x-kubernetes-validations": list(entries)}
 
 
+def _merged(*extras: dict[str, Any]) -> dict[str, Any]:
+    """Several ``x-kubernetes-validations`` lists as one."""
+    return _rules(*(rule for extra in extras for rule in extra["x-kubernetes-validations"]))
+
+
 def _immutable(what: str) -> dict[str, Any]:
     return _rules(_cel("self == oldSelf", f"{what} is immutable after creation"))
 
@@ -61,9 +66,36 @@ DnsSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SU
 ConfigKey = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
 AbsolutePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^/")]
 RelativePath = Annotated[str, Field(min_length=1, max_length=1024, pattern=r"^[^/]")]
-LabelKey = Annotated[str, Field(min_length=1, max_length=317)]
-LabelValue = Annotated[str, Field(max_length=63)]
 LABEL_VALUE_PATTERN = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+QUALIFIED_NAME_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+"""A label or annotation key, as the API server checks it: an optional DNS-subdomain prefix and
+``/``, then a name of at most 63 letters, digits, ``-``, ``_`` and ``.``."""
+LabelKey = Annotated[str, Field(min_length=1, max_length=317, pattern=QUALIFIED_NAME_PATTERN)]
+AnnotationKey = Annotated[
+    str, Field(min_length=1, max_length=317, pattern="(?i)" + QUALIFIED_NAME_PATTERN)
+]
+"""Annotation keys are checked like label keys, but in any case."""
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
+
+
+def _keys(what: str, annotations: bool = False) -> dict[str, Any]:
+    """CEL for a map's keys (a structural schema cannot constrain them otherwise)."""
+    key = "k.lowerAscii()" if annotations else "k"
+    return _rules(
+        _cel(
+            f"self.all(k, size(k) <= 317 && {key}.matches('{QUALIFIED_NAME_PATTERN}'))",
+            f"{what} keys must be qualified names (an optional DNS-subdomain prefix and '/', "
+            "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a "
+            "letter or digit), as the API server requires of "
+            + ("annotation keys" if annotations else "label keys"),
+            reason="FieldValueInvalid",
+        )
+    )
+
+
 ImageReference = Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")]
 """A container image reference (``registry/repo:tag`` or ``...@sha256:...``): no whitespace."""
 Timestamp = Annotated[str, Field(max_length=64, json_schema_extra={"format": "date-time"})]
@@ -256,9 +288,10 @@ class DatasetSpec(DataShaping):
 # spec.resources
 # ---------------------------------------------------------------------------------------------
 class Toleration(ApiModel):
-    """A toleration for the training pod, as in a Pod's spec."""
+    """A toleration for the training pod, as in a Pod's spec (and checked as the API server
+    checks a Pod's, so that a fine-tune the Job would refuse is refused at ``kubectl apply``)."""
 
-    key: Annotated[str, Field(max_length=317)] | None = None
+    key: Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME_PATTERN)] | None = None
     """Taint key; empty with operator Exists matches every taint."""
 
     operator: Literal["Exists", "Equal"] = "Equal"
@@ -272,6 +305,36 @@ class Toleration(ApiModel):
 
     toleration_seconds: Annotated[int, Field(ge=0, le=31_536_000)] | None = None
     """For NoExecute: how long the pod stays bound after the taint appears."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            _cel(
+                "self.operator != 'Exists' || !has(self.value) || size(self.value) == 0",
+                "a toleration with operator Exists has no value",
+                reason="FieldValueInvalid",
+            ),
+            _cel(
+                "self.operator == 'Exists' || (has(self.key) && size(self.key) > 0)",
+                "a toleration without a key must have operator Exists",
+                reason="FieldValueInvalid",
+            ),
+            _cel(
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds needs effect NoExecute",
+                reason="FieldValueInvalid",
+            ),
+        )
+    )
+
+    @model_validator(mode="after")
+    def _as_a_pod_would_have_it(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists has no value")
+        if self.operator != "Exists" and not self.key:
+            raise ValueError("a toleration without a key must have operator Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class Resources(ApiModel):
@@ -302,9 +365,10 @@ class Resources(ApiModel):
     """Size limit of the memory-backed ``/dev/shm`` (data loader workers share tensors there);
     it counts against the pod's memory."""
 
-    node_selector: Annotated[dict[LabelKey, LabelValue], Field(max_length=32)] = Field(
-        default_factory=dict
-    )
+    node_selector: Annotated[
+        dict[LabelKey, LabelValue],
+        Field(max_length=32, json_schema_extra=_keys("resources.nodeSelector")),
+    ] = Field(default_factory=dict)
     """Node labels the training pod must match."""
 
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=list)
@@ -430,9 +494,11 @@ class TensorBoardIngress(ApiModel):
     """Secret with the TLS certificate for ``host``; plain HTTP when empty."""
 
     annotations: Annotated[
-        dict[LabelKey, Annotated[str, Field(max_length=4096)]], Field(max_length=32)
+        dict[AnnotationKey, Annotated[str, Field(max_length=4096)]],
+        Field(max_length=32, json_schema_extra=_keys("tensorboard.ingress.annotations", True)),
     ] = Field(default_factory=dict)
-    """Annotations for the Ingress (ingress controller settings, authentication)."""
+    """Annotations for the Ingress (ingress controller settings, authentication). The
+    cluster's policy may bound their keys."""
 
 
 class TensorBoardSpec(ApiModel):
@@ -756,8 +822,11 @@ class GemmaFineTuneSpec(ApiModel):
     checkpoints, so re-creating a fine-tune of the same name never continues the old run."""
 
     pod_annotations: Annotated[
-        dict[LabelKey, Annotated[str, Field(max_length=4096)]],
-        Field(max_length=32, json_schema_extra=_immutable("podAnnotations")),
+        dict[AnnotationKey, Annotated[str, Field(max_length=4096)]],
+        Field(
+            max_length=32,
+            json_schema_extra=_merged(_immutable("podAnnotations"), _keys("podAnnotations", True)),
+        ),
     ] = Field(default_factory=dict)
     """Extra annotations for the training pod (monitoring, service mesh, test harnesses)."""
 

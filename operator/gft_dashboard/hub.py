@@ -13,15 +13,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from gft_api.conventions import WARNING_REASONS
+
 from gft_dashboard.apiserver import ApiError, ApiServer, Identity, Manifest
 
 log = logging.getLogger("gft_dashboard.hub")
-# Conditions whose False (or True, for these) is trouble worth a red light, with its reason.
-TROUBLE_REASONS = {
-    "Unschedulable", "SecretNotFound", "ConfigMapNotFound", "OOMKilled", "ImagePullBackOff",
-    "ErrImagePull", "MetricsUnreachable", "MetricsTimeout", "MetricsInvalid", "ChildConflict",
-    "JobConflict", "PolicyViolation", "BackoffLimitExceeded", "DeadlineExceeded",
-}  # fmt: skip
+# Conditions whose reason is trouble worth a warning light: the operator's own list.
+TROUBLE_REASONS = WARNING_REASONS
 
 
 def summarize(obj: Manifest) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import yarl
 from aiohttp import web
+from gft_api.conventions import METRICS_PORT, running_pods
 
 from gft_dashboard import auth, manifest, names, tensorboard
 from gft_dashboard.apiserver import (
@@ -41,8 +42,6 @@ LOG_CAP_BYTES = 1 << 20  # a followed log stops after 1 MiB: the page is not an 
 LOG_IDLE_SECONDS = 1800  # a followed log that says nothing for this long is ended
 KEEP_ALIVE_SECONDS = 15
 PROXY_STREAM_SECONDS = 900  # behind oauth2-proxy, a live list reconnects through it this often
-METRICS_PORT = 9090  # the trainer container's metrics port, as the operator renders it
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # set by an Indexed Job
 SECURITY_HEADERS = {
     # Our own code only: no CDN; framed by nobody; TensorBoard framed from here (sandboxed).
     "Content-Security-Policy": (
@@ -465,28 +464,6 @@ async def gpus(request: web.Request) -> web.Response:
     if silent:
         answer["error"] = f"the metrics of {', '.join(silent)} did not answer"
     return web.json_response(answer)
-
-
-def running_pods(pods: list[Manifest]) -> list[tuple[str, str, str]]:
-    """(name, completion index, IP) of the run's running pods, the newest of each index, by
-    index (a one-pod Job's pod is index 0)."""
-    newest: dict[int, Manifest] = {}
-    for pod in pods:
-        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
-        if meta.get("deletionTimestamp") or status.get("phase") != "Running":
-            continue
-        if not status.get("podIP"):
-            continue
-        index = int((meta.get("labels") or {}).get(COMPLETION_INDEX_LABEL) or 0)
-        known = newest.get(index)
-        if known is None or meta.get("creationTimestamp", "") > known["metadata"].get(
-            "creationTimestamp", ""
-        ):
-            newest[index] = pod
-    return [
-        (newest[i]["metadata"]["name"], str(i), newest[i]["status"]["podIP"])
-        for i in sorted(newest)
-    ]
 
 
 # -- TensorBoard -----------------------------------------------------------------------------

@@ -23,12 +23,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from gft_api.conventions import TENSORBOARD_PORT
+
 from gft_dashboard.apiserver import Identity
 
 MAX_BYTES = 32 << 20  # TensorBoard's index.js is about 6 MiB
 MAX_POST_BYTES = 64 << 10
 TIMEOUT = 30.0
-PORT = 6006  # TensorBoard's port when its container names none
 NAME_LABEL = "finetune.gemma.dev/name"  # on every pod the operator makes for a fine-tune
 TICKET_TTL = 8 * 3600
 # TensorBoard's data endpoints that take a POST (its Time Series, scalar and hparams tabs).
@@ -140,7 +141,7 @@ def upstream_address(pods: list[dict]) -> str | None:
         for container in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]:
             for port in container.get("ports") or []:
                 if port.get("name") == "tensorboard":
-                    return f"{status['podIP']}:{int(port.get('containerPort') or PORT)}"
+                    return f"{status['podIP']}:{int(port.get('containerPort') or TENSORBOARD_PORT)}"
     return None
 
 

@@ -3,7 +3,8 @@
 In a pod it uses its service account; elsewhere ``--kubeconfig`` or ``$KUBECONFIG``. It watches
 all namespaces unless ``--namespace`` names some. ``/healthz`` on ``--health-address`` is the
 liveness probe (the event loop answers); ``/readyz`` on ``--metrics-address`` the readiness
-probe (connected and watching; it says whether this replica leads).
+probe (503 until every watch has delivered its initial list; then it says whether this
+replica leads).
 
 Several replicas: with ``--leader-elect`` (the chart's default) they elect a leader through a
 coordination.k8s.io Lease; only the leader reconciles, reads the trainers' metrics and writes,
@@ -24,6 +25,7 @@ import kopf
 from gft_operator import children, handlers, monitoring
 from gft_operator.kube import Kube, load_config
 from gft_operator.leader import LeaderElector
+from gft_operator.live import LIVE
 from gft_operator.policy import Policy
 from gft_operator.scraper import Access, Scraper
 
@@ -154,6 +156,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="spec.podAnnotations keys must start with one",
     )
     admin.add_argument(
+        "--allowed-ingress-annotation",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="spec.tensorboard.ingress.annotations keys a fine-tune may set (KEY, or PREFIX*)",
+    )
+    admin.add_argument(
         "--require-ingress-tls",
         action="store_true",
         help="refuse TensorBoard Ingresses without tlsSecretName",
@@ -194,6 +203,7 @@ def policy_of(args: argparse.Namespace, operator_namespace: str) -> Policy:
         allowed_ingress_host_suffixes=tuple(args.allowed_ingress_host_suffix),
         allowed_ingress_classes=tuple(args.allowed_ingress_class),
         allowed_pod_annotation_prefixes=tuple(args.allowed_pod_annotation_prefix),
+        allowed_ingress_annotation_keys=tuple(args.allowed_ingress_annotation),
         require_ingress_tls=args.require_ingress_tls,
         ingress_annotations=annotations,
         network_policy=args.network_policy,
@@ -222,13 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     handlers.RUNTIME.resync_seconds = args.resync_seconds
     access = _access(args.metrics_access, kubeconfig)
     if args.metrics_interval > 0:
-        handlers.RUNTIME.metrics_startup_grace = args.metrics_startup_grace
-        handlers.RUNTIME.scraper = Scraper(
+        LIVE.startup_grace = args.metrics_startup_grace
+        LIVE.scraper = Scraper(
             kube,
             access,
             interval=args.metrics_interval,
             timeout=min(args.metrics_timeout, args.metrics_interval),
-            sink=handlers.write_live_status,
+            sink=LIVE.write,
         )
     if args.leader_elect:
         identity = os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
@@ -240,14 +250,16 @@ def main(argv: list[str] | None = None) -> int:
             duration=args.lease_duration,
             renew_deadline=args.lease_duration * 2 / 3,
             retry=max(0.5, args.lease_duration / 7.5),
-            on_started_leading=handlers.took_over,
+            on_started_leading=handlers.started_leading,
+            on_stopped_leading=handlers.stopped_leading,
+            before_release=kube.drain,
         )
         handlers.RUNTIME.leader = elector
         kube.may_write = elector.is_leader
     if args.kueue:
         handlers.watch_workloads()
     if args.metrics_address:
-        monitoring.serve(args.metrics_address, ready=_readiness)
+        monitoring.serve(args.metrics_address, ready=handlers.readiness)
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # kopf's own login reads it
     liveness = f"http://{args.health_address}/healthz" if args.health_address else None
@@ -280,16 +292,6 @@ def _own_namespace() -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
-
-
-def _readiness() -> tuple[bool, str]:
-    leader = handlers.RUNTIME.leader
-    if leader is None:
-        monitoring.LEADER.set(1)
-        return True, "ready"
-    leading = leader.is_leader()
-    monitoring.LEADER.set(1 if leading else 0)
-    return True, "ready: leader" if leading else "ready: standby"
 
 
 def _access(choice: str, kubeconfig: str | None) -> Access:

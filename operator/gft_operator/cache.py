@@ -1,15 +1,20 @@
-"""What the watches have delivered, kept in memory: the GemmaFineTunes, their Jobs, pods and
-other children, and the Warning events about them. A reconcile reads from here, never from
-the API server, as a controller-runtime operator reads from its informers.
+"""Observe: what the watches have delivered, kept in memory — the GemmaFineTunes, their Jobs,
+pods and other children, and the Warning events about them. A reconcile reads from here, never
+from the API server, as a controller-runtime operator reads from its informers.
 
 kopf keeps the objects in its indexes (``@kopf.index`` in ``handlers``), fed by its watches with
-server-side selectors, and holds every handler back until the initial list of each indexed
-resource is in: a reconcile never sees a half-filled cache.
+server-side selectors. Until every index has its initial list, ``synced`` is not set, and
+nothing reconciles (a half-filled cache would show a run's own Job as missing).
 
-A watch echoes a write a moment after it succeeded. So that a reconcile right after a create
-does not take the child for missing, what this operator wrote is kept too (``wrote``) until the
-watch delivers that version or a newer one, and what it deleted is hidden (``deleted``) until
-the watch says it is gone; each for ``WRITE_MEMORY_SECONDS`` at most.
+Only what the operator needs is kept (``slim``): no ``managedFields``, no Job template, no
+ConfigMap data; the Warning events of the operator's own Jobs and pods, not the cluster's.
+
+A watch echoes a write a moment after it succeeded. So that a reconcile right after a write
+does not act on the older version, what this operator wrote is kept (``wrote``) until the watch
+delivers that version or a newer one (``seen``), and what it deleted is hidden (``deleted``)
+until the watch no longer has it (for ``WRITE_MEMORY_SECONDS`` at most); a write whose object the
+watch no longer shows is forgotten after that long (``expire``). This is the one memory of the
+operator's own writes: one entry per object at most, none once the watch has caught up.
 """
 
 from __future__ import annotations
@@ -37,8 +42,48 @@ INDEX_OF_KIND = {
 }
 """Objects cached one per (namespace, name), by the name of the kopf index holding them."""
 PODS_INDEX = "gft_pods"  # (namespace, fine-tune name) -> its pods
-WARNINGS_INDEX = "gft_warnings"  # (namespace, involved object's name) -> Warning events
 WORKLOADS_INDEX = "gft_workloads"  # (namespace, owning Job uid) -> Kueue Workloads (--kueue)
+
+_METADATA_KEPT = (
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "labels",
+    "ownerReferences",
+    "finalizers",
+)
+_SPEC_KEPT: dict[str, tuple[str, ...] | None] = {
+    # kind -> the spec fields the operator reads (None: the whole spec)
+    "GemmaFineTune": None,
+    "Job": ("suspend", "ttlSecondsAfterFinished", "completions", "parallelism"),
+    "Pod": ("nodeName",),
+    "Ingress": None,
+    "Workload": ("active",),
+}
+_ANNOTATIONS_KEPT = frozenset({"GemmaFineTune", "Ingress"})
+
+
+def slim(kind: str, body: Mapping[str, Any]) -> Manifest:
+    """What the operator needs of an object: its identity, labels, owners and finalizers, the
+    spec fields it reads (the whole spec of a fine-tune and an Ingress; none of a ConfigMap,
+    Service, claim or Deployment, whose existence and owner are all that matter) and its
+    status. A Job's pod template, a ConfigMap's data and every ``managedFields`` stay out."""
+    meta = body.get("metadata") or {}
+    kept_meta = {k: meta[k] for k in _METADATA_KEPT if k in meta}
+    if kind in _ANNOTATIONS_KEPT and meta.get("annotations"):
+        kept_meta["annotations"] = dict(meta["annotations"])
+    out: Manifest = {"kind": kind, "metadata": kept_meta}
+    if kind in _SPEC_KEPT and "spec" in body:
+        fields = _SPEC_KEPT[kind]
+        spec = body["spec"] or {}
+        out["spec"] = dict(spec) if fields is None else {f: spec[f] for f in fields if f in spec}
+    if "status" in body:
+        out["status"] = body["status"]
+    return out
 
 
 def version(obj: Manifest | None) -> int:
@@ -54,11 +99,15 @@ class Cache:
         self._indices: Mapping[str, Any] = {}
         self._written: dict[Key, tuple[float, Manifest]] = {}
         self._deleted: dict[Key, tuple[float, str]] = {}  # -> (when, uid)
+        self._echoed: dict[tuple[str, str], int] = {}  # fine-tune -> version of its own write
+        self._events: dict[tuple[str, str], dict[str, Manifest]] = {}
         self._changed = threading.Condition()
+        self.synced = threading.Event()
+        """Set once every watch has delivered its initial list: nothing reconciles before."""
 
     def attach(self, indices: Mapping[str, Any]) -> None:
         """Take kopf's indexes (the startup handler gets them among its kwargs)."""
-        names = (*INDEX_OF_KIND.values(), PODS_INDEX, WARNINGS_INDEX, WORKLOADS_INDEX)
+        names = (*INDEX_OF_KIND.values(), PODS_INDEX, WORKLOADS_INDEX)
         self._indices = {n: indices[n] for n in names if n in indices}
 
     @property
@@ -70,6 +119,7 @@ class Cache:
         # kopf fills its indexes on its event loop; list() copies the store in one go.
         return list(store) if store is not None else []
 
+    # -- reading ------------------------------------------------------------------------------
     def get(self, kind: str, namespace: str, name: str) -> Manifest | None:
         """The object as last seen or written (whichever is newer), a copy to change freely."""
         seen = self._values(INDEX_OF_KIND[kind], (namespace, name))
@@ -122,6 +172,15 @@ class Cache:
             pods.append(pod)
         return pods
 
+    def labelled(self, kind: str) -> list[Manifest]:
+        """Every cached object of ``kind`` (``Job`` or ``Pod``): the takeover's sweep."""
+        index = self._indices.get(PODS_INDEX if kind == "Pod" else INDEX_OF_KIND[kind], {})
+        out: list[Manifest] = []
+        for key in list(index):
+            for obj in self._values(PODS_INDEX if kind == "Pod" else INDEX_OF_KIND[kind], key):
+                out.append({**obj, "kind": kind})
+        return out
+
     def watches_workloads(self) -> bool:
         """Whether Kueue's Workloads are watched (the operator runs with ``--kueue``)."""
         return WORKLOADS_INDEX in self._indices
@@ -147,24 +206,79 @@ class Cache:
             written = self._written.get(key)
             if written is None:
                 return None
-            at, obj = written
-            if version(seen) >= version(obj) or time.monotonic() - at > WRITE_MEMORY_SECONDS:
-                del self._written[key]  # the watch caught up (or never will: it was deleted)
+            _, obj = written
+            if version(seen) >= version(obj):
+                del self._written[key]  # the watch caught up
                 return None
             return obj
 
+    # -- the Warning events of the operator's own Jobs and pods ---------------------------------
+    def is_ours(self, event: Manifest) -> bool:
+        """Whether a Warning event is about a Job of this operator or one of its pods (named
+        after the Job: ``<job>-<suffix>``, or ``<job>-<index>-<suffix>``)."""
+        involved = event.get("involvedObject") or {}
+        namespace, name = involved.get("namespace") or "", involved.get("name") or ""
+        if involved.get("kind") == "Job":
+            return self.has("Job", namespace, name)
+        if involved.get("kind") == "Pod":
+            parts = name.split("-")
+            return any(self.has("Job", namespace, "-".join(parts[:-n])) for n in (1, 2))
+        return False
+
+    def event(self, event: Manifest, deleted: bool = False) -> None:
+        """Keep (or drop) a Warning event about one of the operator's Jobs or pods."""
+        meta = event.get("metadata") or {}
+        involved = event.get("involvedObject") or {}
+        key = (meta.get("namespace") or "", involved.get("name") or "")
+        with self._changed:
+            if deleted or not self.is_ours(event):
+                kept = self._events.get(key)
+                if kept is not None:
+                    kept.pop(meta.get("uid") or "", None)
+                    if not kept:
+                        del self._events[key]
+                return
+            self._events.setdefault(key, {})[meta.get("uid") or ""] = {
+                "metadata": {k: meta[k] for k in ("uid", "resourceVersion") if k in meta},
+                **{
+                    k: event[k]
+                    for k in (
+                        "involvedObject",
+                        "reason",
+                        "message",
+                        "type",
+                        "firstTimestamp",
+                        "lastTimestamp",
+                        "eventTime",
+                    )
+                    if k in event
+                },
+            }
+
+    def forget_events(self, namespace: str, names: Iterable[str]) -> None:
+        """Drop the events about objects that are gone (a finished or deleted run's)."""
+        with self._changed:
+            for name in names:
+                self._events.pop((namespace, name), None)
+
     def warnings(self, namespace: str, involved: Iterable[str]) -> list[Manifest]:
         """Warning events about the objects of these names in the namespace."""
-        events: list[Manifest] = []
-        for name in involved:
-            events += self._values(WARNINGS_INDEX, (namespace, name))
-        return copy.deepcopy(events)
+        with self._changed:
+            events = [
+                e for name in involved for e in self._events.get((namespace, name), {}).values()
+            ]
+            return copy.deepcopy(events)
 
+    # -- the operator's own writes ------------------------------------------------------------
     def wrote(self, obj: Manifest) -> None:
         """Remember an object as the API server returned it after this operator's write."""
+        kind = obj["kind"]
         meta = obj["metadata"]
         with self._changed:
-            self._written[(obj["kind"], meta["namespace"], meta["name"])] = (time.monotonic(), obj)
+            self._written[(kind, meta["namespace"], meta["name"])] = (
+                time.monotonic(),
+                slim(kind, obj),
+            )
 
     def deleted(self, obj: Manifest) -> None:
         """Remember that this operator deleted the object (uid and all)."""
@@ -174,10 +288,80 @@ class Cache:
             self._written.pop(key, None)
             self._deleted[key] = (time.monotonic(), meta["uid"])
 
-    def saw(self) -> None:
-        """Called by the index handlers: wake whoever waits for a newer version."""
+    def seen(self, kind: str, body: Mapping[str, Any]) -> None:
+        """Called by the index handlers for every object a watch delivers: the echo of an own
+        write ends its memory; whoever waits for a newer version is woken."""
+        meta = body.get("metadata") or {}
+        key = (kind, meta.get("namespace") or "", meta.get("name") or "")
+        delivered = version(dict(body))
         with self._changed:
+            written = self._written.get(key)
+            if written is not None and delivered >= version(written[1]):
+                del self._written[key]
+                if kind == "GemmaFineTune" and delivered == version(written[1]):
+                    self._echoed[key[1:]] = delivered
             self._changed.notify_all()
+
+    def own_write(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether a fine-tune's watch event only echoes this operator's own status write
+        (nothing new to react to). Each echo answers once."""
+        with self._changed:
+            echoed = self._echoed.pop((namespace, name), None)
+        return echoed is not None and str(echoed) == str(resource_version)
+
+    def gone(self, namespace: str, name: str) -> None:
+        """A fine-tune was deleted: nothing of it is remembered any more."""
+        with self._changed:
+            self._echoed.pop((namespace, name), None)
+            self._written.pop(("GemmaFineTune", namespace, name), None)
+
+    def expire(self) -> None:
+        """Forget the writes whose echo will never come: the object is gone from the watch
+        (deleted meanwhile) for ``WRITE_MEMORY_SECONDS``. A write of an object the watch still
+        shows is kept until its echo (a watch that is behind, or reconnecting after the API
+        server or etcd restarted, must not make the operator act on an older version)."""
+        cutoff = time.monotonic() - WRITE_MEMORY_SECONDS
+        with self._changed:
+            old = [k for k, (at, _) in self._written.items() if at < cutoff]
+            deletes = [k for k, (at, _) in self._deleted.items() if at < cutoff]
+        gone = [k for k in old if not self._watched(*k)]
+        with self._changed:
+            for key in gone:
+                written = self._written.get(key)
+                if written is not None and written[0] < cutoff:
+                    del self._written[key]
+            for key in deletes:
+                self._deleted.pop(key, None)
+
+    def _watched(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether the watch shows the object (a pod by its name among its fine-tune's)."""
+        if kind == "Pod":
+            return any(
+                p["metadata"]["name"] == name
+                for pods in list(self._indices.get(PODS_INDEX, {}).values())
+                for p in list(pods)
+                if p["metadata"].get("namespace") == namespace
+            )
+        if kind == "Workload":
+            return any(
+                w["metadata"]["name"] == name
+                for found in list(self._indices.get(WORKLOADS_INDEX, {}).values())
+                for w in list(found)
+                if w["metadata"].get("namespace") == namespace
+            )
+        return bool(self._values(INDEX_OF_KIND[kind], (namespace, name)))
+
+    def counts(self) -> dict[str, int]:
+        """How much is held, for the operator's own metrics."""
+        with self._changed:
+            out = {
+                "remembered_writes": len(self._written) + len(self._deleted),
+                "Event": sum(len(v) for v in self._events.values()),
+            }
+        for kind, index in INDEX_OF_KIND.items():
+            out[kind] = len(self._indices.get(index, {}))
+        out["Pod"] = sum(len(v) for v in list(self._indices.get(PODS_INDEX, {}).values()))
+        return out
 
     def wait_for(self, kind: str, namespace: str, name: str, newer_than: int, timeout: float):
         """Wait until the watch delivered a version of the object newer than ``newer_than``

@@ -40,6 +40,15 @@ from gft_api.contract import (
     S3Target,
     TrainerConfig,
 )
+from gft_api.conventions import (
+    MANAGED_BY,
+    METRICS_PORT,
+    NAME_LABEL,
+    TENSORBOARD,
+    TENSORBOARD_PORT,
+    TRAINER,
+    UID_LABEL,
+)
 from gft_api.v1alpha1 import GemmaFineTuneSpec, ReclaimPolicy, child_names
 from pydantic import BaseModel
 
@@ -47,10 +56,6 @@ from gft_operator.policy import Policy
 
 Manifest = dict[str, Any]
 
-TRAINER = "trainer"
-TENSORBOARD = "tensorboard"
-TENSORBOARD_PORT = 6006
-METRICS_PORT = 9090
 RENDEZVOUS_PORT = 29500  # rank 0's store, where a multi-node run's ranks meet (torch's default)
 
 OUTPUT_DIR = "/output"
@@ -65,15 +70,11 @@ KUBE_SCORE_IGNORE = {
     # addresses are the cluster's own; one TensorBoard per run is enough.
     "kube-score/ignore": "container-image-pull-policy,pod-networkpolicy,deployment-replicas"
 }
-NAME_LABEL = "finetune.gemma.dev/name"
-UID_LABEL = "finetune.gemma.dev/uid"
-"""On the Job and its pods: the uid of the GemmaFineTune (the run) they belong to."""
 OUTCOME_FINALIZER = "finetune.gemma.dev/outcome"
 """On the Job and its pods until the operator has recorded what they say about the run."""
 RUNS_DIR = "runs"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
-MANAGED_BY = "gft-operator"
 
 
 @dataclass(frozen=True)
@@ -467,7 +468,7 @@ def tensorboard_deployment(
             _tmp_volume(),
         ],
     }
-    _place(pod_spec, spec)
+    _place(pod_spec, spec, trainer=False)
     return _adopt(
         {
             "apiVersion": "apps/v1",
@@ -666,10 +667,13 @@ def _pod_security(defaults: Defaults) -> Manifest:
     }
 
 
-def _place(pod_spec: Manifest, spec: GemmaFineTuneSpec) -> None:
-    """Node selector and tolerations of the spec (TensorBoard goes where the volume is)."""
+def _place(pod_spec: Manifest, spec: GemmaFineTuneSpec, trainer: bool = True) -> None:
+    """Node selector and tolerations of the spec. TensorBoard after the run keeps only the
+    tolerations: it needs no GPU node (the node selector would hold one for as long as it is
+    kept), and the scheduler places it where the claim's volume can be mounted; the
+    tolerations let it go to a tainted node where the volume is bound to one."""
     res = spec.resources
-    if res.node_selector:
+    if res.node_selector and trainer:
         pod_spec["nodeSelector"] = dict(res.node_selector)
     if res.tolerations:
         pod_spec["tolerations"] = [t.to_wire() for t in res.tolerations]

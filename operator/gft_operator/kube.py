@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,13 +30,17 @@ log = logging.getLogger("gft_operator.kube")
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 RETRIES = 3
 MAX_RETRY_AFTER = 10.0
+FIELD_MANAGER = "gft-operator"
+"""The one field manager of everything this operator writes (server-side apply, creates)."""
 
 
 class ApiError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.reason = reason
+        """The Status object's CamelCase reason (``Invalid``, ``Forbidden``), when it has one."""
 
 
 class NotFound(ApiError):
@@ -64,7 +69,8 @@ class ApiUnavailable(ApiError):
 
 
 class NotLeader(RuntimeError):
-    """A write refused because this replica does not hold the leader Lease (any more)."""
+    """A write refused because this replica does not hold the leader Lease (any more), or is
+    shutting down."""
 
 
 def error_message(status: int, raw: bytes, reason: str = "") -> str:
@@ -128,6 +134,25 @@ class Kube:
         self.may_write: Callable[[], bool] | None = None
         """When set, writes are refused (``NotLeader``) while it returns false; the Lease
         itself is written with ``lease=True``."""
+        self._in_flight = 0
+        self._closed = False
+        self._writes = threading.Condition()
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Refuse every write from now on and wait until the writes already sent have been
+        answered (before the Lease is given up: no write of this replica may land after a
+        successor started). Returns whether they all ended within ``timeout``."""
+        with self._writes:
+            self._closed = True
+            return self._writes.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def _may_send(self, method: str, path: str, lease: bool) -> None:
+        """Checked before every attempt of a write, retries included: a retry may come
+        seconds later, from a replica that has lost the Lease meanwhile."""
+        if method == "GET" or lease:
+            return
+        if self._closed or (self.may_write is not None and not self.may_write()):
+            raise NotLeader(f"{method} {path}: this replica is not the leader")
 
     def request(
         self,
@@ -143,13 +168,13 @@ class Kube:
         is unreachable or says "not now". Every write this operator makes is safe to repeat:
         children have fixed names (a repeated create is a 409), status patches carry the
         resourceVersion they were computed from, deletes carry a uid precondition."""
-        if method != "GET" and not lease and self.may_write is not None and not self.may_write():
-            raise NotLeader(f"{method} {path}: this replica is not the leader")
         delay = 0.5
         for attempt in range(RETRIES + 1):
             last = attempt == RETRIES
             try:
-                status, raw, headers, reason = self._call(method, path, query, body, content_type)
+                status, raw, headers, reason = self._send(
+                    method, path, query, body, content_type, lease
+                )
             except urllib3.exceptions.HTTPError as e:
                 # A timeout already waited long; a refused or broken connection is retried.
                 if last or _timed_out(e):
@@ -167,6 +192,22 @@ class Kube:
                 continue
             return _answer(status, raw, reason)
         raise AssertionError("unreachable")
+
+    def _send(
+        self, method: str, path: str, query: Any, body: Any, content_type: str, lease: bool
+    ) -> tuple[int, bytes, Any, str]:
+        """One attempt; a write counts as in flight from the check to the answer."""
+        if method == "GET" or lease:
+            return self._call(method, path, query, body, content_type)
+        with self._writes:
+            self._may_send(method, path, lease)
+            self._in_flight += 1
+        try:
+            return self._call(method, path, query, body, content_type)
+        finally:
+            with self._writes:
+                self._in_flight -= 1
+                self._writes.notify_all()
 
     def _call(
         self, method: str, path: str, query: Any, body: Any, content_type: str
@@ -234,7 +275,26 @@ class Kube:
 
     def create(self, obj: Manifest) -> Manifest:
         meta = obj["metadata"]
-        return self.request("POST", self.path(obj["kind"], meta["namespace"]), body=obj)
+        return self.request(
+            "POST",
+            self.path(obj["kind"], meta["namespace"]),
+            query={"fieldManager": FIELD_MANAGER},
+            body=obj,
+        )
+
+    def apply(self, obj: Manifest) -> Manifest:
+        """Server-side apply: the fields in ``obj`` become this operator's (taken over from
+        any other manager: they are the ones it sets), the fields it set before and left out
+        now are removed, and every field it never set (a default an admission plugin filled
+        in, another controller's annotation) stays as it is."""
+        meta = obj["metadata"]
+        return self.request(
+            "PATCH",
+            self.path(obj["kind"], meta["namespace"], meta["name"]),
+            query={"fieldManager": FIELD_MANAGER, "force": "true"},
+            body=obj,
+            content_type="application/apply-patch+yaml",
+        )
 
     def merge_patch(self, kind: str, namespace: str, name: str, patch: Manifest) -> Manifest:
         return self.request(
@@ -311,15 +371,25 @@ def _answer(status: int, raw: bytes, reason: str) -> Manifest:
             raise ApiError(status, f"the API server's answer is not JSON: {raw[:200]!r}") from e
         return data if isinstance(data, dict) else {}
     message = error_message(status, raw, reason)
+    why = _status_reason(raw)
     if status == 404:
-        raise NotFound(404, message)
+        raise NotFound(404, message, why)
     if status == 409:
-        raise Conflict(409, message)
+        raise Conflict(409, message, why)
     if status == 422:
-        raise Invalid(422, message)
+        raise Invalid(422, message, why)
     if status == 403 and _has_cause(raw, "NamespaceTerminating"):
-        raise NamespaceTerminating(403, message)
-    raise ApiError(status, message)
+        raise NamespaceTerminating(403, message, why)
+    raise ApiError(status, message, why)
+
+
+def _status_reason(raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return ""
+    reason = data.get("reason") if isinstance(data, dict) else None
+    return reason if isinstance(reason, str) else ""
 
 
 def _has_cause(raw: bytes, reason: str) -> bool:

@@ -2,14 +2,17 @@
 leaderelection does it.
 
 Every replica tries to hold the Lease ``--leader-election-id`` in its own namespace. The holder
-renews it every ``retry`` seconds; a Lease not renewed for ``duration`` seconds may be taken by
-another replica (an update carrying the resourceVersion it read, so two replicas cannot both
-take it). The holder that cannot renew within ``renew_deadline`` stops being the leader at once
-(``is_leader`` turns false before the Lease could pass to anyone else), and on SIGTERM it gives
-the Lease up so that a standby takes over without waiting out ``duration``.
+renews it every ``retry`` seconds. A standby judges expiry by its own clock only: it notes when
+it last saw the Lease's record change (client-go's ``observedTime``), and may take the Lease
+once the record has stayed the same for ``duration`` seconds, whatever times the holder wrote
+into it (their clocks may disagree by any amount). The take is an update carrying the
+resourceVersion it read, so two replicas cannot both take it. The holder that cannot renew
+within ``renew_deadline`` stops being the leader at once (``is_leader`` turns false well before
+a standby could take over); on SIGTERM it stops writing, waits for its writes in flight, then
+gives the Lease up so that a standby takes over without waiting out ``duration``.
 
-Everything that writes (reconciles, the resync, the live status of the trainers' metrics) checks
-``is_leader``; the Kube client refuses writes while it is false.
+Everything that writes checks ``is_leader`` before every attempt (the Kube client refuses
+writes while it is false, retries included).
 """
 
 from __future__ import annotations
@@ -60,11 +63,25 @@ def view(lease: Manifest) -> LeaseView:
     )
 
 
-def may_take(lease: LeaseView, me: str, now: float) -> bool:
-    """Whether ``me`` may hold the Lease now: it is ours, free, or expired."""
+def record(lease: Manifest) -> tuple:
+    """What a standby watches for change: a holder that renews changes it every time."""
+    spec = lease.get("spec") or {}
+    return (
+        spec.get("holderIdentity") or "",
+        spec.get("renewTime"),
+        spec.get("acquireTime"),
+        spec.get("leaseTransitions"),
+        spec.get("leaseDurationSeconds"),
+    )
+
+
+def may_take(lease: LeaseView, me: str, observed_at: float, now: float) -> bool:
+    """Whether ``me`` may hold the Lease now: it is ours or free, or its record has not
+    changed for ``duration`` seconds since ``observed_at`` (both on this replica's monotonic
+    clock: the holder's timestamps are never compared with ours)."""
     if lease.holder in ("", me):
         return True
-    return lease.renewed is None or now >= lease.renewed + lease.duration
+    return now >= observed_at + lease.duration
 
 
 class LeaderElector:
@@ -78,6 +95,8 @@ class LeaderElector:
         renew_deadline: float = 10.0,
         retry: float = 2.0,
         on_started_leading: Callable[[], None] | None = None,
+        on_stopped_leading: Callable[[], None] | None = None,
+        before_release: Callable[[], object] | None = None,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -87,8 +106,13 @@ class LeaderElector:
         self.renew_deadline = renew_deadline
         self.retry = retry
         self.on_started_leading = on_started_leading
+        self.on_stopped_leading = on_stopped_leading
+        self.before_release = before_release
+        """Called when giving the Lease up, before it is written: stop and drain the writes."""
         self._leading_until = 0.0  # monotonic time until which a renewal vouches for us
         self._leading = False
+        self._observed: tuple | None = None
+        self._observed_at = 0.0  # monotonic time the record above was first seen
         self._guard = threading.Lock()
 
     @property
@@ -133,6 +157,13 @@ class LeaderElector:
             log.warning(
                 "lost the leadership (Lease %s/%s): writing stops", self.namespace, self.name
             )
+            if self.on_stopped_leading is not None:
+                self.on_stopped_leading()
+
+    def _observe(self, lease: Manifest) -> None:
+        seen = record(lease)
+        if seen != self._observed:
+            self._observed, self._observed_at = seen, time.monotonic()
 
     def _try_acquire_or_renew(self) -> bool:
         now = time.time()
@@ -151,12 +182,16 @@ class LeaderElector:
                 "spec": {**spec, "acquireTime": micro_time(now), "leaseTransitions": 0},
             }
             try:
-                self.kube.request("POST", self.path.rsplit("/", 1)[0], body=body, lease=True)
+                created = self.kube.request(
+                    "POST", self.path.rsplit("/", 1)[0], body=body, lease=True
+                )
             except Conflict:
                 return False  # another replica created it first
+            self._observe(created)
             return True
+        self._observe(lease)
         current = view(lease)
-        if not may_take(current, self.identity, now):
+        if not may_take(current, self.identity, self._observed_at, time.monotonic()):
             return False
         old = lease.get("spec") or {}
         if current.holder != self.identity:
@@ -164,23 +199,30 @@ class LeaderElector:
             spec["leaseTransitions"] = int(old.get("leaseTransitions") or 0) + 1
             if current.holder:
                 log.info(
-                    "taking over the Lease from %s (not renewed for %.0fs)",
+                    "taking over the Lease from %s (unchanged for %.0fs)",
                     current.holder,
-                    now - (current.renewed or 0),
+                    time.monotonic() - self._observed_at,
                 )
         lease["spec"] = {**old, **spec}
         try:
-            self.kube.request("PUT", self.path, body=lease, lease=True)
+            stored = self.kube.request("PUT", self.path, body=lease, lease=True)
         except Conflict:
             return False  # someone else wrote it since we read it
+        self._observe(stored)
         return True
 
     def release(self) -> None:
-        """Give the Lease up (on shutdown), so that a standby need not wait for it to expire."""
+        """Give the Lease up (on shutdown), so that a standby need not wait for it to expire:
+        first stop leading and let the writes in flight end (``before_release``), then write
+        the Lease free."""
         with self._guard:
             leading, self._leading = self._leading, False
         if not leading:
             return
+        if self.before_release is not None:
+            self.before_release()
+        if self.on_stopped_leading is not None:
+            self.on_stopped_leading()
         try:
             lease = self.kube.request("GET", self.path, lease=True)
             if view(lease).holder != self.identity:

@@ -15,6 +15,11 @@ from prometheus_client.registry import Collector
 REGISTRY = CollectorRegistry()
 
 RECONCILES = Counter("gft_operator_reconciles", "Reconciles of GemmaFineTunes.", registry=REGISTRY)
+RESYNCS = Counter(
+    "gft_operator_resyncs",
+    "Passes of the periodic resync (each queues every unfinished fine-tune once).",
+    registry=REGISTRY,
+)
 RECONCILE_ERRORS = Counter(
     "gft_operator_reconcile_errors",
     "Reconciles that raised (retried by the next event or resync).",
@@ -80,6 +85,10 @@ class PhaseCollector(Collector):
         else:
             self.phases[(namespace, name)] = phase
 
+    def clear(self) -> None:
+        """This replica stopped leading: the leader reports the fine-tunes now."""
+        self.phases.clear()
+
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "gft_operator_finetunes",
@@ -96,6 +105,40 @@ class PhaseCollector(Collector):
 
 PHASES = PhaseCollector()
 REGISTRY.register(PHASES)
+
+
+class CacheCollector(Collector):
+    """``gft_operator_cached_objects{kind}`` and ``gft_operator_remembered_writes``: how much
+    the operator holds in memory (bounded by what is live)."""
+
+    def __init__(self) -> None:
+        self.counts: Callable[[], dict[str, int]] = dict
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = dict(self.counts())
+        remembered = GaugeMetricFamily(
+            "gft_operator_remembered_writes",
+            "The operator's own writes whose echo from the watch it still waits for.",
+        )
+        remembered.add_metric([], counts.pop("remembered_writes", 0))
+        yield remembered
+        family = GaugeMetricFamily(
+            "gft_operator_cached_objects",
+            "Objects the operator keeps in memory, by kind (spec: specs kept with their "
+            "children, one per unfinished fine-tune).",
+            labels=["kind"],
+        )
+        for kind, count in sorted(counts.items()):
+            family.add_metric([kind], count)
+        yield family
+
+
+CACHE_SIZES = CacheCollector()
+REGISTRY.register(CACHE_SIZES)
+
+
+def watch_cache(counts: Callable[[], dict[str, int]]) -> None:
+    CACHE_SIZES.counts = counts
 
 
 def serve(address: str, ready: Callable[[], tuple[bool, str]] = lambda: (True, "ready")) -> None:

@@ -21,6 +21,9 @@ class Policy:
     allowed_ingress_host_suffixes: tuple[str, ...] = ()
     allowed_ingress_classes: tuple[str, ...] = ()
     allowed_pod_annotation_prefixes: tuple[str, ...] = ()
+    allowed_ingress_annotation_keys: tuple[str, ...] = ()
+    """Keys a fine-tune's Ingress annotations may have (``key``, or ``prefix*``); empty: any.
+    An Ingress annotation can configure the ingress controller for every host it serves."""
     require_ingress_tls: bool = False
     ingress_annotations: dict[str, str] = field(default_factory=dict)
     """Put on every fine-tune's Ingress, over the author's (authentication, for one)."""
@@ -37,8 +40,20 @@ def _allowed(value: str, prefixes: tuple[str, ...], suffix: bool = False) -> boo
     return any(value.endswith(p) if suffix else value.startswith(p) for p in prefixes)
 
 
+def key_allowed(key: str, allowed: tuple[str, ...]) -> bool:
+    """An exact key, or a prefix ending in ``*``; empty: any."""
+    return not allowed or any(
+        key == a or (a.endswith("*") and key.startswith(a[:-1])) for a in allowed
+    )
+
+
 def violations(spec: GemmaFineTuneSpec, default_image: str, policy: Policy) -> list[str]:
     """What in ``spec`` the policy refuses, one sentence each."""
+    return run_violations(spec, default_image, policy) + ingress_violations(spec, policy)
+
+
+def run_violations(spec: GemmaFineTuneSpec, default_image: str, policy: Policy) -> list[str]:
+    """What the policy refuses of the training pod (fixed at creation)."""
     found: list[str] = []
     prefixes = policy.allowed_image_prefixes
     images = {"spec.image": spec.image or default_image}
@@ -47,6 +62,18 @@ def violations(spec: GemmaFineTuneSpec, default_image: str, policy: Policy) -> l
     for where, image in images.items():
         if not _allowed(image, prefixes):
             found.append(f"{where} {image} is not under an allowed prefix ({', '.join(prefixes)})")
+    keys = policy.allowed_pod_annotation_prefixes
+    for key in sorted(spec.pod_annotations):
+        if not _allowed(key, keys):
+            found.append(
+                f"spec.podAnnotations {key} is not under an allowed prefix ({', '.join(keys)})"
+            )
+    return found
+
+
+def ingress_violations(spec: GemmaFineTuneSpec, policy: Policy) -> list[str]:
+    """What the policy refuses of the TensorBoard Ingress (which may change at any time)."""
+    found: list[str] = []
     ing = spec.tensorboard.ingress if spec.tensorboard.enabled else None
     if ing is not None:
         suffixes = policy.allowed_ingress_host_suffixes
@@ -66,10 +93,11 @@ def violations(spec: GemmaFineTuneSpec, default_image: str, policy: Policy) -> l
                 "spec.tensorboard.ingress.tlsSecretName is required: TensorBoard has no "
                 "authentication of its own, so it is exposed over TLS only"
             )
-    keys = policy.allowed_pod_annotation_prefixes
-    for key in sorted(spec.pod_annotations):
-        if not _allowed(key, keys):
-            found.append(
-                f"spec.podAnnotations {key} is not under an allowed prefix ({', '.join(keys)})"
-            )
+        allowed = policy.allowed_ingress_annotation_keys
+        for key in sorted(ing.annotations):
+            if not key_allowed(key, allowed):
+                found.append(
+                    f"spec.tensorboard.ingress.annotations {key} is not allowed "
+                    f"({', '.join(allowed)})"
+                )
     return found

@@ -30,8 +30,15 @@ class Requeue:
     RUNNING_RETRY_SECONDS = 0.05
     """How soon to look again at a due fine-tune that is being reconciled right now."""
 
-    def __init__(self, reconcile: Callable[[str, str], None], workers: int = 1) -> None:
+    def __init__(
+        self,
+        reconcile: Callable[[str, str], None],
+        workers: int = 1,
+        gate: threading.Event | None = None,
+    ) -> None:
         self._reconcile = reconcile
+        self._gate = gate
+        """Nothing is run before it is set (the caches are synced); what is queued waits."""
         self._heap: list[tuple[float, Key]] = []
         self._due: dict[Key, float] = {}
         self._failures: dict[Key, int] = {}
@@ -51,6 +58,14 @@ class Requeue:
     def after(self, key: Key, seconds: float) -> None:
         self.at(key, time.monotonic() + seconds)
 
+    def resync(self, key: Key, seconds: float) -> None:
+        """Like ``after``, but never sooner than a back-off already waiting: the periodic
+        resync does not turn a refused write into a retry every period."""
+        with self._wake:
+            if self._failures.get(key) and key in self._due:
+                return
+        self.after(key, seconds)
+
     def failed(self, key: Key, retry_after: float | None = None) -> float:
         """Count a failure and queue the retry; returns the delay chosen."""
         with self._wake:
@@ -69,12 +84,17 @@ class Requeue:
         with self._wake:
             self._due.pop(key, None)
             self._failures.pop(key, None)
+            self._heap = [entry for entry in self._heap if entry[1] != key]
+            heapq.heapify(self._heap)
 
     def pending(self) -> dict[Key, float]:
         with self._wake:
             return dict(self._due)
 
     def run(self, stop: threading.Event) -> None:
+        while self._gate is not None and not self._gate.wait(0.5):
+            if stop.is_set():
+                return
         while not stop.is_set():
             with self._wake:
                 now = time.monotonic()

@@ -8,45 +8,34 @@ changed, the Event to record. The handlers read and write; all judgement is here
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from gft_api.contract import ExitCode, Outcome, TrainerSummary, describe_exit_code
+from gft_api.conventions import (
+    COMPLETION_INDEX_LABEL,
+    TRAINER,
+    WARNING_REASONS,
+    leaders,
+    newest_pod,
+    peers,
+)
 from gft_api.v1alpha1 import TERMINAL_PHASES, Phase
-
-from gft_operator.children import TRAINER
 
 Manifest = dict[str, Any]
 
 CONDITION_TYPES = ("Ready", "Suspended", "Complete", "Failed")
-COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 SPEC_UNDERSTOOD = "SpecUnderstood"
 METRICS_AVAILABLE = "MetricsAvailable"
+APPLIED = "Applied"
+"""False while the API server refuses a write (or the policy an Ingress): reason and message."""
+REASON_PATTERN = re.compile(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?")
+"""A condition's reason, as the CRD (and the API conventions) hold it."""
 
-# Phases that are a problem for the user to look at; their events are Warnings.
-_WARNING_REASONS = frozenset(
-    {
-        "Unschedulable",
-        "PersistentVolumeClaimNotBound",
-        "ImagePullFailed",
-        "SecretNotFound",
-        "ConfigMapNotFound",
-        "CreateContainerConfigError",
-        "VolumeMountFailed",
-        "PodSecurityViolation",
-        "QuotaExceeded",
-        "FailedCreate",
-        "OOMKilled",
-        "AttemptFailed",
-        "JobConflict",
-        "ChildConflict",
-        "PolicyViolation",
-        "InvalidSpec",
-        "UnknownFields",
-        "Inadmissible",
-    }
-)
+__all__ = ["COMPLETION_INDEX_LABEL", "leaders", "newest_pod", "peers"]  # (from gft_api)
 
 
 @dataclass
@@ -78,6 +67,12 @@ class Observed:
     """Kueue's Workloads are watched (``--kueue``): a queued run can say why it waits."""
     workload: Manifest | None = None
     """Kueue's Workload of the Job, when queued and watched."""
+    refusal: tuple[str, str] | None = None
+    """(reason, message) when the API server refused a write (or the policy the Ingress):
+    the ``Applied`` condition says so; when it kept the run from starting, so does ``blocked``."""
+    pods_confirmed: bool = False
+    """``pods`` was read from the API server itself (not the watch), so pods missing from it
+    are gone: an ended Job is then decided from its own record."""
 
 
 @dataclass
@@ -113,19 +108,24 @@ def job_finished(job: Manifest) -> bool:
     return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
 
 
-def pods_behind_job(job: Manifest, pods: list[Manifest], now: float, patience: float) -> bool:
+def pods_behind_job(job: Manifest, pods: list[Manifest]) -> bool:
     """The Job has ended but fewer of its pods show as ended than it counts: what was read of
-    the pods (a watch of their own) is behind what was read of the Job. Deciding the run's
-    outcome now would freeze a half-seen one (attempts, the trainer's result), so wait, for
-    ``patience`` seconds after the Job ended at most."""
-    ended_cond = _job_condition(job, "Complete") or _job_condition(job, "Failed")
-    if ended_cond is None:
+    the pods (a watch of their own) is behind what was read of the Job, or pods were removed.
+    Deciding the run's outcome now would freeze a half-seen one (attempts, the trainer's
+    result): the status says it is recording the outcome until the pods are seen, or a read of
+    the API server confirms they are gone (``Observed.pods_confirmed``)."""
+    if not job_finished(job):
         return False
-    counted = int(job["status"].get("failed") or 0) + int(job["status"].get("succeeded") or 0)
-    if sum(not alive(p) for p in pods) >= counted:
-        return False
-    stamp = ended_cond.get("lastTransitionTime")
-    return not stamp or now - unix_time(stamp) < patience
+    status = job.get("status") or {}
+    counted = int(status.get("failed") or 0) + int(status.get("succeeded") or 0)
+    return sum(not alive(p) for p in pods) < counted
+
+
+def job_ended_at(job: Manifest) -> float | None:
+    """Unix time the Job ended (its Complete or Failed condition), if it has."""
+    ended = _job_condition(job, "Complete") or _job_condition(job, "Failed")
+    stamp = (ended or {}).get("lastTransitionTime")
+    return unix_time(stamp) if stamp else None
 
 
 def _job_condition(job: Manifest, type_: str) -> Manifest | None:
@@ -176,38 +176,6 @@ def tensorboard_kept_until(completion_time: str | None, keep_seconds: int) -> fl
     return unix_time(completion_time) + keep_seconds
 
 
-def _created(pod: Manifest) -> str:
-    return pod.get("metadata", {}).get("creationTimestamp") or ""
-
-
-def leaders(pods: list[Manifest]) -> list[Manifest]:
-    """The pods that speak for the run: all of a one-pod Job's, pod 0 of an Indexed Job's
-    (rank 0 writes the result and serves the training metrics)."""
-    return [
-        p
-        for p in pods
-        if ((p.get("metadata") or {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL, "0") == "0"
-    ]
-
-
-def peers(pods: list[Manifest]) -> list[Manifest]:
-    """The newest pod of each index past 0 of an Indexed Job (each serves its own GPUs'
-    readings), by index; none for a one-pod Job."""
-    newest: dict[int, Manifest] = {}
-    for p in pods:
-        index = ((p.get("metadata") or {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL)
-        if index is None or not index.isdigit() or index == "0":
-            continue
-        known = newest.get(int(index))
-        if known is None or newest_pod([known, p]) is p:
-            newest[int(index)] = p
-    return [newest[i] for i in sorted(newest)]
-
-
-def newest_pod(pods: list[Manifest]) -> Manifest | None:
-    return max(pods, key=lambda p: (_created(p), p["metadata"].get("name", "")), default=None)
-
-
 def _disruption(pod: Manifest) -> Manifest | None:
     for cond in pod.get("status", {}).get("conditions") or []:
         if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
@@ -216,11 +184,65 @@ def _disruption(pod: Manifest) -> Manifest | None:
 
 
 def summary_of(pod: Manifest) -> TrainerSummary | None:
-    """The trainer's final summary from its termination message, if it wrote one."""
+    """The trainer's final summary from its termination message, if it wrote one, made fit
+    for the status (``sanitized``): whatever a pod writes, the status stays writable."""
     term = _terminated(pod)
     if not term or not term.get("message"):
         return None
-    return TrainerSummary.from_termination_message(term["message"])
+    return sanitized(term["message"], int(term.get("exitCode", 0)))
+
+
+_TEXT_LIMITS = {"message": 2048, "lastCheckpoint": 1024}
+_SAMPLE_LIMITS = {"prompt": 1024, "answer": 2048, "reference": 1024}
+_COUNTS = ("globalStep", "totalSteps", "trainTokens", "bestStep", "exportedStep")
+
+
+def sanitized(text: str, exit_code: int) -> TrainerSummary | None:
+    """A termination message as a summary the CRD admits, or ``None`` when it is not one
+    (a crash's stack trace). The pod is the trainer's, and the trainer runs the author's image:
+    a reason outside the conditions' pattern (every status write would be refused, 422), a NaN
+    or infinite number (not JSON), a negative count or an over-long text are cleaned, not
+    passed on: the reason falls back to the exit code's, the rest is dropped or cut."""
+    try:
+        raw: Any = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    clean: dict[str, Any] = {}
+    for key, value in raw.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        if key in _COUNTS and isinstance(value, int) and value < 0:
+            continue
+        if key in _TEXT_LIMITS and isinstance(value, str):
+            value = value[: _TEXT_LIMITS[key]]
+        clean[key] = value
+    if not isinstance(clean.get("reason"), str) or not REASON_PATTERN.fullmatch(
+        clean["reason"][:64]
+    ):
+        clean["reason"] = describe_exit_code(exit_code)
+    clean["reason"] = clean["reason"][:64]
+    samples = clean.get("samples")
+    if isinstance(samples, list):
+        clean["samples"] = [
+            {k: v[: _SAMPLE_LIMITS[k]] if isinstance(v, str) and k in _SAMPLE_LIMITS else v
+             for k, v in sample.items()}
+            for sample in samples[:8]
+            if isinstance(sample, dict)
+        ]  # fmt: skip
+    artifacts = clean.get("artifacts")
+    if isinstance(artifacts, dict):
+        clean["artifacts"] = {
+            str(k)[:253]: v[:1024] for k, v in list(artifacts.items())[:32] if isinstance(v, str)
+        }
+    return TrainerSummary.from_termination_message(json.dumps(clean))
+
+
+def _exit_code_in(message: str) -> int | None:
+    """The exit code a Job's FailJob condition names ("... failed with exit code 78 ...")."""
+    found = re.search(r"exit code (\d+)", message)
+    return int(found.group(1)) if found else None
 
 
 def _tail(text: str, limit: int = 600) -> str:
@@ -419,10 +441,21 @@ def _verdict(obs: Observed) -> _Verdict:
         return _Verdict(Phase.PENDING, "CreatingJob", "creating the training Job")
 
     pods = obs.pods
+    if not obs.pods_confirmed and pods_behind_job(job, pods):
+        ended = "Complete" if _job_condition(job, "Complete") else "Failed"
+        return _Verdict(
+            Phase(old_phase) if old_phase else Phase.PENDING,
+            "RecordingOutcome",
+            f"the Job ended ({ended}) but its trainer's pod is not seen ended yet: the outcome "
+            "is recorded once it is (the pod's termination message holds the trainer's result)",
+        )
+    gone = "; the trainer's pod was gone before its end was seen, so its result was not recorded"
     if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
         pod = newest_pod([p for p in leaders(pods) if _terminated(p)])
         summary = summary_of(pod) if pod else None
         message = (summary.message if summary and summary.message else "") or "training finished"
+        if pod is None and obs.pods_confirmed:
+            message += gone
         return _Verdict(Phase.SUCCEEDED, _success_reason(summary), message)
 
     failed = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
@@ -433,6 +466,9 @@ def _verdict(obs: Observed) -> _Verdict:
         last = newest_pod(failed_pods)
         if reason == "PodFailurePolicy" and last is not None:
             return _Verdict(Phase.FAILED, *describe_failure(last))
+        code = _exit_code_in(message) if reason == "PodFailurePolicy" else None
+        if code is not None:  # the pod is gone: the Job's own record names the exit code
+            return _Verdict(Phase.FAILED, describe_exit_code(code), message + gone)
         if reason == "BackoffLimitExceeded" and last is not None:
             why, detail = describe_failure(last)
             return _Verdict(
@@ -684,15 +720,21 @@ def decide(obs: Observed, now: str) -> Decision:
     old_phase = old.get("phase")
     verdict = _verdict(obs)
     spec_condition = _spec_condition(obs, old.get("conditions") or [], now)
+    applied = _applied_condition(obs, old.get("conditions") or [], now)
+    extra = [c for c in (spec_condition, applied) if c is not None]
     if old_phase in TERMINAL_PHASES and (
         verdict.phase.value != old_phase or obs.job is None or obs.blocked
     ):
-        # A finished run stays finished, whatever happens to its Job afterwards.
+        # A finished run stays finished, whatever happens to its Job afterwards; what it says
+        # is still about the current generation (kstatus tools compare the two).
         kept = dict(old)
+        kept["observedGeneration"] = obs.generation
         kept["conditions"] = [
-            c for c in old.get("conditions") or [] if c.get("type") != SPEC_UNDERSTOOD
-        ] + ([spec_condition] if spec_condition else [])
-        return Decision(kept, None, _spec_notices(old, spec_condition))
+            {**c, "observedGeneration": obs.generation}
+            for c in old.get("conditions") or []
+            if c.get("type") not in (SPEC_UNDERSTOOD, APPLIED)
+        ] + extra
+        return Decision(kept, None, _notices(old, spec_condition, applied, None))
     status: Manifest = {
         k: v
         for k, v in old.items()
@@ -703,8 +745,7 @@ def decide(obs: Observed, now: str) -> Decision:
         reason=verdict.reason,
         message=verdict.message[:32768],
         observedGeneration=obs.generation,
-        conditions=_conditions(old.get("conditions") or [], verdict, obs.generation, now)
-        + ([spec_condition] if spec_condition else []),
+        conditions=_conditions(old.get("conditions") or [], verdict, obs.generation, now) + extra,
     )
     job = obs.job
     pods = obs.pods
@@ -747,20 +788,39 @@ def decide(obs: Observed, now: str) -> Decision:
 
     transition = None
     if verdict.phase.value != old_phase or verdict.reason != old.get("reason"):
-        warning = verdict.phase == Phase.FAILED or verdict.reason in _WARNING_REASONS
+        refused = obs.refusal is not None and obs.blocked == obs.refusal
+        warning = verdict.phase == Phase.FAILED or verdict.reason in WARNING_REASONS or refused
         transition = Transition(
             type="Warning" if warning else "Normal",
             reason=verdict.reason,
             message=f"{verdict.phase.value}: {verdict.message}"[:1024],
         )
-    return Decision(status, transition, _spec_notices(old, spec_condition))
+    return Decision(status, transition, _notices(old, spec_condition, applied, transition))
 
 
-def _spec_notices(old: Manifest, spec_condition: Manifest | None) -> list[Transition]:
-    """A Warning when the spec starts (or changes how it is) not being understood."""
-    if spec_condition is None:
-        return []
-    before = next((c for c in old.get("conditions") or [] if c.get("type") == SPEC_UNDERSTOOD), {})
-    if before.get("message") == spec_condition["message"]:
-        return []
-    return [Transition("Warning", spec_condition["reason"], spec_condition["message"][:1024])]
+def _applied_condition(obs: Observed, old: list[Manifest], now: str) -> Manifest | None:
+    """Applied=False while the API server refuses a write (or the policy the Ingress)."""
+    if obs.refusal is None:
+        return None
+    previous = next((c for c in old if c.get("type") == APPLIED), None)
+    reason, message = obs.refusal
+    return condition(previous, APPLIED, "False", reason, message, obs.generation, now)
+
+
+def _notices(
+    old: Manifest,
+    spec_condition: Manifest | None,
+    applied: Manifest | None,
+    transition: Transition | None,
+) -> list[Transition]:
+    """A Warning when the spec starts (or changes how it is) not being understood, and when a
+    write starts being refused (unless the phase's own event says it already)."""
+    out = []
+    before = {c.get("type"): c for c in old.get("conditions") or []}
+    for cond in (spec_condition, applied):
+        if cond is None or (before.get(cond["type"]) or {}).get("message") == cond["message"]:
+            continue
+        if transition is not None and cond["message"] in transition.message:
+            continue
+        out.append(Transition("Warning", cond["reason"], cond["message"][:1024]))
+    return out

@@ -3,6 +3,7 @@ docs/benchmarks.md come from them, so they must not rot between measurements."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,3 +40,17 @@ def test_cpu_loop_benchmark_reports_its_ratios_and_the_monitoring_share():
 def test_gpu_benchmark_smoke_run_on_cpu():
     out = run("benchmarks.trainer_gpu", "--tiny", "--shapes", "gemma-3-1b")
     assert "gemma-3-1b  ours/bare tokens/s" in out, out
+
+
+def test_soak_benchmark_smoke_run():
+    """A tiny soak (its own proving ground, KWOK nodes, fake trainers): the script runs end to
+    end and reports what docs/benchmarks.md quotes."""
+    out = run(
+        "benchmarks.soak",
+        *("--finetunes", "24", "--minutes", "0.4", "--namespaces", "2", "--first", "10"),
+        *("--run-seconds", "8", "--retention", "5", "--window", "10"),
+    )
+    result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
+    assert result["finetunes"] == 24 and result["duplicate_jobs"] == 0, result
+    assert result["rss_after_first_mb"] > 0 and result["rss_end_mb"] > 0, result
+    assert result["tracebacks_in_log"] == 0, result

@@ -78,8 +78,8 @@ def test_the_values_schema_refuses_what_it_does_not_know(value: str, complaint: 
 
 def test_kube_version_is_stated_and_enforced():
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
-    assert chart["kubeVersion"] == ">=1.29.0-0"
-    old = run_helm("template", "gft", str(CHART), "--kube-version", "1.28.0", check=False)
+    assert chart["kubeVersion"] == ">=1.30.0-0"  # ValidatingAdmissionPolicy is GA in 1.30
+    old = run_helm("template", "gft", str(CHART), "--kube-version", "1.29.0", check=False)
     assert old.returncode != 0 and "kubeVersion" in old.stderr, old.stderr
 
 
@@ -136,7 +136,9 @@ def test_toggles_render_what_they_say():
     assert set(monitors) == {"gft-trainers", "gft-operator"}
     assert monitors["gft-trainers"]["metadata"]["labels"]["release"] == "kps"
     assert of_kind(docs, "ServiceMonitor")
-    (dashboard,) = of_kind(docs, "ConfigMap")
+    configmaps = {m["metadata"]["name"]: m for m in of_kind(docs, "ConfigMap")}
+    assert set(configmaps) == {"gft-grafana-dashboard", "gft-policy"}, set(configmaps)
+    dashboard = configmaps["gft-grafana-dashboard"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert dashboard["metadata"]["annotations"]["grafana_folder"] == "ML"
     assert json.loads(dashboard["data"]["gft-finetuning.json"])["uid"] == "gft-finetuning"
@@ -152,6 +154,14 @@ def test_toggles_render_what_they_say():
         "--network-policy-allow-namespace=ingress-nginx",
     ):
         assert expected in args, (expected, args)
+    # The policy, at admission too: the chart fills the policy's parameters from `policy:`.
+    assert configmaps["gft-policy"]["data"]["allowedIngressHostSuffixes"] == ".tb.acme.dev"
+    (vap,) = of_kind(docs, "ValidatingAdmissionPolicy")
+    (binding,) = of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["paramRef"]["name"] == "gft-policy" == vap["metadata"]["name"]
+    assert {"CREATE", "UPDATE"} <= set(
+        vap["spec"]["matchConstraints"]["resourceRules"][0]["operations"]
+    )
     pod = deployment(docs)["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == "system-cluster-critical"
     assert pod["nodeSelector"] == {"pool": "ops"}

@@ -194,30 +194,32 @@ def job_creates(c, namespace: str) -> int:
     return created
 
 
-def reconciles(op) -> float:
-    """The operator's count of reconciles, from its own /metrics."""
+def counter(op, name: str) -> float:
+    """One of the operator's counters, from its own /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(f"http://127.0.0.1:{op.metrics_port}/metrics", timeout=5) as r:
         families = text_string_to_metric_families(r.read().decode())
-        return next(
-            s.value
-            for f in families
-            for s in f.samples
-            if s.name == "gft_operator_reconciles_total"
-        )
+        return next(s.value for f in families for s in f.samples if s.name == name)
+
+
+def reconciles(op) -> float:
+    """The operator's count of reconciles."""
+    return counter(op, "gft_operator_reconciles_total")
 
 
 def operator_looked_again(op, times: int = 3, timeout: float = 60) -> None:
-    """Wait until the operator has reconciled ``times`` more times (the resync included):
-    it had every chance to act on what the test set up."""
+    """Wait until the operator's periodic resync has passed ``times`` more times (each queues
+    every unfinished fine-tune, and runs after the reconciles the previous one queued): it had
+    every chance to act on what the test set up. (A finished run is not looked at by the
+    resync: only an event of its own, or a deadline it set, wakes it.)"""
     from conftest import wait_for
 
-    start = reconciles(op)
+    start = counter(op, "gft_operator_resyncs_total")
     wait_for(
-        f"{times} more reconciles",
-        lambda: reconciles(op) >= start + times,
+        f"{times} more resync passes",
+        lambda: counter(op, "gft_operator_resyncs_total") >= start + times,
         timeout=timeout,
         interval=0.5,
     )

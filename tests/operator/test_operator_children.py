@@ -345,7 +345,7 @@ def test_tensorboard_after_the_run_serves_the_same_files_behind_the_same_service
         },
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
     ]
-    assert pod_spec["nodeSelector"] == {"pool": "a100"}  # where the volume can be mounted
+    assert "nodeSelector" not in pod_spec  # the scheduler follows the claim, not the GPU pool
     assert "nvidia.com/gpu" not in str(pod_spec)
     assert pod_spec["securityContext"] == _pod(job)["securityContext"]
     assert deployment["metadata"]["name"] == "demo-tb"
@@ -369,6 +369,7 @@ def test_the_admin_policy_bounds_what_a_fine_tune_asks_for():
         allowed_ingress_host_suffixes=(".tb.acme.dev",),
         allowed_ingress_classes=("internal",),
         allowed_pod_annotation_prefixes=("acme.dev/",),
+        allowed_ingress_annotation_keys=("acme.dev/*", "nginx.ingress.kubernetes.io/auth-url"),
         require_ingress_tls=True,
     )
     fine = _spec(
@@ -378,6 +379,7 @@ def test_the_admin_policy_bounds_what_a_fine_tune_asks_for():
                 "host": "run.tb.acme.dev",
                 "ingressClassName": "internal",
                 "tlsSecretName": "tls",
+                "annotations": {"acme.dev/x": "1", "nginx.ingress.kubernetes.io/auth-url": "u"},
             }
         },
         podAnnotations={"acme.dev/team": "nlp"},
@@ -387,17 +389,22 @@ def test_the_admin_policy_bounds_what_a_fine_tune_asks_for():
         image="docker.io/evil/miner:latest",
         tensorboard={
             "image": "ghcr.io/acme/tb:1",
-            "ingress": {"host": "tb.evil.com", "ingressClassName": "public"},
+            "ingress": {
+                "host": "tb.evil.com",
+                "ingressClassName": "public",
+                "annotations": {"nginx.ingress.kubernetes.io/server-snippet": "x"},
+            },
         },
         podAnnotations={"sidecar.istio.io/inject": "false"},
     )
     found = violations(wild, "ghcr.io/acme/trainer:0", strict)
     assert [f.split()[0] for f in found] == [
         "spec.image",
+        "spec.podAnnotations",
         "spec.tensorboard.ingress.host",
         "spec.tensorboard.ingress.ingressClassName",
         "spec.tensorboard.ingress.tlsSecretName",
-        "spec.podAnnotations",
+        "spec.tensorboard.ingress.annotations",
     ]
     assert "docker.io/evil/miner:latest" in found[0] and "ghcr.io/acme/" in found[0]
     assert violations(wild, "x", Policy()) == []  # no policy: anything goes
@@ -448,3 +455,19 @@ def test_a_network_policy_lets_only_the_operator_and_named_namespaces_in():
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}
     }
     assert netpol["metadata"]["ownerReferences"][0]["uid"] == OWNER.uid
+
+
+def test_tensorboard_after_the_run_does_not_pin_the_trainers_gpu_nodes():
+    """Finding 9. Before: the after-run TensorBoard copied the trainer's nodeSelector and held
+    a GPU node (for keepAfterFinishSeconds, an hour by default) to serve event files."""
+    spec = _spec(
+        resources={
+            "gpus": 1,
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        }
+    )
+    pod_spec = children.tensorboard_deployment(OWNER, spec)["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod_spec and "affinity" not in pod_spec
+    # The toleration stays: where the claim's volume is bound to a tainted node, it may go.
+    assert pod_spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 from gft_api.contract import ExitCode, Outcome, TrainerSummary
 from gft_operator.status import (
     COMPLETION_INDEX_LABEL,
     Observed,
     decide,
+    job_ended_at,
     leaders,
     newest_pod,
     peers,
@@ -682,14 +686,13 @@ def test_a_spec_this_operator_cannot_use_creates_nothing_and_fails_nothing():
 
 def test_a_job_that_ended_waits_for_its_pods_to_be_seen_ended():
     """The pods come from a watch of their own: one that lags the Job's must not freeze a
-    half-seen outcome (a failure counted once of two), but the wait is bounded."""
+    half-seen outcome (a failure counted once of two)."""
     failed = job(("Failed", "BackoffLimitExceeded", "too many"), failed=2)
     first, second = pod("demo-1", phase="Failed"), pod("demo-2", phase="Running")
-    now = unix_time(NOW)
-    assert pods_behind_job(failed, [first, second], now + 1, patience=10)
-    assert not pods_behind_job(failed, [first, pod("demo-2", phase="Failed")], now + 1, 10)
-    assert not pods_behind_job(failed, [first, second], now + 11, patience=10)  # waited enough
-    assert not pods_behind_job(job(), [second], now, patience=10)  # not ended: nothing to wait
+    assert pods_behind_job(failed, [first, second])
+    assert not pods_behind_job(failed, [first, pod("demo-2", phase="Failed")])
+    assert not pods_behind_job(job(), [second])  # not ended: nothing to wait for
+    assert job_ended_at(failed) == unix_time(NOW) and job_ended_at(job()) is None
 
 
 def indexed(name, index, created="2026-01-01T00:00:00Z", **kw):
@@ -709,3 +712,97 @@ def test_pod_zero_speaks_for_a_multi_node_run_and_each_newest_peer_is_read():
     assert [p["metadata"]["name"] for p in peers(pods)] == ["mn-1-b", "mn-2-a"]
     one_pod = pod("single")
     assert leaders([one_pod]) == [one_pod] and peers([one_pod]) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: never a half-seen outcome; nothing from the pod can poison the status
+# ---------------------------------------------------------------------------------------------
+FAIL_JOB_MESSAGE = (
+    "Container trainer for pod ns/demo-abcde failed with exit code 78 matching FailJob rule "
+    "at index 1"
+)
+
+
+def test_an_ended_job_whose_pod_is_not_seen_keeps_waiting_and_says_why():
+    """Finding 7. Before: once 10 s had passed the outcome was decided from whatever pods had
+    been seen (here none: Failed/PodFailurePolicy, the trainer's own reason lost for good)."""
+    failed = job(("Failed", "PodFailurePolicy", FAIL_JOB_MESSAGE), failed=1)
+    running = {"phase": "Running", "reason": "TrainerRunning", "podName": "demo-abcde"}
+    d = decide(observe(failed, pods=[], old=running), NOW)
+    assert d.status["phase"] == "Running", d.status
+    assert d.status["reason"] == "RecordingOutcome"
+    assert "demo-abcde" not in d.status["message"] or "not seen" in d.status["message"]
+    assert "termination message" in d.status["message"]
+    assert conditions(d.status)["Ready"]["reason"] == "RecordingOutcome"
+
+
+def test_an_ended_job_whose_pods_are_gone_is_decided_from_the_jobs_own_record():
+    """Finding 7: once a read of the API server confirms the pods are gone (deleted by hand),
+    the Job's own record decides: its FailJob message names the trainer's exit code."""
+    failed = job(("Failed", "PodFailurePolicy", FAIL_JOB_MESSAGE), failed=1)
+    obs = observe(failed, pods=[], old={"phase": "Running"})
+    obs.pods_confirmed = True
+    d = decide(obs, NOW)
+    assert d.status["phase"] == "Failed" and d.status["reason"] == "InvalidConfig", d.status
+    assert "exit code 78" in d.status["message"] and "gone" in d.status["message"]
+    done = job(("Complete", "CompletionsReached", ""), succeeded=1)
+    obs = observe(done, pods=[], old={"phase": "Running"})
+    obs.pods_confirmed = True
+    d = decide(obs, NOW)
+    assert d.status["phase"] == "Succeeded" and "result" not in d.status
+    assert "not recorded" in d.status["message"]
+
+
+def test_a_termination_message_cannot_poison_the_status():
+    """Finding 8. Before: a reason outside the CRD's pattern went into the status as it was,
+    and the API server refused every status write of the run (422); a NaN loss made the
+    patch invalid JSON; an over-long message lost the whole result."""
+    from gft_api.v1alpha1 import GemmaFineTuneStatus
+
+    pattern = r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?"
+    for text in (
+        '{"outcome":"Failed","exitCode":1,"reason":"not a reason!","message":"boom"}',
+        '{"outcome":"Failed","exitCode":1,"reason":"Diverged","message":"'
+        + "x" * 3000
+        + '","globalStep":-5,"trainLoss":NaN,"evalLoss":Infinity,"totalSteps":10}',
+    ):
+        trainer = {"terminated": {"exitCode": 1, "message": text}}
+        bad = pod("demo-1", phase="Failed", trainer=trainer)
+        failed = job(("Failed", "PodFailurePolicy", "exit code 1"), failed=1)
+        d = decide(observe(failed, pods=[bad], old={"phase": "Running"}), NOW)
+        reasons = [d.status["reason"], *(c["reason"] for c in d.status["conditions"])]
+        assert all(re.fullmatch(pattern, r) for r in reasons), reasons
+        result = d.status["result"]  # kept, cleaned
+        assert not re.search(r"nan|inf", json.dumps(result), re.IGNORECASE), result
+        assert re.fullmatch(pattern, result["reason"]) and result["globalStep"] >= 0
+        GemmaFineTuneStatus.model_validate(d.status)  # what the CRD's schema holds it to
+
+
+def test_a_finished_run_keeps_observing_its_generation():
+    """Finding 9. Before: observedGeneration stopped at the finish, so a change afterwards
+    (a TTL set, the Ingress changed) left kstatus tools reporting it in progress forever."""
+    done = job(("Complete", "CompletionsReached", ""), succeeded=1)
+    ended = pod("demo-1", phase="Succeeded", trainer={"terminated": {"exitCode": 0}})
+    finished = decide(observe(done, pods=[ended]), NOW).status
+    assert finished["phase"] == "Succeeded" and finished["observedGeneration"] == 3
+    later = Observed(
+        generation=4, suspend=False, queue_name=None, old_status=finished, job=None, pods=[]
+    )
+    d = decide(later, NOW)
+    assert d.status["phase"] == "Succeeded"
+    assert d.status["observedGeneration"] == 4
+    assert all(c["observedGeneration"] == 4 for c in d.status["conditions"])
+
+
+def test_the_dashboard_lights_every_reason_the_operator_warns_about():
+    """Shape (issue 25): the dashboard kept its own list of trouble reasons and missed the
+    operator's own (ImagePullFailed, AttemptFailed, QuotaExceeded, ...): a run that could not
+    pull its image showed no warning light. Both now read gft_api.conventions."""
+    from gft_api.conventions import WARNING_REASONS
+    from gft_dashboard.hub import summarize
+
+    for reason in sorted(WARNING_REASONS):
+        row = summarize(
+            {"metadata": {"name": "x"}, "status": {"phase": "Pending", "reason": reason}}
+        )
+        assert row["light"] == "warning", (reason, row["light"])

@@ -516,8 +516,11 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
     """The live-status writer holds the status it last read; meanwhile another writer (a
     second replica, a reconcile elsewhere) records that the run ended. Before: the stale
     writer's merge patch put its old conditions and a Running-era progress over it."""
-    from gft_operator import handlers
+    from gft_operator.apply import Writer
+    from gft_operator.cache import CACHE
     from gft_operator.kube import Kube, load_config
+    from gft_operator.live import LIVE
+    from gft_operator.runtime import lock
     from gft_operator.scraper import Target
     from gft_operator.trainer_metrics import parse
 
@@ -526,7 +529,7 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
     try:
         apply(c, namespace, on_kwok("stale", podAnnotations={"gft.dev/kwok-keep-running": "1"}))
         kube = Kube(load_config(str(c.kubeconfig)))
-        handlers.RUNTIME.kube = kube
+        LIVE.writer, LIVE.lock = Writer(kube, "test", "test"), lock
         running = {
             "phase": "Running",
             "reason": "TrainerRunning",
@@ -545,7 +548,8 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
         read = kube.request(
             "PATCH", path, body={"status": running}, content_type="application/merge-patch+json"
         )
-        handlers.LIVE.remember((namespace, "stale"), read)  # what the live writer last saw
+        # The test plays the operator's watch: it has delivered the Running version only.
+        CACHE.attach({"gft_finetunes": {(namespace, "stale"): [read]}})
 
         ended = {
             "phase": "Succeeded",
@@ -567,25 +571,24 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
                 },
             ],
         }
-        stored = kube.request(
+        kube.request(
             "PATCH", path, body={"status": ended}, content_type="application/merge-patch+json"
         )
-        # The test plays the operator's watch: it has delivered the ended version.
-        handlers.CACHE.attach({"gft_finetunes": {(namespace, "stale"): [stored]}})
 
         reading = parse(
             "gft_global_step 7\ngft_total_steps 20\ngft_train_loss 1.5\n"
             "gft_last_log_timestamp_seconds 1.7e9\n"
         )
         target = Target(namespace, "stale", "stale-pod", "198.18.0.9", 9090, 1, time.time())
-        wrote = handlers.write_live_status(target, reading, None)
+        wrote = LIVE.write(target, reading, None)
         status = get_gft(c, namespace, "stale")["status"]
         assert not wrote
         assert status["phase"] == "Succeeded" and "progress" not in status, status
         assert [x["type"] for x in status["conditions"]] == ["Ready", "Complete"], status
     finally:
-        handlers.LIVE.forget(namespace, "stale")
-        handlers.CACHE.attach({})
+        LIVE.forget(namespace, "stale")
+        LIVE.writer = LIVE.lock = None
+        CACHE.attach({})
         operator.start()
 
 

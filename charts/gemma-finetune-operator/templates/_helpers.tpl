@@ -46,9 +46,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: [""]
   resources: [configmaps, services, persistentvolumeclaims]
   verbs: [list, watch, create]
+# The Ingress follows spec.tensorboard.ingress: server-side apply (patch; create, for the apply
+# that makes it), owning only the fields it sets; get: once before it is first applied, so that
+# someone else's Ingress of its name (not labelled, so not watched) is never taken over.
 - apiGroups: [networking.k8s.io]
   resources: [ingresses]
-  verbs: [list, watch, create, update, delete]
+  verbs: [list, watch, get, create, patch, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [list, watch, create]
@@ -74,6 +77,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   verbs: [list, watch, patch]
 {{- end }}
 # Why a pod is stuck (FailedScheduling, FailedMount, FailedCreate), and one Event per transition.
+# (Pods: list also when a Job ended and its pods are not seen: one read to record the outcome.)
 - apiGroups: [""]
   resources: [events]
   verbs: [list, watch, create]
