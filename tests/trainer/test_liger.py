@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from gft_api.contract import ExitCode
+from gft_api.contract import ExitCode, ModelSource
+from gft_api.training import Method, Precision
+from gft_trainer import liger, modeling
 from safetensors.torch import load_file
 
 from trainer.conftest import log_history, run_gft_train, series, write_config
+from trainer.tiny import make_model_dir
 
 STEPS = 12
 INTERPRETER = {"TRITON_INTERPRET": "1"}
@@ -83,6 +86,39 @@ def test_liger_asked_for_without_a_gpu_is_refused_before_training(
         "training.ligerKernels: Liger's kernels are Triton GPU kernels" in done.stdout + done.stderr
     )
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text"])
+def test_liger_patches_the_model_it_is_given_and_no_later_one(tiny_models: Path, model_type: str):
+    from transformers import AutoModelForCausalLM
+
+    path = make_model_dir(tiny_models, model_type)
+    plain = AutoModelForCausalLM.from_pretrained(path)
+    classes = {n: type(m) for n, m in plain.named_modules()}
+    forward = type(plain).forward
+    patched = AutoModelForCausalLM.from_pretrained(path)
+    liger.apply(patched, {})
+    names = {n: type(m).__name__ for n, m in patched.named_modules()}
+    if model_type != "gemma3":  # Liger swaps the multimodal model's forward, not its norms
+        assert any(m._get_name().startswith("Liger") for m in patched.modules()), names
+    assert "forward" in vars(patched)  # the fused loss: on this instance
+    later = AutoModelForCausalLM.from_pretrained(path)
+    assert {n: type(m) for n, m in later.named_modules()} == classes
+    assert not any(m._get_name().startswith("Liger") for m in later.modules())
+    assert "forward" not in vars(later) and type(later).forward is forward
+
+
+def test_the_trainer_loads_its_model_with_liger_on_that_model_alone(tiny_gemma3: Path):
+    from transformers import AutoModelForCausalLM
+
+    hw = modeling.Hardware(False, False, None, liger=True, triton_interpreter=True)
+    method = Method.model_validate({"type": "full"})
+    source = ModelSource(name_or_path=str(tiny_gemma3))
+    loaded = modeling.load(source, method, Precision.AUTO, None, hw, liger=True)
+    assert loaded.liger == {"rms_norm": False, "geglu": False}
+    assert "forward" in vars(loaded.model)
+    later = AutoModelForCausalLM.from_pretrained(tiny_gemma3)
+    assert "forward" not in vars(later)
 
 
 @pytest.mark.gpu

@@ -202,8 +202,9 @@ def _kernels() -> list:
 def test_packed_micro_batches_of_several_rows_never_leak(
     tiny_models: Path, model_type: str, kernel: str, examples: list[data.Example]
 ) -> None:
-    # Several packed rows per micro-batch: FlashAttention-2 reads packing from the positions
-    # only for a batch of one row; with two rows it ran causal attention across examples.
+    # Several packed rows per micro-batch. FlashAttention-2 reads packing from the positions
+    # only for a batch of one row (with two rows it ran causal attention across examples), so
+    # its micro-batch is flattened into one row; every other kernel keeps the rows apart.
     hw = A100 if kernel == "flash_attention_2" else CPU
     path = make_model_dir(tiny_models, model_type)
     source = ModelSource(name_or_path=str(path), attn_implementation=kernel)
@@ -211,22 +212,50 @@ def test_packed_micro_batches_of_several_rows_never_leak(
     loaded = modeling.load(source, Method(type=MethodType.FULL), precision, None, hw)
     model = loaded.model.to("cuda" if hw.cuda else "cpu").eval()
     model.config.use_cache = False
-    collate = data.Collator(0, modeling.needs_token_type_ids(model))
+    flatten = data.flattens(kernel)
+    collate = data.Collator(0, modeling.needs_token_type_ids(model), flatten=flatten)
     rows = data.pack(examples, 16)
     assert len(rows) >= 3  # the micro-batch really holds several packed rows
+    masks = _attention_masks(model)
 
     def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             return model(**{k: v.to(model.device) for k, v in batch.items()}).loss.float()
 
-    flattened = collate(rows)
-    assert flattened["input_ids"].shape[0] == 1
-    assert data.examples_in(flattened) == len(examples)
+    batch = collate(rows)
+    assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
+    assert int(data.examples_in(batch)) == len(examples)
+    packed = loss(batch)
+    if not flatten:
+        # The mask transformers built is one row's width: attention costs rows x 16^2.
+        width = max(len(r["input_ids"]) for r in rows)
+        assert masks and all(m.shape[-1] == m.shape[-2] == width for m in masks), [
+            tuple(m.shape) for m in masks
+        ]
     reference = loss(collate(data.unpacked(examples)))
     reordered = loss(collate(data.pack(examples[::-1], 16)))
     tol = 2e-2 if hw.cuda else 1e-5
-    assert torch.allclose(loss(flattened), reference, atol=tol), (loss(flattened), reference)
+    assert torch.allclose(packed, reference, atol=tol), (packed, reference)
     assert torch.allclose(reordered, reference, atol=tol), (reordered, reference)
+
+
+def _attention_masks(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The 4-D masks the first attention layer is called with, from now on (eager and SDPA
+    get a dense mask; FlexAttention a block mask, whose ``shape`` is the same)."""
+    seen: list[torch.Tensor] = []
+    attention = next(
+        m
+        for n, m in model.named_modules()
+        if n.endswith("layers.0.self_attn") and "vision_tower" not in n
+    )
+
+    def keep(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            seen.append(mask)
+
+    attention.register_forward_pre_hook(keep, with_kwargs=True)
+    return seen
 
 
 def test_full_finetuning_keeps_fp32_master_weights_and_adapters_a_compute_dtype_base() -> None:
@@ -295,24 +324,63 @@ def test_a_qlora_adapter_is_merged_into_a_bf16_reload_of_the_base(
     torch.testing.assert_close(weight.float(), expected, atol=2e-2, rtol=1e-2)
 
 
-GIB = 2**30
-GEMMA3_1B = (26, 1152, 262144)
-GEMMA2_9B = (42, 3584, 256000)
+# ---------------------------------------------------------------- a GPU pod without usable CUDA
+
+CU132 = "13.2"
 
 
 @pytest.mark.parametrize(
-    ("requested", "method", "params", "shape", "gpu", "expected"),
+    ("driver", "torch_cuda", "expected"),
     [
-        (None, MethodType.LORA, 1.0e9, GEMMA3_1B, 80 * GIB, False),  # small LoRA: memory allows
-        (None, MethodType.FULL, 9.2e9, GEMMA2_9B, 80 * GIB, True),  # 166 GB of weights and state
-        (None, MethodType.LORA, 1.0e9, GEMMA3_1B, 16 * GIB, True),  # a small GPU
-        (None, MethodType.FULL, 1.0e9, GEMMA3_1B, None, False),  # CPU
-        (True, MethodType.LORA, 1.0e9, GEMMA3_1B, 80 * GIB, True),  # the user's choice wins
-        (False, MethodType.FULL, 9.2e9, GEMMA2_9B, 80 * GIB, False),
+        (
+            modeling.Driver(version="535.104.05", torch_cuda=CU132),
+            CU132,
+            r"resources\.gpus: 1 GPU asked for, but CUDA is not usable: the node's NVIDIA driver "
+            r"is 535\.104\.05 and this trainer's torch \(CUDA 13\.2\) needs 580\.65\.06 or newer",
+        ),
+        (
+            modeling.Driver(version=None, torch_cuda=CU132),
+            CU132,
+            r"no NVIDIA driver is visible in the container",
+        ),
+        (
+            modeling.Driver(version="590.44.01", torch_cuda=None),
+            None,
+            r"this trainer's torch is a CPU build",
+        ),
+        (
+            modeling.Driver(version="590.44.01", torch_cuda=CU132),
+            CU132,
+            r"driver 590\.44\.01 is new enough for CUDA 13\.2, yet torch finds no GPU",
+        ),
     ],
+    ids=["old-driver", "no-driver", "cpu-torch", "driver-ok"],
 )
-def test_gradient_checkpointing_is_chosen_by_need(
-    requested, method, params, shape, gpu, expected
-) -> None:
-    got = modeling.needs_checkpointing(requested, method, int(params), shape, 4 * 2048, gpu)
-    assert got is expected
+def test_a_gpu_pod_without_usable_cuda_stops_naming_the_driver(driver, torch_cuda, expected):
+    with pytest.raises(UnsupportedError, match=expected) as stopped:
+        modeling.check_gpus(1, cuda=False, driver=driver)
+    assert exit_code_for(stopped.value) == ExitCode.UNSUPPORTED
+
+
+def test_gpus_that_work_or_none_asked_for_pass() -> None:
+    old = modeling.Driver(version="535.104.05", torch_cuda=CU132)
+    modeling.check_gpus(0, cuda=False, driver=old)  # a CPU pod trains on the CPU
+    modeling.check_gpus(2, cuda=True, driver=old)  # CUDA works (a compatibility package)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "needed"),
+    [("13.2", "580.65.06"), ("13.0", "580.65.06"), ("12.8", "525.60.13"), ("11.8", "450.80.02")],
+)
+def test_the_driver_each_cuda_needs(cuda: str, needed: str) -> None:
+    assert modeling.needed_driver(cuda) == needed
+
+
+def test_the_driver_version_is_read_from_the_kernel_module_without_nvml(tmp_path: Path) -> None:
+    version = tmp_path / "version"
+    version.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
+    assert modeling.driver_from_proc(version) == "535.104.05"
+    assert modeling.driver_from_proc(tmp_path / "absent") is None
