@@ -100,3 +100,26 @@ def test_batches_are_made_by_workers_into_pinned_memory_on_gpus(tmp_path: Path, 
 )
 def test_loader_workers_share_the_cpus_with_the_ranks(cpus: int, ranks: int, expected: int):
     assert data.loader_workers(cpus, ranks) == expected
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_loss_and_its_bookkeeping_never_wait(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    from trainer.tiny import make_model_dir
+
+    path = make_model_dir(tiny_models, "gemma3_text")
+    hw = modeling.Hardware.detect()
+    loaded = modeling.load(
+        ModelSource(name_or_path=str(path)), Method(type=MethodType.LORA), Precision.FP32, None, hw
+    )
+    loaded.model.config.use_cache = False
+    config = TrainerConfig.load(write_config(tmp_path / "c.yaml", path, tmp_path / "out"))
+    args = training_arguments(config, Plan(1, 4, 8, 0), Precision.FP32, True, False)
+    trainer = GemmaTrainer(model=loaded.model, args=args, processing_class=loaded.tokenizer)
+    model = trainer.model.to("cuda").train()
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    with HostWaits() as waits:
+        for _ in range(3):
+            trainer.compute_loss(model, inputs).backward()
+    assert ours(waits.callers) == [], waits.callers

@@ -25,7 +25,11 @@ INTERPRETER = {"TRITON_INTERPRET": "1"}
 
 
 def train(
-    tmp_path: Path, model: Path, liger: bool, env: dict[str, str] | None = None
+    tmp_path: Path,
+    model: Path,
+    liger: bool,
+    env: dict[str, str] | None = None,
+    precision: str = "auto",
 ) -> tuple[list[dict], Path, str]:
     out = tmp_path / f"out-{liger}"
     cfg = write_config(
@@ -43,6 +47,7 @@ def train(
             "loggingEverySteps": 2,
             "evalEverySteps": STEPS // 2,
             "ligerKernels": liger,
+            "precision": precision,
         },
         output={"dir": str(out), "checkpointEverySteps": STEPS},
     )
@@ -125,9 +130,14 @@ def test_the_trainer_loads_its_model_with_liger_on_that_model_alone(tiny_gemma3:
 def test_all_liger_kernels_on_a_gpu_train_what_the_plain_model_trains(
     tmp_path: Path, tiny_gemma3: Path
 ):
+    # In fp32 on the GPU both runs do the same arithmetic (torch's fp32 matmuls do not use
+    # TF32 unless asked; Liger's kernels compute in fp32), so the curves agree as closely as on
+    # the CPU: only summation orders differ. bf16 would round the two paths differently by
+    # more than any tolerance that still means something after 12 steps at this rate.
     assert torch.cuda.is_available()
-    plain, _, _ = train(tmp_path, tiny_gemma3, liger=False)
-    fused, _, log = train(tmp_path, tiny_gemma3, liger=True)
+    plain, plain_weights, _ = train(tmp_path, tiny_gemma3, liger=False, precision="fp32")
+    fused, fused_weights, log = train(tmp_path, tiny_gemma3, liger=True, precision="fp32")
     assert "Liger kernels: on (fused linear cross-entropy, RMSNorm, GeGLU, RoPE)" in log
-    # bf16 on the GPU: the fused kernels round differently from the plain modules.
-    assert_same_curves(plain, fused, tolerance=2e-2)
+    assert_same_curves(plain, fused, tolerance=1e-3)
+    a, b = load_file(plain_weights), load_file(fused_weights)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2
