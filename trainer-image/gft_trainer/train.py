@@ -24,7 +24,17 @@ from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, Tr
 from gft_api.training import BestMetric, ExportChoice, Hyperparameters, MethodType, Precision
 from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments, set_seed
 
-from gft_trainer import checkpoints, data, export, judge, memory, modeling, resume, samples
+from gft_trainer import (
+    checkpoints,
+    data,
+    export,
+    judge,
+    memory,
+    modeling,
+    resume,
+    samples,
+    toolchain,
+)
 from gft_trainer.callbacks import (
     KeepBest,
     LogLine,
@@ -429,6 +439,10 @@ def run(
         hw,
         liger=config.training.liger_kernels,
     )
+    if choice.liger is not None:
+        toolchain.require(hw.cuda, "training.ligerKernels (on by default on GPUs)")
+    if config.training.torch_compile:
+        toolchain.require(hw.cuda, "training.torchCompile")
     checkpointing = plan_memory(config, choice, hw, world_size)
     loaded = modeling.load_chosen(choice, config.method, hw)
     loaded.model.config.use_cache = False  # a cache would hide packed examples from the mask
