@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m devcluster
 export PYTHONPATH := $(CURDIR):$(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast bench-gpu demo cluster-up cluster-down tools system-deps manifests
+.PHONY: help venv lock lint test test-fast bench-gpu gpu-kit demo cluster-up cluster-down tools system-deps manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -70,6 +70,9 @@ test-fast: venv ## the suite without the slow end-to-end tests
 bench-gpu: venv ## on a CUDA machine: the trainer's GPU throughput table and the gpu-marked tests, in one go
 	$(PY) -m benchmarks.trainer_gpu --steps 20 --seq 2048 --batch 1
 	$(VENV)/bin/pytest -m gpu tests/trainer
+
+gpu-kit: venv ## the wheels a lent GPU machine needs (CPython 3.12 x86-64, not torch), into .whl/ (< 64 MiB)
+	$(PY) -m benchmarks.gpu_kit build .whl --uv $(UV) --pip $(GFT_CACHE)/uv-$(UV_VERSION)/bin/pip
 
 cluster-up: venv tools ## start the proving ground (or reuse a running one); the last line printed is the kubeconfig path
 	$(PG) up

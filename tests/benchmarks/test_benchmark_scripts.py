@@ -3,7 +3,6 @@ docs/benchmarks.md come from them, so they must not rot between measurements."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -37,16 +36,8 @@ def test_cpu_loop_benchmark_reports_its_ratios_and_the_monitoring_share():
     assert share and "over 1 rounds" in share[0], out
 
 
-def test_gpu_benchmark_smoke_run_on_cpu(tmp_path: Path):
-    results = tmp_path / "results.json"
-    out = run("benchmarks.trainer_gpu", "--tiny", "--shapes", "gemma-3-1b", "--json", str(results))
-    assert "gemma-3-1b  ours/padded tokens/s" in out, out
-    assert "gemma-3-1b  ours/packed tokens/s" in out, out
-    got = {r["loop"]: r for r in json.loads(results.read_text())}
-    assert set(got) == {"padded", "packed", "ours"}, got
-    # Each loop in a process of its own: nothing one patches reaches another.
-    assert len({r["pid"] for r in got.values()}) == 3
-    assert all(r["steps"] == got["ours"]["steps"] > 2 for r in got.values()), got
+# The GPU benchmark's smoke run (--tiny, every loop in its own process) is a step of
+# tests/benchmarks/test_gpu_session.py.
 
 
 def test_the_step_timer_waits_for_the_gpu(monkeypatch):

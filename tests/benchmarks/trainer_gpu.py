@@ -364,10 +364,14 @@ def main() -> None:
                     flush=True,
                 )
                 results.append({"shape": shape, "loop": loop, "error": done.stderr[-4000:]})
+                if a.json:
+                    a.json.write_text(json.dumps(results, indent=1))
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
             got[loop] = r
             results.append(r)
+            if a.json:  # after each loop: a session cut short keeps what it measured
+                a.json.write_text(json.dumps(results, indent=1))
             print(
                 f"{shape:11s} {loop:6s} step {r['step_s']:.3f}s  {r['tokens_per_s']:,.0f} tokens/s"
                 f"  MFU {r['mfu'] * 100:.1f}%  peak {r['peak_gib']:.1f} GiB  ({r['attention']}"
@@ -384,8 +388,6 @@ def main() -> None:
                         f"{shape:11s} ours/{base} tokens/s = {speed:.2f}x, peak memory {mem:.2f}x",
                         flush=True,
                     )
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=1))
     failed = [f"{r['shape']}/{r['loop']}" for r in results if "error" in r]
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")
