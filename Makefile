@@ -38,11 +38,18 @@ venv: $(VENV_STAMP) ## the Python environment (operator, trainer, dev tools)
 IMAGE_LOCK := $(UV) pip compile -q pyproject.toml --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --generate-hashes
 
+# The trainer image's torch: PyPI's, the CUDA 13.2 build (NVIDIA driver 580.65.06 or newer). For
+# nodes with older drivers, `make lock TRAINER_TORCH_BACKEND=cu126` locks PyTorch's own build for
+# CUDA 12.6 (driver 525.60.13 or newer) through uv's --torch-backend.
+TRAINER_TORCH_BACKEND ?=
+
 lock: | $(UV) ## re-resolve the locks from pyproject.toml (dev venv, operator image, trainer image)
 	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
 		--python-version 3.11 -o requirements.lock
 	$(IMAGE_LOCK) --extra operator -o operator/requirements.lock
-	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets -o trainer-image/requirements.lock
+	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets \
+		$(if $(TRAINER_TORCH_BACKEND),--torch-backend $(TRAINER_TORCH_BACKEND)) \
+		-o trainer-image/requirements.lock
 
 manifests: venv tools ## render the CRD template from the API model, and manifests/ from the chart
 	$(PY) -m chart.render --write

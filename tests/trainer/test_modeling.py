@@ -55,15 +55,16 @@ def test_liger_kernels_by_default_wherever_they_can_run() -> None:
     h100 = modeling.Hardware(cuda=True, bf16=True, flash_attn_version=(2, 7), liger=True)
     cpu = modeling.Hardware(cuda=False, bf16=False, flash_attn_version=None, liger=True)
     for model_type in modeling.LIGER_FAMILIES:
-        every = {"rope": False} if model_type.startswith("gemma4") else {}  # as Liger patches it
-        assert modeling.choose_liger(None, model_type, h100) == every
+        # RoPE never: Liger can only swap it for every model of the process.
+        assert modeling.choose_liger(None, model_type, h100) == {"rope": False}
         assert modeling.choose_liger(None, model_type, cpu) is None
         assert modeling.choose_liger(False, model_type, h100) is None
     assert modeling.choose_liger(None, "gemma3n_text", h100) is None  # Liger has no Gemma 3n
     assert modeling.choose_liger(None, "gemma3_text", A100) is None  # the package is missing
-    # Triton's CPU interpreter runs the loss and RoPE kernels, not RMSNorm and GeGLU.
+    # Triton's CPU interpreter runs the loss kernel, not RMSNorm and GeGLU.
     interpreter = modeling.Hardware(False, False, None, liger=True, triton_interpreter=True)
-    assert modeling.choose_liger(True, "gemma2", interpreter) == {"rms_norm": False, "geglu": False}
+    off = {"rope": False, "rms_norm": False, "geglu": False}
+    assert modeling.choose_liger(True, "gemma2", interpreter) == off
     assert modeling.choose_liger(None, "gemma2", interpreter) is None
 
 

@@ -231,13 +231,14 @@ def choose_attention(requested: str, model_type: str, hw: Hardware) -> str:
 
 def choose_liger(requested: bool | None, model_type: str, hw: Hardware) -> dict[str, bool] | None:
     """Liger's kernels (fused linear cross-entropy: the vocabulary-wide logits are never
-    materialised; RMSNorm, GeGLU, RoPE): the kernel config for transformers, or None for off.
-    Unset means on wherever they can run: a CUDA GPU, the package, a family Liger patches."""
+    materialised; RMSNorm, GeGLU): their switches for ``liger.apply``, or None for off. Unset
+    means on wherever they can run: a CUDA GPU, the package, a family Liger patches. Liger's RoPE
+    stays off: it can only replace the function in transformers' modeling module, for every
+    model of the process (``gft_trainer/liger.py``)."""
     if requested is False:
         return None
     runnable = hw.cuda or hw.triton_interpreter
-    # Liger's Gemma 4 patch leaves its RoPE kernel off; say so rather than imply it.
-    kernels = {"rope": False} if model_type.startswith("gemma4") else {}
+    kernels = {"rope": False}
     if requested is None:
         return kernels if hw.cuda and hw.liger and model_type in LIGER_FAMILIES else None
     if model_type not in LIGER_FAMILIES:
@@ -256,7 +257,7 @@ def choose_liger(requested: bool | None, model_type: str, hw: Hardware) -> dict[
         )
     if not hw.cuda:
         # Triton's interpreter cannot run Liger's RMSNorm and GeGLU kernels (they cast Python
-        # float arguments as if they were Triton scalars); the loss and RoPE kernels run.
+        # float arguments as if they were Triton scalars); the loss kernel runs.
         return {**kernels, "rms_norm": False, "geglu": False}
     return kernels
 
