@@ -20,6 +20,7 @@ from gft_trainer.train import Plan, training_arguments
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
 
 from trainer.conftest import write_config
+from trainer.tiny import MODEL_TYPES, make_model_dir
 
 GIB = 2**30
 H100 = int(79.19 * GIB)  # what torch reports for an 80 GB H100
@@ -179,3 +180,19 @@ def test_the_optimizer_is_handed_to_transformers(tmp_path: Path, optimizer, cuda
     )
     args = training_arguments(config, Plan(1, 4, 8, 0), Precision.FP32, cuda, False)
     assert args.optim == expected
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_the_shape_of_a_model_folder_counts_what_loading_it_gives(
+    tiny_models: Path, model_type: str, method: str
+) -> None:
+    from gft_trainer import modeling
+
+    path = make_model_dir(tiny_models, model_type)
+    m = memory.shape_of(path, Method.model_validate({"type": method}))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    trained = modeling.apply_method(model, Method.model_validate({"type": method}))
+    trainable, total = modeling.count_parameters(trained)
+    assert m.trainable == trainable
+    assert m.params == (total if method == "full" else total - trainable)
