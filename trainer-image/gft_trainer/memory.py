@@ -165,7 +165,8 @@ def need(m: ModelShape, r: RunShape, checkpointing: bool) -> Need:
     full = r.method == MethodType.FULL
     shards = r.world_size if full and r.world_size > 1 else 1
     if full:
-        copies = m.trainable * 2 if r.half else 0
+        # Under FSDP the bf16 copies are made from each layer's gathered weights as it runs.
+        copies = m.trainable * 2 / shards if r.half else 0
         weights = (m.trainable + m.frozen_towers) * 4 / shards + copies
     elif r.method == MethodType.QLORA:
         weights = m.linear * 0.53 + (m.params - m.linear) * 2 + m.trainable * 4
