@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m devcluster
 export PYTHONPATH := $(CURDIR):$(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast bench-gpu demo cluster-up cluster-down tools system-deps manifests
+.PHONY: help venv lock lint test test-fast bench-gpu gpu-kit demo cluster-up cluster-down tools system-deps manifests
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,11 +38,18 @@ venv: $(VENV_STAMP) ## the Python environment (operator, trainer, dev tools)
 IMAGE_LOCK := $(UV) pip compile -q pyproject.toml --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --generate-hashes
 
+# The trainer image's torch: PyPI's, the CUDA 13.2 build (NVIDIA driver 580.65.06 or newer). For
+# nodes with older drivers, `make lock TRAINER_TORCH_BACKEND=cu126` locks PyTorch's own build for
+# CUDA 12.6 (driver 525.60.13 or newer) through uv's --torch-backend.
+TRAINER_TORCH_BACKEND ?=
+
 lock: | $(UV) ## re-resolve the locks from pyproject.toml (dev venv, operator image, trainer image)
 	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
 		--python-version 3.11 -o requirements.lock
 	$(IMAGE_LOCK) --extra operator -o operator/requirements.lock
-	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets -o trainer-image/requirements.lock
+	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets \
+		$(if $(TRAINER_TORCH_BACKEND),--torch-backend $(TRAINER_TORCH_BACKEND)) \
+		-o trainer-image/requirements.lock
 
 manifests: venv tools ## render the CRD template from the API model, and manifests/ from the chart
 	$(PY) -m chart.render --write
@@ -81,6 +88,9 @@ test-fast: venv ## the suite without the slow end-to-end tests
 bench-gpu: venv ## on a CUDA machine: the trainer's GPU throughput table and the gpu-marked tests, in one go
 	$(PY) -m benchmarks.trainer_gpu --steps 20 --seq 2048 --batch 1
 	$(VENV)/bin/pytest -m gpu tests/trainer
+
+gpu-kit: venv ## the wheels a lent GPU machine needs (CPython 3.12 x86-64, not torch), into .whl/ (< 64 MiB)
+	$(PY) -m benchmarks.gpu_kit build .whl --uv $(UV) --pip $(GFT_CACHE)/uv-$(UV_VERSION)/bin/pip
 
 cluster-up: venv tools ## start the proving ground (or reuse a running one); the last line printed is the kubeconfig path
 	$(PG) up

@@ -49,6 +49,32 @@ def test_dockerfile_passes_hadolint_and_keeps_its_promises(image: str) -> None:
     assert build.rstrip().endswith(" .") and str(dockerfile.relative_to(REPO)) in build
 
 
+def final_stage(dockerfile: Path) -> list[str]:
+    """The instructions of the image's last stage, continuation lines joined."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    start = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    return [line for line in lines[start:] if line and not line.startswith("#")]
+
+
+def test_the_trainer_image_carries_a_c_compiler_that_triton_finds() -> None:
+    # Triton builds a launcher with gcc (or clang, or $CC) the first time a kernel runs: Liger's
+    # kernels (on by default on GPUs) and torch.compile. python:*-slim has no compiler.
+    stage = final_stage(IMAGES["trainer"][0])
+    installs = [line for line in stage if line.startswith("RUN ") and "apt-get install" in line]
+    assert installs, "the trainer image's last stage installs nothing from apt"
+    packages = set(installs[0].split("apt-get install", 1)[1].split("&&")[0].split())
+    assert {"gcc", "g++", "libc6-dev", "--no-install-recommends"} <= packages, packages
+    assert "rm -rf /var/lib/apt/lists/*" in installs[0]
+    # The image checks itself when built: Triton builds a module with that compiler, against
+    # the image's Python headers, or the build fails.
+    probe = stage.index("RUN python -m gft_trainer.toolchain")
+    env = next(i for i, line in enumerate(stage) if line.startswith("ENV PATH=/opt/venv/bin"))
+    copy = next(i for i, line in enumerate(stage) if line.startswith("COPY --from=build"))
+    user = next(i for i, line in enumerate(stage) if line.startswith("USER "))
+    assert max(env, copy, stage.index(installs[0])) < probe < user, stage
+
+
 def _lock_versions(lock: Path) -> dict[str, str]:
     return {
         m.group(1).lower().replace("_", "-"): m.group(2)

@@ -213,6 +213,15 @@ class Observability(ApiModel):
     """Where the final summary is written on exit (the container's terminationMessagePath)."""
 
 
+class TrainerResources(ApiModel):
+    """What the training pod was given."""
+
+    gpus: Annotated[int, Field(ge=0, le=16)] = 0
+    """GPUs per pod (the GemmaFineTune's ``resources.gpus``). Above 0, a trainer that finds no
+    usable CUDA GPU stops (exit 69, naming the driver it found and the one its torch needs)
+    rather than train on the CPU."""
+
+
 HUB_MERGED_NEEDS_MERGE = (
     "output.hub.merged needs method.mergeAdapter: true (there is no merged model)"
 )
@@ -231,6 +240,7 @@ class TrainerConfig(ApiModel):
     training: Hyperparameters
     output: OutputSettings
     observability: Observability = Field(default_factory=Observability)
+    resources: TrainerResources = Field(default_factory=TrainerResources)
 
     @model_validator(mode="after")
     def _merged_for_the_hub(self) -> TrainerConfig:

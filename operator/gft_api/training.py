@@ -102,6 +102,12 @@ class LrScheduler(StrEnum):
     CONSTANT_WITH_WARMUP = "constant_with_warmup"
 
 
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw_8bit"
+    PAGED_ADAMW_8BIT = "paged_adamw_8bit"
+
+
 class BestMetric(StrEnum):
     EVAL_LOSS = "eval_loss"
     EVAL_TOKEN_ACCURACY = "eval_token_accuracy"
@@ -199,6 +205,13 @@ class Hyperparameters(ApiModel):
     are never materialised, token accuracy comes from inside the loss), RMSNorm, GeGLU and RoPE.
     Unset: on when the trainer has a CUDA GPU and Liger supports the model (every generation
     but Gemma 3n), off otherwise. ``true`` where they cannot run is refused before training."""
+
+    optimizer: Optimizer = Optimizer.ADAMW
+    """``adamw`` keeps two fp32 moments per trained weight (8 bytes; torch's fused kernel on
+    GPUs). ``adamw_8bit`` keeps them in 8 bits (2 bytes, bitsandbytes, CUDA only): full
+    fine-tuning then needs 10 bytes a parameter instead of 16, what lets a model fit a GPU it
+    would not. ``paged_adamw_8bit`` also lets the state spill to host memory under pressure.
+    Not with full fine-tuning over several GPUs, which shards the state already."""
 
     precision: Precision = Precision.AUTO
     """``auto`` picks bf16 on GPUs that have it, fp32 on CPU. fp16 is refused for Gemma 3

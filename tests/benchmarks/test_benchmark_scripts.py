@@ -37,9 +37,39 @@ def test_cpu_loop_benchmark_reports_its_ratios_and_the_monitoring_share():
     assert share and "over 1 rounds" in share[0], out
 
 
-def test_gpu_benchmark_smoke_run_on_cpu():
-    out = run("benchmarks.trainer_gpu", "--tiny", "--shapes", "gemma-3-1b")
-    assert "gemma-3-1b  ours/bare tokens/s" in out, out
+# The GPU benchmark's smoke run (--tiny, every loop in its own process) is a step of
+# tests/benchmarks/test_gpu_session.py.
+
+
+def test_the_step_timer_waits_for_the_gpu(monkeypatch):
+    # Without the wait, a step's unfinished backward is paid inside the next step's window,
+    # and its own time looks shorter than the plain loop's (which does wait).
+    from benchmarks import trainer_cpu
+
+    calls: list[str] = []
+    monkeypatch.setattr(trainer_cpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer_cpu.torch.cuda, "synchronize", lambda: calls.append("sync"))
+    timer = trainer_cpu.StepTimer()
+    timer.on_step_begin()
+    calls.append("step")
+    timer.on_step_end()
+    assert calls == ["sync", "step", "sync"] and len(timer.times) == 1
+
+
+def test_packed_attention_benchmark_reports_both_layouts():
+    out = run(
+        "benchmarks.packed_attention",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "128",
+    )
+    assert "round 0 flattened" in out and "round 0 rows" in out, out
+    assert "rows / flattened: step time" in out, out
 
 
 def test_soak_benchmark_smoke_run():

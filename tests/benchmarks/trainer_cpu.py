@@ -92,15 +92,27 @@ def config_for(model_dir: Path, out: Path, steps: int) -> TrainerConfig:
     )
 
 
+def sync() -> None:
+    """Wait for the GPU's queued work (nothing on CPU): a step's time must include the kernels
+    it launched, not leave its backward to be paid inside the next step's window."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class StepTimer(TrainerCallback):
+    """Each optimizer step's wall time, from its first forward to the end of its optimizer
+    step, the GPU's queue drained at both ends (as the plain loops time theirs)."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
         self._t = 0.0
 
     def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        sync()
         self._t = time.perf_counter()
 
     def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        sync()
         self.times.append(time.perf_counter() - self._t)
 
 

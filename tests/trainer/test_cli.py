@@ -13,7 +13,7 @@ from gft_api.contract import NON_RETRYABLE_EXIT_CODES, ExitCode, TrainerSummary
 from gft_trainer import checkpoints, cli
 from transformers import AutoTokenizer
 
-from trainer.conftest import CHAT, write_config
+from trainer.conftest import CHAT, run_gft_train, write_config
 from trainer.tiny import make_model_dir
 
 
@@ -177,3 +177,19 @@ def test_the_seed_decides_the_adapter_whatever_ran_before(
     first, second = adapters
     assert first.keys() == second.keys()
     assert all((first[k] == second[k]).all() for k in first)
+
+
+def test_a_gpu_pod_without_a_usable_gpu_stops_instead_of_training_on_the_cpu(
+    tmp_path: Path, tiny_gemma3: Path
+) -> None:
+    # This machine has no GPU: as a pod given one whose driver torch cannot use would be.
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", tiny_gemma3, out, resources={"gpus": 1})
+    done = run_gft_train(cfg)
+    log = done.stdout + done.stderr
+    assert done.returncode == ExitCode.UNSUPPORTED, log[-3000:]
+    assert "resources.gpus: 1 GPU asked for, but CUDA is not usable" in log
+    assert "needs 580.65.06 or newer" in log or "no NVIDIA driver is visible" in log, log[-2000:]
+    assert not (out / "checkpoints").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exitCode"] == ExitCode.UNSUPPORTED and "resources.gpus" in summary["message"]

@@ -152,11 +152,20 @@ def test_packing_restarts_positions_and_masks_boundaries() -> None:
     assert [r["position_ids"] for r in rows] == [[0, 1, 2, 0, 1], [0, 1, 2, 3]]
     assert rows[0]["labels"] == [-100, 5, 6, -100, 7]
     batch = data.Collator(pad_id=0)(rows)
-    # Padding-free: the micro-batch is one row, no pad token, no mask.
+    # One row per packed row, so that attention costs rows x length^2, never (rows x length)^2:
+    # the shorter row is padded at its end, where causal attention keeps every real token from
+    # seeing the padding; its positions run on, so the padding starts no example. No mask:
+    # transformers keeps the examples of a row apart by their restarting positions.
     assert "attention_mask" not in batch
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
-    assert batch["labels"].tolist() == [[-100, 5, 6, -100, 7, -100, 8, 9, 10]]
-    assert data.examples_in(batch) == 3
+    assert batch["input_ids"].tolist() == [[2, 5, 6, 2, 7], [2, 8, 9, 10, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, 5, 6, -100, 7], [-100, 8, 9, 10, -100]]
+    assert int(data.examples_in(batch)) == 3
+    # FlashAttention-2's varlen path: the whole micro-batch as one row, padding-free.
+    flat = data.Collator(pad_id=0, flatten=True)(rows)
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    assert flat["labels"].tolist() == [[-100, 5, 6, -100, 7, -100, 8, 9, 10]]
+    assert int(data.examples_in(flat)) == 3
 
 
 def test_a_byte_that_is_not_utf8_names_file_line_and_column(tmp_path: Path) -> None:
@@ -248,15 +257,18 @@ def test_tokenized_data_is_cached_and_rebuilt_when_the_file_changes(
     first = data.load_prepared(tok, source, shaping, 0, packing=True, cache_dir=cache)
     again = data.load_prepared(tok, source, shaping, 0, packing=True, cache_dir=cache)
     assert (first.from_cache, again.from_cache) == (False, True)
-    assert [again.train[i] for i in range(len(again.train))] == [
-        first.train[i] for i in range(len(first.train))
-    ]
-    assert again.eval is not None and again.eval[0] == first.eval[0]
+    assert as_lists(again.train) == as_lists(first.train)
+    assert again.eval is not None and as_lists(again.eval) == as_lists(first.eval)
     assert (again.train_examples, again.eval_examples) == (7, 2)
     write_jsonl(path, [{"prompt": f"q{i}", "completion": "a"} for i in range(12)])
     changed = data.load_prepared(tok, source, shaping, 0, packing=True, cache_dir=cache)
     assert not changed.from_cache and changed.train_examples + changed.eval_examples == 12
     assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 2
+
+
+def as_lists(rows: data.TokenDataset | None) -> list[dict[str, list[int]]]:
+    assert rows is not None
+    return [{k: v.tolist() for k, v in rows[i].items()} for i in range(len(rows))]
 
 
 def test_other_ranks_wait_for_rank_zeros_cache(tmp_path: Path, monkeypatch) -> None:

@@ -55,15 +55,16 @@ def test_liger_kernels_by_default_wherever_they_can_run() -> None:
     h100 = modeling.Hardware(cuda=True, bf16=True, flash_attn_version=(2, 7), liger=True)
     cpu = modeling.Hardware(cuda=False, bf16=False, flash_attn_version=None, liger=True)
     for model_type in modeling.LIGER_FAMILIES:
-        every = {"rope": False} if model_type.startswith("gemma4") else {}  # as Liger patches it
-        assert modeling.choose_liger(None, model_type, h100) == every
+        # RoPE never: Liger can only swap it for every model of the process.
+        assert modeling.choose_liger(None, model_type, h100) == {"rope": False}
         assert modeling.choose_liger(None, model_type, cpu) is None
         assert modeling.choose_liger(False, model_type, h100) is None
     assert modeling.choose_liger(None, "gemma3n_text", h100) is None  # Liger has no Gemma 3n
     assert modeling.choose_liger(None, "gemma3_text", A100) is None  # the package is missing
-    # Triton's CPU interpreter runs the loss and RoPE kernels, not RMSNorm and GeGLU.
+    # Triton's CPU interpreter runs the loss kernel, not RMSNorm and GeGLU.
     interpreter = modeling.Hardware(False, False, None, liger=True, triton_interpreter=True)
-    assert modeling.choose_liger(True, "gemma2", interpreter) == {"rms_norm": False, "geglu": False}
+    off = {"rope": False, "rms_norm": False, "geglu": False}
+    assert modeling.choose_liger(True, "gemma2", interpreter) == off
     assert modeling.choose_liger(None, "gemma2", interpreter) is None
 
 
@@ -173,60 +174,147 @@ def test_packed_batch_gives_same_loss_as_unpacked(
     collate = data.Collator(0, modeling.needs_token_type_ids(model))
     packed = collate(data.pack(examples, 64))
     assert packed["input_ids"].shape[0] == 1  # all five examples share one row
+    reference = per_example_logits(model, collate(data.unpacked(examples)))
+    assert gap(per_example_logits(model, packed), reference) < 1e-4
+    # Leakage check that cannot pass by accident: the examples' order changes nothing in a
+    # correctly masked model, and one row read as one sequence changes every logit after the
+    # first example.
+    reordered = per_example_logits(model, collate(data.pack(examples[::-1], 64)))
+    assert gap(reordered[::-1], reference) < 1e-4
+    one_row = data.pack(examples, 64)
+    seen = per_example_logits(model, collate(leaky(one_row)), layout=collate(one_row))
+    assert gap(seen, reference) > 1e-2
     with torch.no_grad():
         loss_packed = model(**packed).loss
         loss_unpacked = model(**collate(data.unpacked(examples))).loss
-        # Leakage check that cannot pass by accident: shuffling example order changes a leaky
-        # model's loss, never a correctly masked one.
-        loss_reordered = model(**collate(data.pack(examples[::-1], 64))).loss
     assert torch.allclose(loss_packed, loss_unpacked, atol=1e-5), (loss_packed, loss_unpacked)
-    assert torch.allclose(loss_packed, loss_reordered, atol=1e-5)
 
 
-def _kernels() -> list:
-    """Every (family, kernel) the trainer may pick; FlashAttention needs a GPU."""
+def per_example_logits(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    layout: dict[str, torch.Tensor] | None = None,
+) -> list[torch.Tensor]:
+    """Each example's logits, in order: packed rows split where the positions of ``layout``
+    (the batch itself by default) restart, so that a row's padding stays on its last example;
+    padded rows cut at their mask."""
+    layout = batch if layout is None else layout
+    with torch.no_grad():
+        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
     out = []
-    for model_type in MODEL_TYPES:
-        for kernel in ("eager", "sdpa", "flash_attention_2"):
-            gpu = kernel == "flash_attention_2"
-            try:
-                modeling.choose_attention(kernel, model_type, A100 if gpu else CPU)
-            except (ConfigError, UnsupportedError):
-                continue
-            marks = [pytest.mark.gpu] if gpu else []
-            out.append(pytest.param(model_type, kernel, marks=marks, id=f"{model_type}-{kernel}"))
+    for r in range(logits.shape[0]):
+        if "position_ids" in layout:
+            starts = (layout["position_ids"][r] == 0).nonzero().flatten().tolist()
+            for a, b in zip(starts, [*starts[1:], logits.shape[1]], strict=True):
+                out.append(logits[r, a:b])
+        else:
+            out.append(logits[r, : int(layout["attention_mask"][r].sum())])
     return out
 
 
-@pytest.mark.parametrize(("model_type", "kernel"), _kernels())
+def gap(got: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest logit difference, token by token (padding after an example ignored)."""
+    assert len(got) == len(reference)
+    return max(float((g[: len(r)] - r).abs().max()) for g, r in zip(got, reference, strict=True))
+
+
+def leaky(rows: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:
+    """The same rows with positions running through each row: every example after a row's first
+    attends to the ones before it, as with a mask that lets examples see each other."""
+    return [{**r, "position_ids": list(range(len(r["input_ids"])))} for r in rows]
+
+
+def _kernels() -> list:
+    """Every (family, kernel) the trainer may pick, on the CPU and on a GPU; FlashAttention-2
+    on a GPU only."""
+    out = []
+    for model_type in MODEL_TYPES:
+        for kernel in ("eager", "sdpa", "flash_attention_2"):
+            try:
+                modeling.choose_attention(kernel, model_type, A100 if kernel != "sdpa" else CPU)
+            except (ConfigError, UnsupportedError):
+                continue
+            for device in ("cpu", "cuda"):
+                if kernel == "flash_attention_2" and device == "cpu":
+                    continue
+                marks = [pytest.mark.gpu] if device == "cuda" else []
+                out.append(
+                    pytest.param(
+                        model_type,
+                        kernel,
+                        device,
+                        marks=marks,
+                        id=f"{model_type}-{kernel}-{device}",
+                    )
+                )
+    return out
+
+
+@pytest.mark.parametrize(("model_type", "kernel", "device"), _kernels())
 def test_packed_micro_batches_of_several_rows_never_leak(
-    tiny_models: Path, model_type: str, kernel: str, examples: list[data.Example]
+    tiny_models: Path, model_type: str, kernel: str, device: str, examples: list[data.Example]
 ) -> None:
-    # Several packed rows per micro-batch: FlashAttention-2 reads packing from the positions
-    # only for a batch of one row; with two rows it ran causal attention across examples.
-    hw = A100 if kernel == "flash_attention_2" else CPU
+    # Several packed rows per micro-batch. FlashAttention-2 reads packing from the positions
+    # only for a batch of one row (with two rows it ran causal attention across examples), so
+    # its micro-batch is flattened into one row; every other kernel keeps the rows apart.
+    hw = modeling.Hardware.detect() if device == "cuda" else CPU
+    if kernel == "flash_attention_2" and hw.flash_attn_version is None:
+        pytest.skip("the flash-attn package is not installed: FlashAttention-2 cannot run here")
     path = make_model_dir(tiny_models, model_type)
     source = ModelSource(name_or_path=str(path), attn_implementation=kernel)
-    precision = Precision.BF16 if hw.cuda else Precision.AUTO
+    try:
+        modeling.choose_attention(kernel, model_type, hw)
+    except UnsupportedError as e:
+        pytest.skip(f"the trainer refuses {kernel} for {model_type} here: {e}")
+    # fp32 wherever the kernel has it, so that a leak stands far above rounding; FlashAttention
+    # runs in bf16 only.
+    half = kernel == "flash_attention_2"
+    precision = Precision.BF16 if half else Precision.FP32
     loaded = modeling.load(source, Method(type=MethodType.FULL), precision, None, hw)
-    model = loaded.model.to("cuda" if hw.cuda else "cpu").eval()
+    model = loaded.model.to(device).eval()
     model.config.use_cache = False
-    collate = data.Collator(0, modeling.needs_token_type_ids(model))
+    flatten = data.flattens(kernel)
+    collate = data.Collator(0, modeling.needs_token_type_ids(model), flatten=flatten)
     rows = data.pack(examples, 16)
     assert len(rows) >= 3  # the micro-batch really holds several packed rows
+    masks = _attention_masks(model)
+    batch = collate(rows)
+    assert batch["input_ids"].shape[0] == (1 if flatten else len(rows))
+    assert int(data.examples_in(batch)) == len(examples)
+    packed = per_example_logits(model, batch)
+    if not flatten:
+        # The mask transformers built is one row's width: attention costs rows x 16^2.
+        width = max(len(r["input_ids"]) for r in rows)
+        assert masks and all(m.shape[-1] == m.shape[-2] == width for m in masks), [
+            tuple(m.shape) for m in masks
+        ]
+    reference = per_example_logits(model, collate(data.unpacked(examples)))
+    reordered = per_example_logits(model, collate(data.pack(examples[::-1], 16)))
+    tol = 2e-2 if half else 1e-4
+    assert gap(packed, reference) < tol
+    assert gap(reordered[::-1], reference) < tol
+    # The check can fail: a layout that lets examples see each other is far outside it.
+    seen = per_example_logits(model, collate(leaky(rows)), layout=batch)
+    assert gap(seen, reference) > 2 * tol
 
-    def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(**{k: v.to(model.device) for k, v in batch.items()}).loss.float()
 
-    flattened = collate(rows)
-    assert flattened["input_ids"].shape[0] == 1
-    assert data.examples_in(flattened) == len(examples)
-    reference = loss(collate(data.unpacked(examples)))
-    reordered = loss(collate(data.pack(examples[::-1], 16)))
-    tol = 2e-2 if hw.cuda else 1e-5
-    assert torch.allclose(loss(flattened), reference, atol=tol), (loss(flattened), reference)
-    assert torch.allclose(reordered, reference, atol=tol), (reordered, reference)
+def _attention_masks(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The 4-D masks the first attention layer is called with, from now on (eager and SDPA
+    get a dense mask; FlexAttention a block mask, whose ``shape`` is the same)."""
+    seen: list[torch.Tensor] = []
+    attention = next(
+        m
+        for n, m in model.named_modules()
+        if n.endswith("layers.0.self_attn") and "vision_tower" not in n
+    )
+
+    def keep(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            seen.append(mask)
+
+    attention.register_forward_pre_hook(keep, with_kwargs=True)
+    return seen
 
 
 def test_full_finetuning_keeps_fp32_master_weights_and_adapters_a_compute_dtype_base() -> None:
@@ -295,24 +383,93 @@ def test_a_qlora_adapter_is_merged_into_a_bf16_reload_of_the_base(
     torch.testing.assert_close(weight.float(), expected, atol=2e-2, rtol=1e-2)
 
 
-GIB = 2**30
-GEMMA3_1B = (26, 1152, 262144)
-GEMMA2_9B = (42, 3584, 256000)
+# ---------------------------------------------------------------- a GPU pod without usable CUDA
+
+CU132 = "13.2"
 
 
 @pytest.mark.parametrize(
-    ("requested", "method", "params", "shape", "gpu", "expected"),
+    ("driver", "torch_cuda", "expected"),
     [
-        (None, MethodType.LORA, 1.0e9, GEMMA3_1B, 80 * GIB, False),  # small LoRA: memory allows
-        (None, MethodType.FULL, 9.2e9, GEMMA2_9B, 80 * GIB, True),  # 166 GB of weights and state
-        (None, MethodType.LORA, 1.0e9, GEMMA3_1B, 16 * GIB, True),  # a small GPU
-        (None, MethodType.FULL, 1.0e9, GEMMA3_1B, None, False),  # CPU
-        (True, MethodType.LORA, 1.0e9, GEMMA3_1B, 80 * GIB, True),  # the user's choice wins
-        (False, MethodType.FULL, 9.2e9, GEMMA2_9B, 80 * GIB, False),
+        (
+            modeling.Driver(version="535.104.05", torch_cuda=CU132),
+            CU132,
+            r"resources\.gpus: 1 GPU asked for, but CUDA is not usable: the node's NVIDIA driver "
+            r"is 535\.104\.05 and this trainer's torch \(CUDA 13\.2\) needs 580\.65\.06 or newer",
+        ),
+        (
+            modeling.Driver(version=None, torch_cuda=CU132),
+            CU132,
+            r"no NVIDIA driver is visible in the container",
+        ),
+        (
+            modeling.Driver(version="590.44.01", torch_cuda=None),
+            None,
+            r"this trainer's torch is a CPU build",
+        ),
+        (
+            modeling.Driver(version="590.44.01", torch_cuda=CU132),
+            CU132,
+            r"driver 590\.44\.01 is new enough for CUDA 13\.2, yet torch finds no GPU",
+        ),
     ],
+    ids=["old-driver", "no-driver", "cpu-torch", "driver-ok"],
 )
-def test_gradient_checkpointing_is_chosen_by_need(
-    requested, method, params, shape, gpu, expected
-) -> None:
-    got = modeling.needs_checkpointing(requested, method, int(params), shape, 4 * 2048, gpu)
-    assert got is expected
+def test_a_gpu_pod_without_usable_cuda_stops_naming_the_driver(driver, torch_cuda, expected):
+    with pytest.raises(UnsupportedError, match=expected) as stopped:
+        modeling.check_gpus(1, cuda=False, driver=driver)
+    assert exit_code_for(stopped.value) == ExitCode.UNSUPPORTED
+
+
+def test_gpus_that_work_or_none_asked_for_pass() -> None:
+    old = modeling.Driver(version="535.104.05", torch_cuda=CU132)
+    modeling.check_gpus(0, cuda=False, driver=old)  # a CPU pod trains on the CPU
+    modeling.check_gpus(2, cuda=True, driver=old)  # CUDA works (a compatibility package)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "needed"),
+    [("13.2", "580.65.06"), ("13.0", "580.65.06"), ("12.8", "525.60.13"), ("11.8", "450.80.02")],
+)
+def test_the_driver_each_cuda_needs(cuda: str, needed: str) -> None:
+    assert modeling.needed_driver(cuda) == needed
+
+
+def test_the_driver_version_is_read_from_the_kernel_module_without_nvml(tmp_path: Path) -> None:
+    version = tmp_path / "version"
+    version.write_text(
+        "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"
+        "GCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n"
+    )
+    assert modeling.driver_from_proc(version) == "535.104.05"
+    assert modeling.driver_from_proc(tmp_path / "absent") is None
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_packed_rows_cost_a_fraction_of_one_flattened_row(tiny_models: Path) -> None:
+    # Eager attention keeps its scores for the backward: one row of 8 x 256 tokens keeps a
+    # 2048^2 matrix per head and layer, eight rows of 256 keep eight 256^2 ones.
+    path = make_model_dir(tiny_models, "gemma3_text")
+    source = ModelSource(name_or_path=str(path), attn_implementation="eager")
+    hw = modeling.Hardware.detect()
+    model = modeling.load(source, Method(type=MethodType.FULL), Precision.FP32, None, hw).model
+    model = model.to("cuda").train()
+    model.config.use_cache = False
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(40):
+        n = int(torch.randint(16, 120, (1,), generator=g))
+        ids = [2, *torch.randint(6, 300, (n - 1,), generator=g).tolist()]
+        examples.append(data.Example(ids, ids))
+    rows = data.pack(examples, 256)[:8]
+    peaks = {}
+    for flatten in (True, False):
+        batch = {k: v.cuda() for k, v in data.Collator(0, flatten=flatten)(rows).items()}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(**batch).loss.backward()
+        torch.cuda.synchronize()
+        peaks[flatten] = torch.cuda.max_memory_allocated() - before
+        model.zero_grad(set_to_none=True)
+    assert peaks[False] < 0.5 * peaks[True], peaks

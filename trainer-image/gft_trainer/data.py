@@ -5,10 +5,12 @@ Records come from JSONL, JSON or Parquet files (or a hub dataset). Each keeps wh
 ``input_ids`` on the tokens the model learns and -100 elsewhere (prompts, user turns).
 
 Packing puts several examples into one row with ``position_ids`` restarting at 0 for each example
-and no ``attention_mask``; the collator flattens a micro-batch's rows into one, so that
-transformers builds a block-diagonal causal mask (eager, SDPA) or runs varlen FlashAttention, and
-attention never crosses examples. The first token of each packed
-example gets label -100, because its prediction would come from the previous example.
+and no ``attention_mask``; transformers reads the restarts and keeps the examples of a row apart
+(a block-diagonal causal mask per row for eager, SDPA and FlexAttention), so attention never
+crosses examples and costs rows x length^2. Only FlashAttention-2's varlen path gets the
+micro-batch flattened into one row (it reads packing from the positions of a one-row batch
+alone, and is linear in length). The first token of each packed example gets label -100,
+because its prediction would come from the previous example.
 """
 
 from __future__ import annotations
@@ -467,12 +469,23 @@ def data_workers(records: int) -> int:
     affinity), at most 8, and one for small datasets (starting workers costs seconds)."""
     if records < 20_000:
         return 1
+    return max(1, min(cpu_count(), 8))
+
+
+def cpu_count() -> int:
+    """The CPUs this container may use: its cgroup quota, else its affinity."""
     cpus = len(os.sched_getaffinity(0))
     with contextlib.suppress(OSError, ValueError):
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
         if quota != "max":
             cpus = min(cpus, max(1, int(int(quota) / int(period))))
-    return max(1, min(cpus, 8))
+    return cpus
+
+
+def loader_workers(cpus: int, ranks: int) -> int:
+    """DataLoader worker processes per rank on a GPU: the CPUs left after one per rank, shared
+    among the ranks, at most 4 (a batch is a few array copies; more workers only hold memory)."""
+    return max(0, min(4, (cpus - ranks) // ranks))
 
 
 def _tokenize_one(tok: Tokenizer, record: Record, fmt: DatasetFormat, text_field: str) -> Example:
@@ -528,7 +541,8 @@ def pack_bounds(lengths: np.ndarray, max_len: int) -> np.ndarray:
 class TokenDataset(torch.utils.data.Dataset):
     """Rows made on demand from the flat arrays: one example each, or several packed, with
     ``position_ids`` restarting at 0 per example and the first token of each example unlabelled
-    (its prediction would come from the previous example)."""
+    (its prediction would come from the previous example). Rows are int64 arrays, which the
+    collator turns into tensors without a Python list in between."""
 
     def __init__(self, tokens: Tokens, bounds: np.ndarray, packed: bool) -> None:
         self.tokens = tokens
@@ -538,22 +552,18 @@ class TokenDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.bounds) - 1
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         first, last = int(self.bounds[i]), int(self.bounds[i + 1])
         starts = self.tokens.offsets[first : last + 1]
         lo, hi = int(starts[0]), int(starts[-1])
         ids = self.tokens.ids[lo:hi].astype(np.int64)
         labels = np.where(self.tokens.learn[lo:hi] == 1, ids, IGNORE_INDEX)
         if not self.packed:
-            return {"input_ids": ids.tolist(), "labels": labels.tolist()}
+            return {"input_ids": ids, "labels": labels}
         begins = starts[:-1] - lo
         labels[begins] = IGNORE_INDEX
         position = np.arange(hi - lo) - np.repeat(begins, np.diff(starts))
-        return {
-            "input_ids": ids.tolist(),
-            "labels": labels.tolist(),
-            "position_ids": position.tolist(),
-        }
+        return {"input_ids": ids, "labels": labels, "position_ids": position}
 
 
 def rows(tokens: Tokens, packing: bool, max_len: int) -> TokenDataset:
@@ -565,53 +575,81 @@ def rows(tokens: Tokens, packing: bool, max_len: int) -> TokenDataset:
 def pack(examples: Sequence[Example], max_len: int) -> list[dict[str, list[int]]]:
     """The packed rows of ``examples`` (as the trainer makes them), as lists."""
     dataset = rows(Tokens.of(examples), True, max_len)
-    return [dataset[i] for i in range(len(dataset))]
+    return [{k: v.tolist() for k, v in dataset[i].items()} for i in range(len(dataset))]
 
 
 def unpacked(examples: Sequence[Example]) -> list[dict[str, list[int]]]:
     return [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
 
 
-class Collator:
-    """Makes a batch. Packed rows are flattened, padding-free, into one row of the whole
-    micro-batch with ``position_ids`` restarting per example and no attention mask: every kernel
-    then keeps examples apart (eager and SDPA through the block-diagonal mask transformers builds
-    from the positions, FlashAttention-2 through varlen ``cu_seq_lens``, which transformers
-    derives from the positions only when the batch holds one row). Unpacked rows are padded."""
+def flattens(attention: str) -> bool:
+    """Whether a micro-batch of packed rows is flattened into one row for this attention kernel:
+    only for FlashAttention-2, whose varlen path is linear in length but reads the packing from
+    the positions of a one-row batch alone. For eager, SDPA and FlexAttention one long row would
+    make attention cost (rows x length)^2 instead of rows x length^2."""
+    return attention == "flash_attention_2"
 
-    def __init__(self, pad_id: int, token_type_ids: bool = False) -> None:
+
+class Collator:
+    """Makes a batch (CPU tensors; with DataLoader workers, in the workers). Packed rows stay
+    rows: each padded at its end to the micro-batch's longest, with positions running on
+    through the padding and no attention mask. Causal attention keeps every real token from
+    seeing the padding after it, and transformers keeps a row's examples apart by their
+    restarting positions, so attention costs rows x length^2. With ``flatten`` (FlashAttention-2
+    varlen) the rows are joined, padding-free, into one row instead. Unpacked rows are padded
+    with an attention mask."""
+
+    def __init__(self, pad_id: int, token_type_ids: bool = False, flatten: bool = False) -> None:
         self.pad_id = pad_id
         self.token_type_ids = token_type_ids
+        self.flatten = flatten
 
-    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        if "position_ids" in rows[0]:
-            batch = {
-                key: [[token for r in rows for token in r[key]]]
-                for key in ("input_ids", "labels", "position_ids")
-            }
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "labels", "position_ids")
+        if "position_ids" not in rows[0]:
+            out = self._padded(rows)
+        elif self.flatten:
+            out = {k: np.concatenate([np.asarray(r[k]) for r in rows])[None] for k in keys}
         else:
-            batch = self._padded(rows)
-        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+            width = max(len(r["input_ids"]) for r in rows)
+            out = {
+                "input_ids": np.full((len(rows), width), self.pad_id, dtype=np.int64),
+                "labels": np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64),
+                "position_ids": np.empty((len(rows), width), dtype=np.int64),
+            }
+            for i, r in enumerate(rows):
+                n = len(r["input_ids"])
+                out["input_ids"][i, :n] = r["input_ids"]
+                out["labels"][i, :n] = r["labels"]
+                out["position_ids"][i, :n] = r["position_ids"]
+                # The padding continues the last example's positions: it starts no example.
+                last = out["position_ids"][i, n - 1]
+                out["position_ids"][i, n:] = np.arange(last + 1, last + 1 + width - n)
+        batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
         if self.token_type_ids:
-            out["token_type_ids"] = torch.zeros_like(out["input_ids"])
-        return out
-
-    def _padded(self, rows: list[dict[str, list[int]]]) -> dict[str, list[list[int]]]:
-        width = max(len(r["input_ids"]) for r in rows)
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
-        for r in rows:
-            n = len(r["input_ids"])
-            pad = width - n
-            batch["input_ids"].append(r["input_ids"] + [self.pad_id] * pad)
-            batch["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append([1] * n + [0] * pad)
+            batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         return batch
 
+    def _padded(self, rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        width = max(len(r["input_ids"]) for r in rows)
+        out = {
+            "input_ids": np.full((len(rows), width), self.pad_id, dtype=np.int64),
+            "labels": np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64),
+            "attention_mask": np.zeros((len(rows), width), dtype=np.int64),
+        }
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            out["input_ids"][i, :n] = r["input_ids"]
+            out["labels"][i, :n] = r["labels"]
+            out["attention_mask"][i, :n] = 1
+        return out
 
-def examples_in(batch: dict[str, torch.Tensor]) -> int:
-    """How many examples a collated batch holds (a flattened packed row holds several)."""
+
+def examples_in(batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+    """How many examples a collated batch holds: for packed rows a tensor on the batch's device
+    (counting it there costs no wait for the GPU; read it when logging)."""
     if "position_ids" in batch:
-        return int((batch["position_ids"] == 0).sum())
+        return (batch["position_ids"] == 0).sum()
     return int(batch["input_ids"].shape[0])
 
 

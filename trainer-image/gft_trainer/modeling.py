@@ -80,6 +80,88 @@ class Hardware:
         )
 
 
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's minor-version compatibility
+# table: any 13.x build runs on 580.65.06 and newer, and so on).
+DRIVER_FOR_CUDA = {13: "580.65.06", 12: "525.60.13", 11: "450.80.02"}
+PROC_DRIVER_VERSION = Path("/proc/driver/nvidia/version")
+
+
+@dataclass(frozen=True)
+class Driver:
+    """The NVIDIA driver the container sees, and the CUDA the installed torch was built for."""
+
+    version: str | None  # "535.104.05"; None when no driver is visible
+    torch_cuda: str | None  # "13.2"; None for a CPU build of torch
+
+    @classmethod
+    def detect(cls) -> Driver:
+        from gft_trainer import gpu
+
+        version = None
+        nv = gpu._nvml()
+        if nv is not None:
+            try:
+                raw = nv.nvmlSystemGetDriverVersion()
+                version = raw.decode() if isinstance(raw, bytes) else str(raw)
+            except Exception:  # NVML present but failing: read the kernel module's file
+                version = None
+        return cls(version or driver_from_proc(PROC_DRIVER_VERSION), torch.version.cuda)
+
+
+def driver_from_proc(path: Path) -> str | None:
+    """The driver version the NVIDIA kernel module reports, or None without one."""
+    try:
+        match = re.search(r"Kernel Module\s+(\d+(?:\.\d+)+)", path.read_text())
+    except OSError:
+        return None
+    return match.group(1) if match else None
+
+
+def needed_driver(torch_cuda: str | None) -> str | None:
+    if not torch_cuda:
+        return None
+    return DRIVER_FOR_CUDA.get(int(torch_cuda.split(".")[0]))
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text))
+
+
+def check_gpus(asked: int, cuda: bool, driver: Driver) -> None:
+    """A pod given GPUs trains on them or stops: with ``resources.gpus`` above 0 and no usable
+    CUDA, training on the CPU would run for days where hours were planned, and look healthy."""
+    if asked <= 0 or cuda:
+        return
+    needed = needed_driver(driver.torch_cuda)
+    if driver.torch_cuda is None:
+        why = (
+            f"this trainer's torch is a CPU build ({torch.__version__}); use the trainer image, "
+            "whose torch is a CUDA build"
+        )
+    elif driver.version is None:
+        why = (
+            "no NVIDIA driver is visible in the container; check that the node has the NVIDIA "
+            "driver, its container toolkit and device plugin, and that the pod got its GPUs"
+        )
+    elif needed and _version(driver.version) < _version(needed):
+        why = (
+            f"the node's NVIDIA driver is {driver.version} and this trainer's torch (CUDA "
+            f"{driver.torch_cuda}) needs {needed} or newer; run on nodes with a newer driver "
+            "(resources.nodeSelector), or use a trainer image built for an older CUDA "
+            "(README: the trainer image)"
+        )
+    else:
+        why = (
+            f"the driver {driver.version} is new enough for CUDA {driver.torch_cuda}, yet torch "
+            "finds no GPU; check the pod's GPU request and NVIDIA_VISIBLE_DEVICES"
+        )
+    plural = "GPU" if asked == 1 else "GPUs"
+    raise UnsupportedError(
+        f"resources.gpus: {asked} {plural} asked for, but CUDA is not usable: {why}. "
+        "Not training on the CPU instead"
+    )
+
+
 def _flash_attn_version() -> tuple[int, ...] | None:
     if importlib.util.find_spec("flash_attn") is None:
         return None
@@ -149,13 +231,14 @@ def choose_attention(requested: str, model_type: str, hw: Hardware) -> str:
 
 def choose_liger(requested: bool | None, model_type: str, hw: Hardware) -> dict[str, bool] | None:
     """Liger's kernels (fused linear cross-entropy: the vocabulary-wide logits are never
-    materialised; RMSNorm, GeGLU, RoPE): the kernel config for transformers, or None for off.
-    Unset means on wherever they can run: a CUDA GPU, the package, a family Liger patches."""
+    materialised; RMSNorm, GeGLU): their switches for ``liger.apply``, or None for off. Unset
+    means on wherever they can run: a CUDA GPU, the package, a family Liger patches. Liger's RoPE
+    stays off: it can only replace the function in transformers' modeling module, for every
+    model of the process (``gft_trainer/liger.py``)."""
     if requested is False:
         return None
     runnable = hw.cuda or hw.triton_interpreter
-    # Liger's Gemma 4 patch leaves its RoPE kernel off; say so rather than imply it.
-    kernels = {"rope": False} if model_type.startswith("gemma4") else {}
+    kernels = {"rope": False}
     if requested is None:
         return kernels if hw.cuda and hw.liger and model_type in LIGER_FAMILIES else None
     if model_type not in LIGER_FAMILIES:
@@ -174,7 +257,7 @@ def choose_liger(requested: bool | None, model_type: str, hw: Hardware) -> dict[
         )
     if not hw.cuda:
         # Triton's interpreter cannot run Liger's RMSNorm and GeGLU kernels (they cast Python
-        # float arguments as if they were Triton scalars); the loss and RoPE kernels run.
+        # float arguments as if they were Triton scalars); the loss kernel runs.
         return {**kernels, "rms_norm": False, "geglu": False}
     return kernels
 
@@ -191,30 +274,6 @@ def load_dtype(method: MethodType, precision: Precision) -> torch.dtype:
     weight near 1 is 256 times smaller) would otherwise round away, and fp16 gradients could not
     be unscaled. Adapters train in fp32 on a frozen base of the compute dtype."""
     return torch.float32 if method == MethodType.FULL else torch_dtype(precision)
-
-
-def needs_checkpointing(
-    requested: bool | None,
-    method: MethodType,
-    params: int,
-    shape: tuple[int, int, int],
-    tokens: int,
-    gpu_memory: int | None,
-) -> bool:
-    """Gradient checkpointing by need: the user's choice if given; else on only when a rough
-    estimate of the micro-batch's memory passes 60% of the GPU's. ``shape`` is (layers, hidden,
-    vocab); ``tokens`` the tokens of one micro-batch. Weights: 2 bytes a parameter (0.5 for a
-    4-bit base); full fine-tuning adds fp32 master weights, gradients and AdamW state (16 bytes
-    a parameter). Activations: 34 bytes per token, layer and hidden unit in bf16 with a fused
-    attention kernel (Korthikanti et al., 2022). Logits: bf16 plus the loss's fp32 upcast."""
-    if requested is not None:
-        return requested
-    if gpu_memory is None:
-        return False  # on CPU memory is the host's, and time is what is short
-    layers, hidden, vocab = shape
-    per_param = {MethodType.FULL: 18.0, MethodType.QLORA: 0.5}.get(method, 2.0)
-    need = params * per_param + 34 * tokens * hidden * layers + 6 * tokens * vocab
-    return need > 0.6 * gpu_memory
 
 
 def device_map(method: MethodType, hw: Hardware, local_rank: int) -> dict[str, int] | None:
@@ -320,6 +379,43 @@ def read_model_type(path: Path) -> str:
     return str(json.loads((path / "config.json").read_text()).get("model_type", ""))
 
 
+@dataclass(frozen=True)
+class Choice:
+    """What is decided about the model before any weight is read."""
+
+    path: Path
+    model_type: str
+    generation: int
+    precision: Precision
+    attention: str
+    liger: dict[str, bool] | None  # Liger's kernel switches; None: off
+
+
+def choose(
+    source: ModelSource,
+    method: Method,
+    precision: Precision,
+    cache_dir: str | None,
+    hw: Hardware,
+    liger: bool | None = None,
+) -> Choice:
+    """Find the model (downloading it from the hub when named by id), decide precision,
+    attention and kernels; every refusal comes here, before the weights are loaded."""
+    if method.type == MethodType.QLORA and not hw.cuda:
+        raise UnsupportedError("method.type: qlora needs a CUDA GPU; use lora on this machine")
+    path = resolve(source, cache_dir)
+    model_type = read_model_type(path)
+    generation = family_of(model_type)
+    return Choice(
+        path,
+        model_type,
+        generation,
+        choose_precision(precision, generation, hw),
+        choose_attention(source.attn_implementation, model_type, hw),
+        choose_liger(liger, model_type, hw),
+    )
+
+
 def load(
     source: ModelSource,
     method: Method,
@@ -328,30 +424,40 @@ def load(
     hw: Hardware,
     liger: bool | None = None,
 ) -> LoadedModel:
-    """Load the model and tokenizer, decide precision, attention and kernels (before any weight
-    is read), apply the method."""
+    """Choose, then load (``choose`` and ``load_chosen`` in one)."""
+    return load_chosen(choose(source, method, precision, cache_dir, hw, liger), method, hw)
+
+
+def load_chosen(choice: Choice, method: Method, hw: Hardware) -> LoadedModel:
+    """Load the model and tokenizer as chosen, apply Liger's kernels to this model and the
+    method (a LoRA/QLoRA adapter, or full fine-tuning)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if method.type == MethodType.QLORA and not hw.cuda:
-        raise UnsupportedError("method.type: qlora needs a CUDA GPU; use lora on this machine")
-    path = resolve(source, cache_dir)
-    model_type = read_model_type(path)
-    generation = family_of(model_type)
-    chosen = choose_precision(precision, generation, hw)
-    attention = choose_attention(source.attn_implementation, model_type, hw)
-    kernels = choose_liger(liger, model_type, hw)
     kwargs: dict[str, Any] = {
-        "dtype": load_dtype(method.type, chosen),
-        "attn_implementation": attention,
+        "dtype": load_dtype(method.type, choice.precision),
+        "attn_implementation": choice.attention,
     }
     if method.type == MethodType.QLORA:
-        kwargs["quantization_config"] = _nf4_config(chosen)
+        kwargs["quantization_config"] = _nf4_config(choice.precision)
         kwargs["device_map"] = device_map(method.type, hw, int(os.environ.get("LOCAL_RANK", "0")))
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(choice.path, **kwargs)
+    if choice.liger is not None:
+        from gft_trainer import liger as liger_kernels
+
+        liger_kernels.apply(model, choice.liger)  # this model only, not its classes
+    tokenizer = AutoTokenizer.from_pretrained(choice.path)
     model = apply_method(model, method)
-    check_trainable_dtypes(model, chosen)
-    return LoadedModel(model, tokenizer, model_type, generation, chosen, attention, path, kernels)
+    check_trainable_dtypes(model, choice.precision)
+    return LoadedModel(
+        model,
+        tokenizer,
+        choice.model_type,
+        choice.generation,
+        choice.precision,
+        choice.attention,
+        choice.path,
+        choice.liger,
+    )
 
 
 def check_trainable_dtypes(model: Any, precision: Precision) -> None:

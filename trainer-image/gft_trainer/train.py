@@ -24,7 +24,17 @@ from gft_api.contract import DatasetFormat, ExitCode, Outcome, TrainerConfig, Tr
 from gft_api.training import BestMetric, ExportChoice, Hyperparameters, MethodType, Precision
 from transformers import PrinterCallback, Trainer, TrainerState, TrainingArguments, set_seed
 
-from gft_trainer import checkpoints, data, export, judge, modeling, resume, samples
+from gft_trainer import (
+    checkpoints,
+    data,
+    export,
+    judge,
+    memory,
+    modeling,
+    resume,
+    samples,
+    toolchain,
+)
 from gft_trainer.callbacks import (
     KeepBest,
     LogLine,
@@ -47,9 +57,11 @@ class GemmaTrainer(Trainer):
         best_metric: BestMetric = BestMetric.EVAL_LOSS,
         divergence_factor: float = 0.0,
         sampler: samples.Sampler | None = None,
+        liger: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.liger = liger  # Liger's fused loss is on the model (modeling.load applied it)
         self.keep_checkpoints = keep_checkpoints
         self.best_metric = best_metric
         self.divergence_factor = divergence_factor
@@ -63,7 +75,7 @@ class GemmaTrainer(Trainer):
             False: [self._zero.clone(), self._zero.clone()],
         }
         self._tokens = self._zero.clone()
-        self._rows = 0
+        self._rows = self._zero.clone()
         # Micro-batches with a NaN/inf loss since the last log: counted on the device, so the
         # guard costs no synchronisation per step.
         self._nonfinite = self._zero.clone()
@@ -80,10 +92,10 @@ class GemmaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        if self.args.use_liger_kernel:
-            # Liger's fused loss never makes the logits (in training, and in evaluation where
-            # Trainer asks it to skip them); it reports the share of tokens it got right.
-            inputs = {**inputs, "return_token_accuracy": True}
+        if self.liger:
+            # Liger's fused loss never makes the logits (in evaluation too: only the loss is
+            # kept there); it reports the share of tokens it got right.
+            inputs = {**inputs, "return_token_accuracy": True, "skip_logits": True}
         loss, outputs = super().compute_loss(
             model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
@@ -122,7 +134,10 @@ class GemmaTrainer(Trainer):
     # -- logs: accuracy, throughput, ETA
 
     def _sum(self, *values: torch.Tensor | float) -> list[float]:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.args.device)
+        """The values summed over the ranks, read back in one transfer (a log step's only
+        wait for the GPU)."""
+        device = self.args.device
+        t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
         if dist.is_available() and dist.is_initialized():
             if dist.get_backend() != "nccl":
                 t = t.cpu()
@@ -182,7 +197,7 @@ class GemmaTrainer(Trainer):
         )
         self._acc[True] = [self._zero.clone(), self._zero.clone()]
         self._tokens = self._zero.clone()
-        self._rows = 0
+        self._rows = self._zero.clone()
         self._nonfinite = self._zero.clone()
         now, step = time.monotonic(), self.state.global_step
         then, then_step = self._last_log
@@ -258,7 +273,6 @@ def training_arguments(
     cuda: bool,
     has_eval: bool,
     checkpointing: bool | None = None,
-    liger: dict[str, bool] | None = None,
 ) -> TrainingArguments:
     h, out = config.training, config.output
     checkpointing = bool(h.gradient_checkpointing) if checkpointing is None else checkpointing
@@ -269,6 +283,8 @@ def training_arguments(
     # of keeping a whole copy on each. (accelerate applies FSDP to GPU ranks only: CPU ranks
     # train under DDP, so FSDP is never asked for where it would not run.)
     full_sharded = config.method.type == MethodType.FULL and p.world_size > 1 and cuda
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = data.loader_workers(data.cpu_count(), local_ranks) if cuda else 0
     return TrainingArguments(
         output_dir=str(Path(out.dir) / "checkpoints"),
         run_name=config.run_name,
@@ -300,17 +316,52 @@ def training_arguments(
         remove_unused_columns=False,
         report_to="none",
         disable_tqdm=True,
-        dataloader_num_workers=0,
+        # On GPUs, worker processes make the next batches into pinned memory while the GPU
+        # trains (the copy to the device then overlaps); on CPU the cores are the training's.
+        dataloader_num_workers=workers,
+        dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=workers > 0,
         use_cpu=not cuda,
         ddp_backend="gloo" if p.world_size > 1 and not cuda else None,
         ddp_find_unused_parameters=False,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim=memory.transformers_optimizer(h.optimizer, cuda),
         torch_compile=h.torch_compile,
-        use_liger_kernel=liger is not None,
-        liger_kernel_config=liger,
         fsdp=full_sharded,
         fsdp_config=FSDP_CONFIG if full_sharded else None,
     )
+
+
+def plan_memory(
+    config: TrainerConfig, choice: modeling.Choice, hw: modeling.Hardware, world_size: int
+) -> bool:
+    """Whether to checkpoint activations, from what the run needs on each GPU (estimated from
+    the model's config, before its weights load); a run that cannot fit is refused here."""
+    h, method = config.training, config.method
+    sharded = method.type == MethodType.FULL and world_size > 1 and hw.cuda
+    memory.check_optimizer(h.optimizer, hw.cuda, sharded)
+    if not hw.cuda:
+        return bool(h.gradient_checkpointing)
+    shape = memory.shape_of(choice.path, method)
+    run = memory.RunShape(
+        method=method.type,
+        optimizer=h.optimizer,
+        half=choice.precision in (Precision.BF16, Precision.FP16),
+        rows=h.batch_size,
+        row_tokens=config.data.max_seq_length,
+        attention=choice.attention,
+        liger_loss=choice.liger is not None
+        and choice.liger.get("fused_linear_cross_entropy", True),
+        lora_dropout=method.type != MethodType.FULL and method.lora.dropout > 0,
+        world_size=world_size,
+    )
+    gpu_memory = torch.cuda.get_device_properties(0).total_memory
+    checkpointing = memory.plan(shape, run, h.gradient_checkpointing, gpu_memory)
+    log.info(
+        "memory: about %s per GPU of %.1f GiB",
+        memory.need(shape, run, checkpointing).describe(),
+        gpu_memory / memory.GIB,
+    )
+    return checkpointing
 
 
 def liger_line(
@@ -373,13 +424,14 @@ def run(
     if rank == 0:
         export.check_credentials(config.output.s3, config.output.hub)
         resume.keep_config(out, config_text)
-    records = data.read_and_check(config.dataset, config.data, config.training.seed)
     hw = modeling.Hardware.detect()
+    modeling.check_gpus(config.resources.gpus, hw.cuda, modeling.Driver.detect())
+    records = data.read_and_check(config.dataset, config.data, config.training.seed)
     # training.seed decides the adapter's initial weights too: without it they came from
     # whatever the process's generator held (another fine-tune run before in the same process).
     set_seed(config.training.seed)
     cache_dir = config.model.cache_dir or str(out / "hub-cache")
-    loaded = modeling.load(
+    choice = modeling.choose(
         config.model,
         config.method,
         config.training.precision,
@@ -387,6 +439,12 @@ def run(
         hw,
         liger=config.training.liger_kernels,
     )
+    if choice.liger is not None:
+        toolchain.require(hw.cuda, "training.ligerKernels (on by default on GPUs)")
+    if config.training.torch_compile:
+        toolchain.require(hw.cuda, "training.torchCompile")
+    checkpointing = plan_memory(config, choice, hw, world_size)
+    loaded = modeling.load_chosen(choice, config.method, hw)
     loaded.model.config.use_cache = False  # a cache would hide packed examples from the mask
     start = resume.choose(out / "checkpoints", config.output.resume_from, config.method.type)
     if start.adapter is not None:
@@ -427,15 +485,6 @@ def run(
             config.data.max_seq_length,
             cut.answers_cut,
         )
-    text = loaded.model.config.get_text_config()
-    checkpointing = modeling.needs_checkpointing(
-        config.training.gradient_checkpointing,
-        config.method.type,
-        total,
-        (text.num_hidden_layers, text.hidden_size, text.vocab_size),
-        config.training.batch_size * config.data.max_seq_length,
-        torch.cuda.get_device_properties(0).total_memory if hw.cuda else None,
-    )
     log.info(
         "gradient checkpointing %s%s",
         "on" if checkpointing else "off",
@@ -448,7 +497,6 @@ def run(
         hw.cuda,
         prepared.eval is not None,
         checkpointing,
-        loaded.liger,
     )
     log.info("Liger kernels: %s", liger_line(loaded.liger, config.training.liger_kernels, hw))
     if args.torch_compile:
@@ -472,13 +520,18 @@ def run(
         args=args,
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
-        data_collator=data.Collator(tok.pad_id, modeling.needs_token_type_ids(loaded.model)),
+        data_collator=data.Collator(
+            tok.pad_id,
+            modeling.needs_token_type_ids(loaded.model),
+            flatten=data.flattens(loaded.attention),
+        ),
         processing_class=loaded.tokenizer,
         callbacks=callbacks,
         keep_checkpoints=config.output.keep_checkpoints,
         best_metric=h.metric_for_best,
         divergence_factor=h.divergence_factor,
         sampler=sampler,
+        liger=loaded.liger is not None,
     )
     trainer.remove_callback(PrinterCallback)  # LogLine prints what a human needs
     if rank == 0 and config.observability.metrics_port:
