@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         "--group-prefix", default="",
         help="proxy mode: prepended to each group (the API server's --oidc-groups-prefix)",
     )  # fmt: skip
+    parser.add_argument(
+        "--allowed-groups", default="",
+        help="proxy mode: the groups (comma-separated, prefix included) the dashboard may "
+        "impersonate (its RBAC resourceNames); a user's other groups are not sent. Empty: any "
+        "group but system: ones",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     host, _, port = args.address.rpartition(":")
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         streams_per_user=args.streams_per_user,
         user_prefix=args.user_prefix,
         group_prefix=args.group_prefix,
+        allowed_groups=frozenset(g.strip() for g in args.allowed_groups.split(",") if g.strip()),
     )
     app = make_app(ApiServer.from_config(args.kubeconfig), settings)
     print(

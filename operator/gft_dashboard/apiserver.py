@@ -6,10 +6,10 @@ groups the proxy vouched for. The API server's RBAC then decides, and its 403 is
 Only the shared watch that feeds the live list runs with the dashboard's own rights; what it
 delivers is filtered per user by what they may list.
 
-No user can take the connections from the others: each identity has at most
-``PER_USER_REQUESTS`` requests in flight (the rest wait their turn), long streams (watches,
-followed logs) have connections of their own, every request has a timeout, and no redirect
-is followed.
+No user can take the connections from the others: each user (however many tokens they sign
+in with) has at most ``PER_USER_REQUESTS`` requests in flight (the rest wait their turn), long
+streams (watches, followed logs) have connections of their own, every request has a timeout,
+and no redirect is followed.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ class Identity:
     token: str | None = None
     user: str | None = None
     groups: tuple[str, ...] = field(default=())
+    # The user a token belongs to, as the API server named it at sign-in (never sent: only
+    # counted, so that one user's several tokens share one allowance).
+    name: str | None = None
 
     @property
     def key(self) -> str:
@@ -53,12 +56,22 @@ class Identity:
             return "t:" + hashlib.sha256(self.token.encode()).hexdigest()[:24]
         return f"u:{self.user}:{','.join(self.groups)}" if self.user else "self"
 
+    @property
+    def owner(self) -> str:
+        """Whom limits count this identity against: the user, where known; else ``key``."""
+        who = self.user or self.name
+        return f"u:{who}" if who else self.key
+
 
 class ApiError(RuntimeError):
     def __init__(self, status: int, message: str, body: Manifest | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.body = body or {}
+
+
+class AnswerTooLarge(ApiError):
+    """The API server's answer is over MAX_ANSWER_BYTES (a smaller page may fit)."""
 
 
 @dataclass
@@ -154,9 +167,9 @@ class ApiServer:
 
     @contextlib.asynccontextmanager
     async def _turn(self, who: Identity | None) -> AsyncIterator[None]:
-        """The identity's share of the request pool: at most PER_USER_REQUESTS in flight. The
-        table holds only identities with a request in flight or waiting."""
-        key = who.key if who is not None else "dashboard"
+        """The user's share of the request pool: at most PER_USER_REQUESTS in flight, whatever
+        token they use. The table holds only users with a request in flight or waiting."""
+        key = who.owner if who is not None else "dashboard"
         turn, users = self._turns.get(key) or (asyncio.Semaphore(PER_USER_REQUESTS), 0)
         self._turns[key] = (turn, users + 1)
         try:
@@ -199,7 +212,7 @@ class ApiServer:
         ):
             raw = await read_at_most(r.content, MAX_ANSWER_BYTES)
             if len(raw) > MAX_ANSWER_BYTES:
-                raise ApiError(
+                raise AnswerTooLarge(
                     502, f"the API server's answer is larger than {MAX_ANSWER_BYTES >> 20} MiB"
                 )
             return _answer(r.status, raw)

@@ -15,9 +15,14 @@ from typing import Any
 
 from gft_api.conventions import WARNING_REASONS
 
-from gft_dashboard.apiserver import ApiError, ApiServer, Identity, Manifest
+from gft_dashboard.apiserver import AnswerTooLarge, ApiError, ApiServer, Identity, Manifest
 
 log = logging.getLogger("gft_dashboard.hub")
+PAGE_SIZE = 50  # objects per page of the list (each may carry up to 256 KiB of annotations)
+QUEUE_SIZE = 1000  # changes a page may fall behind before it is sent a fresh snapshot
+# The API server sends a bookmark on a watch about once a minute (and the watch ends after
+# timeoutSeconds): a watch silent this long is a connection that died without a word.
+WATCH_IDLE_SECONDS = 150.0
 # Conditions whose reason is trouble worth a warning light: the operator's own list.
 TROUBLE_REASONS = WARNING_REASONS
 
@@ -95,14 +100,23 @@ def gpu_series(metrics_text: str) -> list[dict[str, Any]]:
 class FineTuneHub:
     """Every GemmaFineTune, from one list-then-watch; subscribers get each change.
 
-    The list is read in pages of ``page_size``; a relist (at start, and after the watch
-    failed or its resourceVersion expired) publishes only what differs from what subscribers
-    already have. A watch that simply ended is started again from the last resourceVersion it
-    saw (bookmarks keep that current), without a relist."""
+    The list is read in pages of ``page_size`` (halved while a page is too large an answer);
+    a relist (at start, and after the watch failed or its resourceVersion expired) publishes
+    only what differs from what subscribers already have. A watch that simply ended, or was
+    silent for ``idle_seconds`` (a connection that died without closing), is started again
+    from the last resourceVersion it saw (bookmarks keep that current), without a relist.
+    ``synced`` is False from a failed watch or list until a list succeeds again (/healthz).
 
-    def __init__(self, api: ApiServer, page_size: int = 500) -> None:
+    A subscriber that falls ``QUEUE_SIZE`` changes behind (a page that stopped reading) is
+    not dropped: its queue is emptied and given one ("resync", None), on which its stream
+    sends a fresh snapshot."""
+
+    def __init__(
+        self, api: ApiServer, page_size: int = PAGE_SIZE, idle_seconds: float = WATCH_IDLE_SECONDS
+    ) -> None:
         self.api = api
         self.page_size = page_size
+        self.idle_seconds = idle_seconds
         self._objects: dict[str, Manifest] = {}
         self._subscribers: set[asyncio.Queue] = set()
         self.synced = False
@@ -118,7 +132,7 @@ class FineTuneHub:
         return {o["metadata"].get("namespace", "") for o in self._objects.values()}
 
     def subscribe(self) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue(maxsize=1000)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_SIZE)
         self._subscribers.add(queue)
         return queue
 
@@ -135,8 +149,10 @@ class FineTuneHub:
         for queue in list(self._subscribers):
             try:
                 queue.put_nowait((kind, obj))
-            except asyncio.QueueFull:  # a page that stopped reading: it reloads the list
-                self._subscribers.discard(queue)
+            except asyncio.QueueFull:  # a page that fell behind: one fresh snapshot instead
+                while not queue.empty():
+                    queue.get_nowait()
+                queue.put_nowait(("resync", None))
 
     async def run(self) -> None:
         """List, then watch; watch again from where it ended; relist on 410 Gone or any error,
@@ -154,13 +170,17 @@ class FineTuneHub:
                     await asyncio.sleep(1)
             except asyncio.CancelledError:
                 raise
-            except (TimeoutError, ApiError, OSError, ValueError) as e:
-                version = None
+            except TimeoutError:
+                # Silent for idle_seconds: watch again from where it was (a relist if the API
+                # server cannot say, which marks the list stale until it succeeds).
+                log.warning("watch of gemmafinetunes silent for %.0fs: again", self.idle_seconds)
+            except (ApiError, OSError, ValueError) as e:
+                version, self.synced = None, False
                 log.warning("watch of gemmafinetunes ended (%s); again in %.0fs", e, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30)
             except Exception:
-                version = None
+                version, self.synced = None, False
                 log.exception("watch of gemmafinetunes failed; again in %.0fs", backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30)
@@ -169,22 +189,32 @@ class FineTuneHub:
         """Every fine-tune, page by page; publish what changed since the last list. Returns
         the list's resourceVersion."""
         fresh: dict[str, Manifest] = {}
-        params = {"limit": str(self.page_size)}
+        size, going_on = self.page_size, None
         while True:
-            page = await self.api.request("GET", self.api.finetunes_path(), None, params=params)
+            params = {"limit": str(size), **({"continue": going_on} if going_on else {})}
+            try:
+                page = await self.api.request("GET", self.api.finetunes_path(), None, params=params)
+            except AnswerTooLarge:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)  # large objects: smaller pages, from the same place
+                continue
             for obj in page.get("items") or []:
                 fresh[obj["metadata"]["uid"]] = _trimmed(obj)
             meta = page.get("metadata") or {}
             if not meta.get("continue"):
                 break
-            params = {"limit": str(self.page_size), "continue": meta["continue"]}
-        for uid, obj in self._objects.items():
-            if uid not in fresh:
-                self._publish("deleted", obj)
-        for uid, obj in fresh.items():
-            known = self._objects.get(uid)
-            if known is None or _version(known) != _version(obj):
-                self._publish("changed", obj)
+            going_on = meta["continue"]
+        changes = [("deleted", obj) for uid, obj in self._objects.items() if uid not in fresh]
+        changes += [
+            ("changed", obj)
+            for uid, obj in fresh.items()
+            if (known := self._objects.get(uid)) is None or _version(known) != _version(obj)
+        ]
+        for i, (kind, obj) in enumerate(changes):
+            self._publish(kind, obj)
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # let the streams send what is queued
         self._objects = fresh
         self.synced = True
         return meta.get("resourceVersion", "")
@@ -198,7 +228,10 @@ class FineTuneHub:
             "timeoutSeconds": "300",
         }
         buffer = b""
-        async for chunk in self.api.stream(self.api.finetunes_path(), None, params):
+        chunks = self.api.stream(
+            self.api.finetunes_path(), None, params, idle_timeout=self.idle_seconds
+        )
+        async for chunk in chunks:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
@@ -225,15 +258,19 @@ def _version(obj: Manifest) -> str:
     return (obj.get("metadata") or {}).get("resourceVersion", "")
 
 
+_KEPT_METADATA = (
+    "name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
+    "deletionTimestamp", "labels",
+)  # fmt: skip
+
+
 def _trimmed(obj: Manifest) -> Manifest:
-    """What the list needs of an object: without managedFields and kubectl's copy of the
-    applied manifest, which can be most of its size."""
-    meta = dict(obj.get("metadata") or {})
-    meta.pop("managedFields", None)
-    annotations = dict(meta.get("annotations") or {})
-    annotations.pop("kubectl.kubernetes.io/last-applied-configuration", None)
-    meta["annotations"] = annotations
-    return {**obj, "metadata": meta}
+    """What the list needs of an object: its spec and status (bounded by the CRD's schema) and
+    the metadata that names it, without annotations (up to 256 KiB each, kubectl's copy of the
+    applied manifest among them) or managedFields."""
+    meta = obj.get("metadata") or {}
+    kept = {k: meta[k] for k in _KEPT_METADATA if k in meta}
+    return {**{k: v for k, v in obj.items() if k != "metadata"}, "metadata": kept}
 
 
 @dataclass
@@ -249,14 +286,24 @@ class Visibility:
     First whether they may list them everywhere (one review); if not, one review per
     namespace that holds a fine-tune (never per namespace of the cluster), at most
     ``concurrency`` at a time. Answers are kept ``ttl`` seconds, for at most ``max_users``
-    identities (the least recently asked go first)."""
+    identities (the least recently asked go first). A ``fresh`` answer is one at most
+    ``fresh_within`` seconds old: however many streams of one identity ask again each
+    recheck, the API server is asked once, and while it is being asked the others wait for
+    that answer."""
 
     def __init__(
-        self, api: ApiServer, ttl: float = 30.0, max_users: int = 1000, concurrency: int = 8
+        self,
+        api: ApiServer,
+        ttl: float = 30.0,
+        max_users: int = 1000,
+        concurrency: int = 8,
+        fresh_within: float = 0.0,
     ) -> None:
         self.api, self.ttl, self.max_users = api, ttl, max_users
+        self.fresh_within = fresh_within
         self._concurrency = concurrency
         self._seen: OrderedDict[str, _Seen] = OrderedDict()
+        self._asking: dict[tuple[str, frozenset[str]], asyncio.Future] = {}
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -268,8 +315,24 @@ class Visibility:
         (the token no longer works) raises ApiError."""
         now = time.monotonic()
         seen = self._seen.get(who.key)
-        if seen is None or fresh or now - seen.at > self.ttl:
-            seen = _Seen(now)
+        if seen is None or now - seen.at > (self.fresh_within if fresh else self.ttl):
+            seen = None
+        elif seen.everywhere or (seen.everywhere is False and candidates <= seen.namespaces.keys()):
+            self._seen.move_to_end(who.key)
+            return None if seen.everywhere else {n for n in candidates if seen.namespaces.get(n)}
+        key = (who.key, frozenset(candidates))
+        asking = self._asking.get(key)
+        if asking is None:
+            asking = asyncio.ensure_future(self._ask(who, candidates, seen))
+            self._asking[key] = asking
+            asking.add_done_callback(lambda _: self._asking.pop(key, None))
+        return await asyncio.shield(asking)
+
+    async def _ask(
+        self, who: Identity, candidates: set[str], seen: _Seen | None
+    ) -> set[str] | None:
+        if seen is None:
+            seen = _Seen(time.monotonic())
         self._seen[who.key] = seen
         self._seen.move_to_end(who.key)
         while len(self._seen) > self.max_users:

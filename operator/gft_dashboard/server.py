@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import yarl
 from aiohttp import web
-from gft_api.conventions import METRICS_PORT, running_pods
+from gft_api.conventions import running_pods
 
 from gft_dashboard import auth, manifest, names, tensorboard
 from gft_dashboard.apiserver import (
@@ -31,9 +31,10 @@ from gft_dashboard.apiserver import (
     read_at_most,
 )
 from gft_dashboard.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, Settings
-from gft_dashboard.hub import FineTuneHub, Visibility, gpu_series, summarize
-from gft_dashboard.limits import StreamLimits, TooManyStreams
-from gft_dashboard.sessions import Sessions
+from gft_dashboard.gpus import GpuReader
+from gft_dashboard.hub import FineTuneHub, Visibility, summarize
+from gft_dashboard.limits import InFlight, Rate, StreamLimits, TooManyStreams
+from gft_dashboard.sessions import MAX_AGE, Sessions
 
 __all__ = ["Settings", "make_app"]
 log = logging.getLogger("gft_dashboard")
@@ -42,6 +43,8 @@ LOG_CAP_BYTES = 1 << 20  # a followed log stops after 1 MiB: the page is not an 
 LOG_IDLE_SECONDS = 1800  # a followed log that says nothing for this long is ended
 KEEP_ALIVE_SECONDS = 15
 PROXY_STREAM_SECONDS = 900  # behind oauth2-proxy, a live list reconnects through it this often
+CLIENT_GONE_SECONDS = 5  # how often a quiet followed log looks whether its reader has gone
+SIGN_INS_PER_MINUTE = 60  # per user
 SECURITY_HEADERS = {
     # Our own code only: no CDN; framed by nobody; TensorBoard framed from here (sandboxed).
     "Content-Security-Policy": (
@@ -73,12 +76,21 @@ class Dashboard:
     sessions: Sessions = field(default_factory=Sessions)
     tickets: tensorboard.Tickets = field(default_factory=tensorboard.Tickets)
     limits: StreamLimits = field(init=False)
-    plain: aiohttp.ClientSession | None = None  # to pods: TensorBoard, trainers' /metrics
+    plain: aiohttp.ClientSession | None = None  # to pods' TensorBoards (GpuReader has its own)
+    gpus: GpuReader = field(default_factory=GpuReader)
+    manifests: manifest.Reader = field(default_factory=manifest.Reader)
+    tensorboard_turns: InFlight = field(init=False)
+    sign_ins: Rate = field(default_factory=lambda: Rate(SIGN_INS_PER_MINUTE))
 
     def __post_init__(self) -> None:
         self.hub = FineTuneHub(self.api)
-        self.visibility = Visibility(self.api)
+        # However many streams of one user ask again each recheck, one answer serves them.
+        self.visibility = Visibility(self.api, fresh_within=self.settings.recheck_seconds / 2)
         self.limits = StreamLimits(self.settings.streams_per_user)
+        self.tensorboard_turns = InFlight(
+            tensorboard.PER_USER_REQUESTS, tensorboard.WAITING_REQUESTS,
+            tensorboard.TOTAL_REQUESTS, "TensorBoard requests",
+        )  # fmt: skip
 
     # -- who is asking ----------------------------------------------------------------------
 
@@ -111,7 +123,7 @@ class Dashboard:
     def stream_slot(self, caller: Caller) -> contextlib.ExitStack:
         """One of the caller's live streams (429 past their limit), held until it exits."""
         try:
-            return self.limits.hold(caller.identity.key)
+            return self.limits.hold(caller.identity.owner)
         except TooManyStreams as e:
             raise web.HTTPTooManyRequests(text=str(e)) from None
 
@@ -121,7 +133,28 @@ class Dashboard:
 
 @web.middleware
 async def security(request: web.Request, handler):
+    """The checks every request passes, and the security headers on every answer: errors
+    (which a handler or a check raises) included, the framed ones on TensorBoard's paths."""
     dash: Dashboard = request.app["dashboard"]
+    framed = request.path.startswith(f"{dash.settings.prefix}/tb/")
+    headers = tensorboard.FRAME_HEADERS if framed else SECURITY_HEADERS
+    try:
+        response = await _checked(dash, request, handler)
+    except web.HTTPException as e:  # a refusal echoes what was asked: it needs them most
+        for key, value in headers.items():
+            e.headers.setdefault(key, value)
+        raise
+    for key, value in headers.items():
+        response.headers.setdefault(key, value)
+    if not framed and CSRF_COOKIE not in request.cookies and not response.prepared:
+        response.set_cookie(
+            CSRF_COOKIE, secrets.token_urlsafe(24), samesite="Strict",
+            secure=dash.settings.secure_cookies, path=dash.settings.cookie_path,
+        )  # fmt: skip
+    return response
+
+
+async def _checked(dash: Dashboard, request: web.Request, handler) -> web.StreamResponse:
     if not auth.host_allowed(request.headers.get("Host"), dash.settings):
         raise web.HTTPForbidden(
             text=f"the Host {request.headers.get('Host')!r} is not this dashboard's address "
@@ -135,6 +168,12 @@ async def security(request: web.Request, handler):
                 check(request.match_info[key], key)
     except names.BadName as e:
         raise web.HTTPBadRequest(text=str(e)) from None
+    twice = auth.duplicated_cookie(request.headers.get("Cookie"))
+    if twice is not None:
+        raise web.HTTPBadRequest(
+            text=f"the cookie {twice} came twice: another site of your domain set one for this "
+            "path; clear this site's cookies and sign in again"
+        )
     framed = request.path.startswith(f"{dash.settings.prefix}/tb/")
     if request.method in ("POST", "PUT", "PATCH", "DELETE") and not framed:
         # Double-submit: the header must repeat the SameSite=Strict cookie, which another
@@ -144,22 +183,14 @@ async def security(request: web.Request, handler):
         if not cookie or not secrets.compare_digest(cookie, request.headers.get(CSRF_HEADER, "")):
             raise web.HTTPForbidden(text="missing or wrong CSRF token: reload the page")
     try:
-        response = await handler(request)
+        return await handler(request)
     except ApiError as e:
         if e.status == 401 and request.cookies.get(SESSION_COOKIE):  # the token died
             dash.sessions.end(request.cookies[SESSION_COOKIE])
             dash.tickets.end_session(request.cookies[SESSION_COOKIE])
-        response = web.json_response({"error": str(e), "status": e.status}, status=e.status)
-    if framed:
-        return response  # its own headers (tensorboard.FRAME_HEADERS)
-    for key, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(key, value)
-    if CSRF_COOKIE not in request.cookies and not response.prepared:
-        response.set_cookie(
-            CSRF_COOKIE, secrets.token_urlsafe(24), samesite="Strict",
-            secure=dash.settings.secure_cookies, path=dash.settings.cookie_path,
-        )  # fmt: skip
-    return response
+        return web.json_response({"error": str(e), "status": e.status}, status=e.status)
+    except TooManyStreams as e:
+        raise web.HTTPTooManyRequests(text=str(e)) from None
 
 
 # -- pages and session -----------------------------------------------------------------------
@@ -183,9 +214,12 @@ async def login(request: web.Request) -> web.Response:
     token = str(body.get("token", "")).strip() if isinstance(body, dict) else ""
     if not token:
         raise web.HTTPBadRequest(text="paste a bearer token")
-    who = Identity(token=token)
-    user = await dash.api.whoami(who)  # 401 from the API server if the token is not good
-    session = dash.sessions.start(who, user)
+    user = await dash.api.whoami(Identity(token=token))  # 401 if the token is not good
+    if not dash.sign_ins.take(user):
+        raise web.HTTPTooManyRequests(
+            text=f"{user} signed in {SIGN_INS_PER_MINUTE} times in the last minute: wait a minute"
+        )
+    session = dash.sessions.start(Identity(token=token, name=user), user)
     response = web.json_response({"user": user})
     response.set_cookie(
         SESSION_COOKIE, session.id, httponly=True, samesite="Strict",
@@ -201,6 +235,9 @@ async def logout(request: web.Request) -> web.Response:
     if session_id:
         dash.sessions.end(session_id)
         dash.tickets.end_session(session_id)
+    browser = auth.proxy_session(request.headers.get("Cookie"))
+    if dash.settings.auth == "proxy" and browser is not None:  # before oauth2-proxy's sign-out
+        dash.tickets.end_session(browser)
     response = web.json_response({})
     response.del_cookie(SESSION_COOKIE, path=dash.settings.cookie_path)
     return response
@@ -265,6 +302,9 @@ async def stream(request: web.Request) -> web.StreamResponse:
                     continue
                 if kind is None:  # shutting down
                     break
+                if kind == "resync":  # this page fell behind: what it may see, afresh
+                    await response.write(_event("snapshot", _visible(dash, allowed)))
+                    continue
                 if allowed is not None and _ns(obj) not in allowed:
                     # A namespace with its first fine-tune: asked about once (then cached).
                     now_allowed = await _rights(dash, caller, dash.visible, caller.identity)
@@ -383,10 +423,16 @@ async def trainer_log(request: web.Request) -> web.StreamResponse:
                                       subresource="log")  # fmt: skip
 
         copying = asyncio.create_task(pump())
+        gone = asyncio.create_task(_client_gone(request))
         ending = ""
         try:
             while True:
-                done, _ = await asyncio.wait({copying}, timeout=dash.settings.recheck_seconds)
+                done, _ = await asyncio.wait(
+                    {copying, gone}, timeout=dash.settings.recheck_seconds,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                if gone in done:  # the tab closed on a quiet log: its slot is free now
+                    break
                 if done:
                     copying.result()
                     break
@@ -403,6 +449,7 @@ async def trainer_log(request: web.Request) -> web.StreamResponse:
             pass
         finally:
             copying.cancel()
+            gone.cancel()
             with contextlib.suppress(BaseException):
                 await copying
             await chunks.aclose()
@@ -430,40 +477,18 @@ async def gpus(request: web.Request) -> web.Response:
     listed = await dash.api.request(
         "GET", f"/api/v1/namespaces/{ns}/pods", who, params={"labelSelector": f"job-name={job}"}
     )
-    running = running_pods(listed.get("items") or [])
+    spec = (obj.get("spec") or {}).get("resources") or {}
+    nodes, per_pod = _bounded(spec.get("nodes"), 1, 64), _bounded(spec.get("gpus"), 1, 16)
+    # The run's own pods only: its completion indexes, however many pods carry its label.
+    running = [p for p in running_pods(listed.get("items") or []) if int(p[1]) < nodes]
     if not running:
         return web.json_response({"gpus": [], "error": "no trainer is running"})
-    assert dash.plain is not None
+    return web.json_response(await dash.gpus.readings((ns, name), running, per_pod))
 
-    async def read(ip: str) -> str | None:
-        try:
-            async with dash.plain.get(
-                f"http://{ip}:{METRICS_PORT}/metrics", allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=5),
-            ) as r:  # fmt: skip
-                if r.status != 200:
-                    return None
-                text = await read_at_most(r.content, 4 << 20)
-                return None if len(text) > 4 << 20 else text.decode("utf-8", errors="replace")
-        except (aiohttp.ClientError, TimeoutError):
-            return None
 
-    texts = await asyncio.gather(*(read(ip) for _, _, ip in running))
-    series = []
-    silent = []
-    for (pod, index, _), text in zip(running, texts, strict=True):
-        try:
-            readings = gpu_series(text) if text is not None else None
-        except ValueError:
-            readings = None
-        if readings is None:
-            silent.append(pod)
-        else:
-            series += [{"pod": pod, "index": index, **gpu} for gpu in readings]
-    answer: dict[str, Any] = {"gpus": series, "pods": len(running)}
-    if silent:
-        answer["error"] = f"the metrics of {', '.join(silent)} did not answer"
-    return web.json_response(answer)
+def _bounded(value: Any, default: int, most: int) -> int:
+    """A count from a fine-tune's spec, as its schema bounds it (the status writer is not us)."""
+    return min(max(value, 0), most) if isinstance(value, int) else default
 
 
 # -- TensorBoard -----------------------------------------------------------------------------
@@ -477,8 +502,11 @@ async def tensorboard_ticket(request: web.Request) -> web.Response:
     ns, name = request.match_info["namespace"], request.match_info["name"]
     if not await dash.api.may(caller.identity, "get", ns, name=name):
         raise web.HTTPForbidden(text=f"you may not read gemmafinetune {ns}/{name}")
-    expires = caller.expires or time.time() + tensorboard.TICKET_TTL
-    ticket = dash.tickets.issue(caller.identity, caller.session_id, ns, name, expires)
+    expires = caller.expires or time.time() + MAX_AGE
+    browser = None
+    if dash.settings.auth == "proxy":  # the ticket ends with this browser's oauth2-proxy sign-in
+        browser = auth.proxy_session(request.headers.get("Cookie")) or "p:none"
+    ticket = dash.tickets.issue(caller.identity, caller.session_id, ns, name, expires, browser)
     return web.json_response({"url": f"{dash.settings.prefix}/tb/{ns}/{name}/{ticket.id}/"})
 
 
@@ -513,44 +541,35 @@ async def tensorboard_proxy(request: web.Request) -> web.StreamResponse:
         if len(body) > tensorboard.MAX_POST_BYTES:
             raise _framed(web.HTTPRequestEntityTooLarge, "too large",
                           max_size=tensorboard.MAX_POST_BYTES, actual_size=len(body))  # fmt: skip
-    address, prefix = await _tensorboard_upstream(dash, ticket)
-    headers = {"Accept-Encoding": "identity"}
-    if "Content-Type" in request.headers:
-        headers["Content-Type"] = request.headers["Content-Type"]
-    if body is not None:
-        headers["X-XSRF-Protected"] = "1"
-    assert dash.plain is not None
-    try:
-        async with dash.plain.request(
-            request.method, _upstream_url(address, prefix, tail, request.rel_url.raw_query_string),
-            data=body, headers=headers, allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=tensorboard.TIMEOUT),
-        ) as r:  # fmt: skip
-            if 300 <= r.status < 400:
-                raise _framed(
-                    web.HTTPBadGateway,
-                    f"TensorBoard answered with a redirect (HTTP {r.status}), which the "
-                    "dashboard does not follow",
-                )
-            content = await read_at_most(r.content, tensorboard.MAX_BYTES)
-            kind = r.headers.get("Content-Type", "application/octet-stream")
-            cache = r.headers.get("Cache-Control")
-            status = r.status
-    except (aiohttp.ClientError, TimeoutError) as e:
-        raise _framed(
-            web.HTTPBadGateway, f"TensorBoard did not answer: {type(e).__name__}"
-        ) from None
-    if len(content) > tensorboard.MAX_BYTES:
-        raise _framed(web.HTTPBadGateway, f"TensorBoard's answer is larger than "
-                      f"{tensorboard.MAX_BYTES >> 20} MiB")  # fmt: skip
-    if kind.split(";")[0].strip().lower() == "text/html":
-        content = tensorboard.with_shim(content, f"{dash.settings.prefix}/static/tb-frame.js")
-    response = web.Response(body=content, status=status, headers={
-        "Content-Type": kind, **({"Cache-Control": cache} if cache else {}),
-        **tensorboard.FRAME_HEADERS})  # fmt: skip
-    if len(content) > 1024:
-        response.enable_compression()
-    return response
+    async with dash.tensorboard_turns.turn(ticket.identity.owner):
+        address, prefix = await _tensorboard_upstream(dash, ticket)
+        headers = {"Accept-Encoding": "identity"}
+        if "Content-Type" in request.headers:
+            headers["Content-Type"] = request.headers["Content-Type"]
+        if body is not None:
+            headers["X-XSRF-Protected"] = "1"
+        assert dash.plain is not None
+        url = _upstream_url(address, prefix, tail, request.rel_url.raw_query_string)
+        try:
+            async with dash.plain.request(
+                request.method, url, data=body, headers=headers, allow_redirects=False,
+                timeout=tensorboard.UPSTREAM_TIMEOUT,
+            ) as r:  # fmt: skip
+                if 300 <= r.status < 400:
+                    raise _framed(
+                        web.HTTPBadGateway,
+                        f"TensorBoard answered with a redirect (HTTP {r.status}), which the "
+                        "dashboard does not follow",
+                    )
+                cache = r.headers.get("Cache-Control")
+                return await tensorboard.relay(
+                    request, r, f"{dash.settings.prefix}/static/tb-frame.js",
+                    {**({"Cache-Control": cache} if cache else {}), **tensorboard.FRAME_HEADERS},
+                )  # fmt: skip
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise _framed(
+                web.HTTPBadGateway, f"TensorBoard did not answer: {type(e).__name__}"
+            ) from None
 
 
 def _upstream_url(address: str, prefix: str, tail: str, query: str) -> yarl.URL:
@@ -612,7 +631,7 @@ async def create(request: web.Request) -> web.Response:
     if not isinstance(body, dict):
         raise web.HTTPBadRequest(text="expected a JSON body with a yaml field")
     try:
-        obj = manifest.load(str(body.get("yaml", "")))
+        obj = await dash.manifests.load(str(body.get("yaml", "")), who.owner)
     except manifest.BadManifest as e:
         raise (web.HTTPRequestEntityTooLarge(max_size=manifest.MAX_BYTES, actual_size=limit,
                                              text=str(e)) if "larger" in str(e)
@@ -702,13 +721,16 @@ def make_app(api: ApiServer, settings: Settings) -> web.Application:
 
     async def lifecycle(app: web.Application):
         await api.start()
-        dash.plain = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+        # TensorBoards' own pool, a few connections per TensorBoard; /gpus has another.
+        dash.plain = aiohttp.ClientSession(connector=tensorboard.connector())
+        await dash.gpus.start()
         task = asyncio.create_task(dash.hub.run())
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await dash.plain.close()
+        await dash.gpus.close()
         await api.close()
 
     async def end_streams(app: web.Application) -> None:
@@ -717,6 +739,13 @@ def make_app(api: ApiServer, settings: Settings) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
     return app
+
+
+async def _client_gone(request: web.Request) -> None:
+    """Returns once the client has closed its connection (aiohttp goes on running a handler
+    whose client has gone: a stream that writes nothing would never notice)."""
+    while request.transport is not None and not request.transport.is_closing():
+        await asyncio.sleep(CLIENT_GONE_SECONDS)
 
 
 def _ns(obj: Manifest) -> str:

@@ -2,11 +2,13 @@
 
 A session ends at logout, when the token it holds expires (read from the token's own ``exp``
 when it is a JWT, as service-account tokens are; the API server stays the judge of whether
-it is valid), or after ``MAX_AGE`` at the latest. The store is bounded: past ``limit`` the
-oldest sessions go first.
+it is valid), or after ``MAX_AGE`` at the latest. The store is bounded so that no one can sign
+anyone else out: one user holds at most ``per_user`` sessions (a sign-in past that ends their
+own least recently used one), signing in again with the same token gives the same session,
+and past ``limit`` in all the least recently *used* session goes first (a session in use is
+never the first to go).
 
-Sessions live in this process: a restart signs everyone out, and several replicas need a
-sticky Service (the chart sets ``sessionAffinity: ClientIP`` when it runs more than one).
+Sessions live in this process: a restart signs everyone out, and the chart runs one replica.
 """
 
 from __future__ import annotations
@@ -46,22 +48,34 @@ def token_expiry(token: str) -> float | None:
 
 
 class Sessions:
-    def __init__(self, limit: int = 10_000) -> None:
-        self.limit = limit
+    """Sessions by id, least recently used first; per user and by token too."""
+
+    def __init__(self, limit: int = 10_000, per_user: int = 8) -> None:
+        self.limit, self.per_user = limit, per_user
         self._by_id: OrderedDict[str, Session] = OrderedDict()
+        self._by_token: dict[str, str] = {}  # Identity.key -> session id
+        self._by_user: dict[str, OrderedDict[str, None]] = {}  # user -> their session ids
 
     def __len__(self) -> int:
         return len(self._by_id)
 
     def start(self, identity: Identity, user: str, now: float | None = None) -> Session:
         now = time.time() if now is None else now
+        known = self.get(self._by_token.get(identity.key), now)
+        if known is not None:
+            return known
         expires = now + MAX_AGE
         if identity.token and (exp := token_expiry(identity.token)) is not None:
             expires = min(expires, exp)
         session = Session(secrets.token_urlsafe(32), identity, user, expires)
         self._by_id[session.id] = session
+        self._by_token[identity.key] = session.id
+        mine = self._by_user.setdefault(user, OrderedDict())
+        mine[session.id] = None
+        while len(mine) > self.per_user:
+            self.end(next(iter(mine)))
         while len(self._by_id) > self.limit:
-            self._by_id.popitem(last=False)
+            self.end(next(iter(self._by_id)))
         return session
 
     def get(self, session_id: str | None, now: float | None = None) -> Session | None:
@@ -71,7 +85,17 @@ class Sessions:
         if session.expires <= (time.time() if now is None else now):
             self.end(session.id)
             return None
+        self._by_id.move_to_end(session.id)
+        self._by_user[session.user].move_to_end(session.id)
         return session
 
     def end(self, session_id: str) -> None:
-        self._by_id.pop(session_id, None)
+        session = self._by_id.pop(session_id, None)
+        if session is None:
+            return
+        if self._by_token.get(session.identity.key) == session_id:
+            del self._by_token[session.identity.key]
+        mine = self._by_user[session.user]
+        mine.pop(session_id, None)
+        if not mine:
+            del self._by_user[session.user]

@@ -2,30 +2,37 @@
 
 One scheduler thread and a pool of readers: a target is read again ``interval`` seconds after
 its previous read started (and never sooner than ``interval`` after the status write its last
-read caused), at most one read per target is in flight, and every read has a timeout, so a slow
-or dead trainer holds one reader for at most ``timeout`` and never delays the others.
+read caused), at most one read per target is in flight, and every read has a deadline for the
+whole request (connecting, the status line, headers and body together: a pod that answers a
+byte at a time is cut off there, not read for ever), so a slow or dead trainer holds one reader
+for at most ``timeout`` and never delays the others.
 
 Two ways to reach a trainer: its pod IP (the operator runs in the cluster) or the API server's
 pod proxy (``/api/v1/namespaces/NS/pods/POD:PORT/proxy/metrics``), which works from a laptop.
 
 A multi-node run is read at pod 0 (rank 0's training metrics and its GPUs) and, in the same
-read, at each other pod (their GPUs alone, read side by side); a pod that does not answer
-leaves its GPUs out of that reading and is logged once until it answers again.
+read, at each other pod (their GPUs alone, read side by side); a pod that does not answer, or
+answers anything but a trainer's metrics, leaves its GPUs out of that reading and is logged once
+until it answers again.
 
 What a trainer's pod answers is foreign text (its image is the fine-tune author's choice):
-a redirect is never followed (it could point the operator anywhere it can reach), and none
-of the answer's words go into a status message, only the reader's own (the status is shown to
-everyone who may read the fine-tune, and in the dashboard's shared list).
+a redirect is never followed (it could point the operator anywhere it can reach), an answer
+that is not HTTP at all is a problem like any other, and none of the answer's words go into a
+status message or the log, only the reader's own (the status is shown to everyone who may read
+the fine-tune, and in the dashboard's shared list).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http
+import http.client
+import ipaddress
 import logging
+import socket
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -43,15 +50,9 @@ log = logging.getLogger("gft_operator.scraper")
 MAX_BYTES = 4 * 1024 * 1024  # a trainer's /metrics is a few kB; more is not a trainer
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirect is answered as what it is (an HTTPError with its 3xx code), not followed."""
-
-    def redirect_request(self, *args: object) -> None:
-        return None
-
-
-# Pod IPs are reached directly, never through an HTTP proxy from the environment.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+# What one read may fail with: the pod's refusal or silence (OSError, the API server's), and an
+# answer that is not HTTP at all (http.client.HTTPException: a bad status line, bad headers).
+READ_FAILURES = (OSError, ApiError, urllib3.exceptions.HTTPError, http.client.HTTPException)
 
 
 class Access(StrEnum):
@@ -176,7 +177,7 @@ class Scraper:
     def where(self, target: Target) -> str:
         if self.access == Access.PROXY:
             return f"pod {target.pod} port {target.port} (through the API server's pod proxy)"
-        return f"http://{target.pod_ip}:{target.port}/metrics"
+        return f"http://{host_port(target.pod_ip, target.port)}/metrics"
 
     def read(self, target: Target) -> tuple[Reading | None, Problem | None]:
         monitoring.METRICS_READS.inc()
@@ -188,7 +189,7 @@ class Scraper:
             problem = Problem(
                 "MetricsInvalid", f"the trainer's metrics at {where}: {_own_words(e)}", "invalid"
             )
-        except (OSError, ApiError, urllib3.exceptions.HTTPError) as e:
+        except READ_FAILURES as e:
             if _timed_out(e):
                 problem = Problem(
                     "MetricsTimeout",
@@ -210,7 +211,9 @@ class Scraper:
         return None, problem
 
     def _read_peers(self, target: Target) -> tuple[dict[str, list[float]], ...]:
-        """The GPU series of the run's other pods that answer, read side by side."""
+        """The GPU series of the run's other pods that answer, read side by side. A peer
+        that fails in any way is a missing peer: the reading stands without it. Each peer's
+        read has the same deadline as pod 0's, so none outlives the reading it belongs to."""
         futures = [
             (pod, self.peer_pool.submit(self._fetch, target.namespace, pod, ip, target.port))
             for pod, ip in target.peers
@@ -220,7 +223,7 @@ class Scraper:
             key = (target.namespace, target.name, pod)
             try:
                 answered.append(parse_gpus(future.result(timeout=self.timeout + 1)))
-            except (BadMetrics, OSError, ApiError, urllib3.exceptions.HTTPError) as e:
+            except (BadMetrics, TimeoutError, *READ_FAILURES) as e:
                 monitoring.METRICS_READ_FAILURES.labels(_failure_kind(e)).inc()
                 with self._guard:
                     first = key not in self._peers_failing
@@ -245,12 +248,66 @@ class Scraper:
         if self.access == Access.PROXY:
             path = f"/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}:{port}/proxy/metrics"
             return self.kube.get_text(path, timeout=self.timeout, limit=MAX_BYTES)
-        url = f"http://{pod_ip}:{port}/metrics"
-        with _DIRECT.open(url, timeout=self.timeout) as response:
-            body = response.read(MAX_BYTES + 1)
+        body = _get(pod_ip, port, "/metrics", self.timeout)
         if len(body) > MAX_BYTES:
             raise BadMetrics(f"the answer is larger than {MAX_BYTES} bytes")
         return _decode(body)
+
+
+def host_port(ip: str, port: int) -> str:
+    """``ip:port`` for a URL: an IPv6 address in brackets."""
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _get(ip: str, port: int, path: str, timeout: float) -> bytes:
+    """The body of ``GET path`` at the pod, at most ``MAX_BYTES + 1`` bytes, within ``timeout``
+    seconds in all. A socket timeout bounds each read, not the request: a watchdog shuts the
+    socket down at the deadline, which ends whatever read is waiting (TimeoutError then). No
+    redirect is followed, no proxy from the environment is used: it is one plain request."""
+    try:
+        ipaddress.ip_address(ip)  # a pod IP, never a name to resolve
+    except ValueError:
+        raise OSError(f"{ip[:60]!r} is not an IP address") from None
+    deadline = time.monotonic() + timeout
+    connection = http.client.HTTPConnection(ip, port, timeout=timeout)
+    expired = threading.Event()
+
+    def cut_off() -> None:
+        expired.set()
+        sock = connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
+
+    watchdog = threading.Timer(timeout, cut_off)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.request("GET", path, headers={"Accept": "text/plain"})
+        if expired.is_set():  # connecting took it all (the watchdog found no socket to cut)
+            raise TimeoutError(f"no whole answer within {timeout:g} s")
+        response = connection.getresponse()
+        if response.status != 200:
+            raise urllib.error.HTTPError(
+                f"http://{host_port(ip, port)}{path}", response.status, "", response.msg, None
+            )
+        parts, size = [], 0
+        while size <= MAX_BYTES and not expired.is_set():
+            chunk = response.read1(min(1 << 16, MAX_BYTES + 1 - size))
+            if not chunk:
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        if expired.is_set() or time.monotonic() > deadline:
+            raise TimeoutError(f"no whole answer within {timeout:g} s")
+        return b"".join(parts)
+    except (OSError, http.client.HTTPException):
+        if expired.is_set() or time.monotonic() > deadline:
+            raise TimeoutError(f"no whole answer within {timeout:g} s") from None
+        raise
+    finally:
+        watchdog.cancel()
+        connection.close()
 
 
 def _decode(body: bytes) -> str:
@@ -282,6 +339,8 @@ def _short(e: BaseException) -> str:
             return f"it answered with a redirect (HTTP {code}{phrase}), which is not followed"
         through = " through the API server's pod proxy" if isinstance(e, ApiError) else ""
         return f"HTTP {code}{phrase}{through}"
+    if isinstance(e, http.client.HTTPException):
+        return "its answer is not HTTP (the answer itself is not copied here)"
     if isinstance(e, urllib.error.URLError) and e.reason:
         return str(e.reason)[:300]
     return str(e)[:300]

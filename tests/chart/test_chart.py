@@ -182,6 +182,7 @@ def test_the_dashboard_acts_as_its_users_and_is_off_able():
         "dashboard.auth=proxy",
         "dashboard.proxy.oidcIssuerURL=https://login.acme.dev",
         "dashboard.proxy.secretName=oidc",
+        "dashboard.proxy.groups={ml-team}",
         "dashboard.pathPrefix=/gft",
         "dashboard.ingress.enabled=true",
         "dashboard.ingress.host=gft.acme.dev",

@@ -23,10 +23,13 @@ for i in itertools.count():
 """
 
 # A fine-tune author's "TensorBoard": a page whose script tries to act on the dashboard with
-# the rights of whoever opens the run page and reports what it could do, a redirect to
-# somewhere else, and an answer too large to be a TensorBoard page.
+# the rights of whoever opens the run page (its requests marked ?from=hostile, so that the
+# server side can tell them) and reports what it could do, a redirect to somewhere else,
+# answers too large to be a TensorBoard page (declared, and undeclared), one as large as the
+# dashboard passes (32 MiB), and a slow one (20 s; it logs how many it is answering at once).
 HOSTILE = r"""
-import http.server, sys
+import http.server, sys, threading, time
+SLOW, GUARD = [0], threading.Lock()
 EVIL = '''
 (async () => {
   const out = {};
@@ -34,7 +37,8 @@ EVIL = '''
     try { out[what] = await f(); } catch (e) { out[what] = "refused: " + e.name; }
   };
   const csrf = () => (document.cookie.match(/gft_csrf=([^;]+)/) || [])[1] || "";
-  const api = (path, how) => fetch(PREFIX + path, {credentials: "include", ...how});
+  const api = (path, how) =>
+    fetch(PREFIX + path + "?from=hostile", {credentials: "include", ...how});
   await attempt("cookie", () => document.cookie);
   await attempt("parent", () => parent.document.cookie);
   await attempt("whoami", async () => (await api("/api/whoami", {})).status);
@@ -70,6 +74,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.answer(503, b"SECRET-FROM-THE-POD", "text/plain")
         elif path == "/big":
             self.answer(200, b"x" * (40 << 20), "text/plain")
+        elif path == "/fill":
+            self.answer(200, b"x" * (32 << 20), "text/plain")
+        elif path == "/endless":  # no Content-Length: HTTP/1.0 ends it by closing
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            try:
+                for _ in range(40):
+                    self.wfile.write(b"y" * (1 << 20))
+            except OSError:
+                pass
+        elif path == "/slow":
+            with GUARD:
+                SLOW[0] += 1
+                print(f"SLOW {SLOW[0]}", flush=True)
+            time.sleep(20)
+            with GUARD:
+                SLOW[0] -= 1
+            try:
+                self.answer(200, b"late", "text/plain")
+            except OSError:
+                pass
         else:
             self.answer(404, b"not here", "text/plain")
 

@@ -109,3 +109,39 @@ def test_access_reviews_go_only_to_namespaces_with_fine_tunes_and_the_cache_is_b
             await api.close()
 
     run(scenario())
+
+
+def test_access_reviews_for_many_namespaces_are_asked_at_most_concurrency_at_once(setup, cluster):
+    """The fan-out bound, measured: the most reviews in flight at once, against the real API
+    server (at least two, so that the measurement is seen to see concurrency at all)."""
+    namespaces = {f"dash-fanout-{i}" for i in range(12)}  # reviews need no such namespace
+
+    async def scenario() -> int:
+        api = ApiServer.from_config(str(cluster.kubeconfig))
+        real = api.request
+        now, most = [0], [0]
+
+        async def request(method, path, who, **kw):
+            if "accessreviews" not in path:
+                return await real(method, path, who, **kw)
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+            try:
+                return await real(method, path, who, **kw)
+            finally:
+                now[0] -= 1
+
+        api.request = request  # type: ignore[method-assign]
+        await api.start()
+        try:
+            seen = Visibility(api, concurrency=3)
+            assert (
+                await seen.namespaces(Identity(token=setup["tokens"]["viewer"]), namespaces)
+                == set()
+            )
+            return most[0]
+        finally:
+            await api.close()
+
+    most = run(scenario())
+    assert 2 <= most <= 3, f"{most} access reviews in flight at once (at most 3 allowed)"

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def proxied(cluster, setup, tmp_path_factory):
+def proxied(cluster, setup, tmp_path_factory, request):
     build.build_tools()
     mockoidc_bin = build.build_own("mockoidc")
     stamp = uuid.uuid4().hex[:5]
@@ -40,6 +40,8 @@ def proxied(cluster, setup, tmp_path_factory):
          "--client-secret", client_secret, "--email", "ada@example.com", "--groups", group],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    # Ended even when the rest of this setup fails (a finalizer runs then; code after yield not).
+    request.addfinalizer(provider.terminate)
     issuer = provider.stdout.readline().strip().removeprefix("issuer: ")
     assert issuer.startswith("http://"), issuer
     cluster.kubectl("create", "secret", "generic", "oidc", "-n", ns,
@@ -50,7 +52,9 @@ def proxied(cluster, setup, tmp_path_factory):
     values.write_text(yaml.safe_dump({"dashboard": {
         "auth": "proxy",
         "pathPrefix": "/gft",
-        "proxy": {"oidcIssuerURL": issuer, "secretName": "oidc",
+        # The chart asks for the groups the dashboard may impersonate (the proving ground's
+        # API server adds no prefix): here the team's one.
+        "proxy": {"oidcIssuerURL": issuer, "secretName": "oidc", "groups": [group],
                   "extraArgs": ["--scope=openid email profile groups"]},
         **pods.RUNNER,
     }}))  # fmt: skip
@@ -68,7 +72,6 @@ def proxied(cluster, setup, tmp_path_factory):
     yield {"ns": ns, "url": f"http://127.0.0.1:{port}/gft", "pod_ip": pod["status"]["podIP"],
            "group": group}  # fmt: skip
     forward.kill()
-    provider.terminate()
     cluster.kubectl("delete", "-f", "-", "--wait=false", input=rendered, check=False)
     cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
     cluster.kubectl("delete", "rolebinding", "oidc-team", "-n", team, check=False)

@@ -124,7 +124,7 @@ def test_yaml_is_read_as_kubernetes_reads_it_without_aliases():
     with pytest.raises(manifest.BadManifest, match="larger than"):
         manifest.load("#" * (manifest.MAX_BYTES + 1))
     with pytest.raises(manifest.BadManifest, match="line 2"):
-        manifest.load("a: [\nb")
+        manifest.load("a: 1\nb: c: d\n")
 
 
 def test_a_session_ends_no_later_than_its_token_and_the_store_is_bounded():
@@ -144,9 +144,9 @@ def test_a_session_ends_no_later_than_its_token_and_the_store_is_bounded():
     assert store.get(short.id, now=1600) is None  # expired with its token
     long = store.start(Identity(token="opaque"), "bob", now=1000)
     assert long.expires == 1000 + MAX_AGE
-    for _ in range(3):
-        store.start(Identity(token="x"), "x", now=1000)
-    assert len(store) == 2 and store.get(long.id, now=1000) is None  # the oldest went first
+    for i in range(3):
+        store.start(Identity(token=f"x{i}"), f"x{i}", now=1000)
+    assert len(store) == 2 and store.get(long.id, now=1000) is None  # least recently used first
 
 
 def test_stream_limits_per_user_and_in_all():

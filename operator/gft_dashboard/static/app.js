@@ -52,8 +52,9 @@ async function signOut() {
   document.getElementById("signout").hidden = true;
   document.getElementById("who").textContent = "";
   document.getElementById("new-link").hidden = true;
-  if (mode === "proxy") { location.href = PREFIX + "/oauth2/sign_out?rd=" + encodeURIComponent(PREFIX + "/"); return; }
   try { await api("/api/logout", {method: "POST"}); } catch { /* signed out either way */ }
+  // Behind oauth2-proxy, its sign-out ends the session (ours ended this browser's tickets).
+  if (mode === "proxy") { location.href = PREFIX + "/oauth2/sign_out?rd=" + encodeURIComponent(PREFIX + "/"); return; }
   signIn("Signed out.");
 }
 
@@ -122,10 +123,12 @@ const CURVES = [["loss", ["train/loss", "eval/loss"]], ["token accuracy", ["trai
 let current = null; // {ns, name}
 
 function chart(series) {
-  const pts = series.flatMap((s) => s.points);
-  if (!pts.length) return `<p class="muted">no points yet</p>`;
-  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  if (!series.some((s) => s.points.length)) return `<p class="muted">no points yet</p>`;
+  // Extents in a loop (a long series spread into Math.min throws: too many arguments), and at
+  // most about 1000 points of each series drawn (TensorBoard's own sampling).
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const s of series) for (const [x, y] of s.points) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
+  series = series.map((s) => ({...s, points: s.points.filter((_, i) => i % Math.ceil(s.points.length / 1000) === 0)}));
   const sx = (x) => 40 + ((x - x0) / (x1 - x0 || 1)) * 550, sy = (y) => 140 - ((y - y0) / (y1 - y0 || 1)) * 125;
   const colours = ["#0969da", "#cf222e"];
   const lines = series.map((s, i) => `<polyline fill="none" stroke="${colours[i]}" stroke-width="1.6" points="${s.points.map((p) => `${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ")}"/>`
@@ -277,14 +280,16 @@ async function showRun(ns, name) {
     // SVG charts: in a sandbox TensorBoard cannot start its chart worker.
     const frame = document.createElement("iframe");
     frame.id = "tb"; frame.title = "TensorBoard"; frame.referrerPolicy = "no-referrer";
-    frame.setAttribute("sandbox", "allow-scripts allow-downloads");
+    frame.setAttribute("sandbox", "allow-scripts");
     frame.src = tb + "?forceSVG=true";
     holder.replaceChildren(frame);
   } else if (holder) holder.innerHTML = `<p class="muted">TensorBoard is not available to you for this run.</p>`;
   loadCurves(ns, name, tb); loadGpus(ns, name); loadSamples(ns, name, st.result, tb);
   const stopLog = followLog(ns, name);
   const timer = setInterval(() => { loadCurves(ns, name, tb); loadGpus(ns, name); loadSamples(ns, name, st.result, tb); }, 10000);
-  leaveRun = () => { stopLog(); clearInterval(timer); current = null; leaveRun = () => {}; };
+  // TensorBoard's ticket lives minutes: asking again while the page is open renews it.
+  const renew = setInterval(() => tensorboardBase(ns, name), 60000);
+  leaveRun = () => { stopLog(); clearInterval(timer); clearInterval(renew); current = null; leaveRun = () => {}; };
 }
 
 function onRunChanged(r, gone) {
