@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import yarl
 from aiohttp import web
-from gft_api.conventions import running_pods
+from gft_api.conventions import NAME_LABEL, running_pods
 
 from gft_dashboard import auth, manifest, names, tensorboard
 from gft_dashboard.apiserver import (
@@ -592,7 +592,7 @@ async def _tensorboard_upstream(dash: Dashboard, ticket: tensorboard.Ticket) -> 
     who, ns, name = ticket.identity, ticket.namespace, ticket.name
     try:
         obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
-        selector = {"labelSelector": f"{tensorboard.NAME_LABEL}={name}"}
+        selector = {"labelSelector": f"{NAME_LABEL}={name}"}
         listed = await dash.api.request(
             "GET", f"/api/v1/namespaces/{ns}/pods", who, params=selector
         )
