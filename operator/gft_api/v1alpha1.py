@@ -95,6 +95,13 @@ class SecretKeyRef(ApiModel):
     """Key within the Secret."""
 
 
+class SecretRef(ApiModel):
+    """A Secret in the GemmaFineTune's namespace."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
+
+
 class ConfigMapKeyRef(ApiModel):
     """A key of a ConfigMap in the GemmaFineTune's namespace."""
 
@@ -369,13 +376,6 @@ class OutputClaim(ApiModel):
     reclaim_policy: ReclaimPolicy = ReclaimPolicy.RETAIN
     """``Retain`` keeps the claim (and the trained weights) when the GemmaFineTune is deleted;
     ``Delete`` lets garbage collection remove it with the GemmaFineTune."""
-
-
-class SecretRef(ApiModel):
-    """A Secret in the GemmaFineTune's namespace."""
-
-    name: DnsSubdomain
-    """Name of the Secret."""
 
 
 class S3Export(S3Target):

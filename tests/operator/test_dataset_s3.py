@@ -3,6 +3,8 @@ the trainer and passes the keys of its own Secret (apart from ``output.s3``'s) b
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 from gft_api.contract import DATASET_S3_CREDENTIAL_ENV, S3_CREDENTIAL_ENV, TrainerConfig
@@ -85,3 +87,45 @@ def test_a_bad_location_is_refused_naming_the_field(s3: dict, message: str) -> N
 def test_s3_is_one_source_among_the_others() -> None:
     with pytest.raises(ValidationError, match=r"dataset\.s3 or dataset\.path"):
         _spec(dataset={"s3": {"bucket": "datasets", "key": "a.jsonl"}, "path": "/data/a.jsonl"})
+
+
+def _fresh(code: str) -> str:
+    """``code`` run by a fresh interpreter: pydantic builds a model whose field types come later
+    in the module on first use, and what the operator's process touches first decides that."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_operator_understands_every_field_of_dataset_s3() -> None:
+    """An operator reading a spec drops the fields its models do not know (a newer CRD): each
+    dataset.s3 field must be known by its wire name, or its Secret never reaches the pod."""
+    spec = finetune(dataset=DATASET)["spec"]
+    out = _fresh(
+        "import json, sys\n"
+        "from gft_api.compat import known_fields\n"
+        "from gft_api.v1alpha1 import GemmaFineTuneSpec\n"
+        f"print(json.dumps(known_fields(GemmaFineTuneSpec, {spec!r})))"
+    )
+    kept, ignored = json.loads(out)
+    assert ignored == []
+    assert kept["dataset"] == spec["dataset"]
+
+
+def test_every_field_of_the_api_has_its_camel_case_name() -> None:
+    """A field whose type is defined further down the module is built late by pydantic; it
+    must still get its wire name (camelCase) as soon as the module is imported."""
+    out = _fresh(
+        "from gft_api import v1alpha1\n"
+        "from pydantic import BaseModel\n"
+        "from pydantic.alias_generators import to_camel\n"
+        "for m in list(vars(v1alpha1).values()):\n"
+        "    if isinstance(m, type) and issubclass(m, BaseModel):\n"
+        "        for name, field in m.model_fields.items():\n"
+        "            if (field.alias or name) not in (to_camel(name), 'tensorboardURL'):\n"
+        "                print(f'{m.__name__}.{name}: {field.alias}')\n"
+    )
+    assert out == ""
