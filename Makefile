@@ -39,7 +39,7 @@ IMAGE_LOCK := $(UV) pip compile -q pyproject.toml --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 --generate-hashes
 
 lock: | $(UV) ## re-resolve the locks from pyproject.toml (dev venv, operator image, trainer image)
-	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
+	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra client --extra dev \
 		--python-version 3.11 -o requirements.lock
 	$(IMAGE_LOCK) --extra operator -o operator/requirements.lock
 	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets -o trainer-image/requirements.lock
