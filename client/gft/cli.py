@@ -231,6 +231,8 @@ def run_cmd(args: argparse.Namespace, out: IO[str]) -> int:
         raise GftError(f"{args.filename}: not a GemmaFineTune manifest")
     if args.name:
         manifest.setdefault("metadata", {})["name"] = args.name
+    if args.namespace is None:  # as kubectl apply: the manifest's namespace, unless -n says
+        args.namespace = (manifest.get("metadata") or {}).get("namespace")
     client = _client(args, store_of(args.upload_to, args))
     if args.data:
         from gft import specs

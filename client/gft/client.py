@@ -156,6 +156,12 @@ class Client:
         name = (manifest.get("metadata") or {}).get("name")
         if not name:
             raise GftError("the manifest has no metadata.name")
+        given = (manifest.get("metadata") or {}).get("namespace")
+        if given and given != self.namespace:
+            raise GftError(
+                f'the namespace from the manifest ("{given}") does not match the namespace '
+                f'"{self.namespace}": pass -n {given} (namespace="{given}"), or remove it'
+            )
         typed = specs.checked_spec(manifest)
         body = {**manifest, "apiVersion": API_VERSION, "spec": typed.to_wire()}
         body["metadata"] = {**manifest["metadata"], "namespace": self.namespace}
@@ -328,6 +334,10 @@ class Client:
             total = sum(f.size for f in listed)
             with _bytes_bar(f"{ft.name}/{folder}", total, progress) as bar:
                 for item in listed:
+                    if not item.path.startswith(f"{folder}/"):
+                        raise GftError(
+                            f"pod {remote.pod} listed {item.path[:200]!r} under {folder}"
+                        )
                     relative = item.path[len(folder) + 1 :]
                     remote.download(item, files.local_path(dest, relative), bar.update)
 

@@ -8,7 +8,7 @@ from typing import IO, Any
 
 from gft_api.v1alpha1 import GemmaFineTuneStatus, Phase
 
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| step {n_fmt}/{total_fmt} [{elapsed}] {postfix}"
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar:20}| step {n_fmt}/{total_fmt} [{elapsed}] {status}"
 
 
 def duration(seconds: float | int | None) -> str:
@@ -39,21 +39,31 @@ def postfix(status: GemmaFineTuneStatus) -> str:
     return " ".join(parts)
 
 
+def _bar_class() -> type:
+    """tqdm with a ``{status}`` field of its own (tqdm's ``{postfix}`` comes with a comma)."""
+    from tqdm import tqdm
+
+    class StatusBar(tqdm):
+        status = ""
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {**super().format_dict, "status": self.status}
+
+    return StatusBar
+
+
 class ProgressBar:
     """One bar per fine-tune; ``update`` with each status seen, ``close`` at the end."""
 
     def __init__(self, name: str, file: IO[str] | None = None, disable: bool = False) -> None:
-        from tqdm import tqdm
-
-        self.bar: Any = tqdm(
+        self.bar: Any = _bar_class()(
             total=None,
             desc=name,
             unit="step",
             bar_format=BAR_FORMAT,
             file=file or sys.stderr,
             disable=disable,
-            dynamic_ncols=False,
-            ncols=100,
             mininterval=0,
         )
 
@@ -67,7 +77,7 @@ class ProgressBar:
         if total and total != self.bar.total:
             self.bar.total = total
         self.bar.n = step
-        self.bar.set_postfix_str(postfix(status), refresh=False)
+        self.bar.status = postfix(status)
         self.bar.refresh()
 
     def close(self) -> None:

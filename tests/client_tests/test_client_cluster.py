@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import urllib.request
 import uuid
 from pathlib import Path
@@ -142,9 +143,14 @@ def test_from_python_through_a_bucket(operator, installed, ns, s3, big_jsonl, cl
     bucket = gft.S3Bucket(BUCKET, endpoint=s3.endpoint, credentials_secret="s3-keys")
     run = client.create(
         "from-s3", model=str(model_dir), data=big_jsonl, upload_to=bucket, dataset=SHAPING,
-        training=TRAINING, resources={"gpus": 0, **RUNNER}, terminationGracePeriodSeconds=60,
+        method={"type": "lora", "mergeAdapter": True}, training=TRAINING,
+        resources={"gpus": 0, **RUNNER}, terminationGracePeriodSeconds=60,
         output={"checkpointEverySteps": 2, "pvc": {"size": "1Gi"}}, progress=False,
     )  # fmt: skip
+    # The trainer's log, followed from before it starts to its end.
+    followed: list[str] = []
+    follower = threading.Thread(target=lambda: followed.extend(client.logs("from-s3", follow=True)))
+    follower.start()
     key = run.spec.dataset.s3.key
     assert run.spec.dataset.s3.credentials_secret_ref.name == "s3-keys"
     body = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
@@ -158,6 +164,8 @@ def test_from_python_through_a_bucket(operator, installed, ns, s3, big_jsonl, cl
     final = shown.replace("\r", "\n").strip().splitlines()[-1]
     assert "100%" in final and "step 4/4" in final and "Succeeded" in final, final
     assert "loss=" in shown, shown
+    follower.join(timeout=60)
+    assert not follower.is_alive() and any("step 4/4" in line for line in followed), followed
 
     frame = client.metrics("from-s3")
     assert frame.index.name == "step" and frame["train/loss"].dropna().index.tolist() == [
@@ -173,6 +181,10 @@ def test_from_python_through_a_bucket(operator, installed, ns, s3, big_jsonl, cl
     st = done.status
     same_files(adapter, output_dir(installed, ns, st.output_claim) / st.output_path / "adapter")
     loads_with_peft(model_dir, adapter)
+    from transformers import AutoModelForCausalLM
+
+    merged = client.fetch("from-s3", tmp_path / "merged", artifact="merged", progress=False)
+    assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "gemma3_text"
     # The helper pods are gone once the client is done with them.
     helpers = ["get", "pods", "-n", ns, "-l", "app.kubernetes.io/managed-by=gft-client"]
     wait_for("no helper pod left", lambda: not installed.kubectl_json(*helpers)["items"])

@@ -335,3 +335,22 @@ def test_fileserver_refuses_to_start_without_a_token(tmp_path: Path, monkeypatch
     monkeypatch.setenv(fileserver.TOKEN_ENV, "x" * 20)
     assert fileserver.main(["--root", str(tmp_path / "missing")]) == 66
     assert os.environ[fileserver.TOKEN_ENV]
+
+
+def test_a_manifest_for_another_namespace_is_refused_as_kubectl_does(tmp_path: Path) -> None:
+    import yaml
+    from gft.client import Client
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "k", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "k", "user": "u", "namespace": "ml"}}],
+    }))  # fmt: skip
+    client = Client(kubeconfig=kubeconfig)
+    assert client.namespace == "ml"  # the context's
+    manifest = {"apiVersion": "finetune.gemma.dev/v1alpha1", "kind": "GemmaFineTune",
+                "metadata": {"name": "x", "namespace": "other"}, "spec": {}}  # fmt: skip
+    with pytest.raises(GftError, match=r'manifest \("other"\) does not match .* "ml": pass -n'):
+        client.submit(manifest)
