@@ -190,8 +190,18 @@ def test_from_python_through_a_bucket(operator, installed, ns, s3, big_jsonl, cl
     wait_for("no helper pod left", lambda: not installed.kubectl_json(*helpers)["items"])
 
 
-def test_from_the_terminal_through_a_claim(operator, installed, ns, big_jsonl, model_dir, tmp_path):
+def test_from_the_terminal_through_a_claim(
+    operator, installed, ns, s3, big_jsonl, model_dir, tmp_path
+):
     c = installed
+    keys = {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}
+    to_bucket = plugin(c, "upload", str(big_jsonl), "--to", f"s3://{BUCKET}/cli", "--s3-endpoint",
+                       s3.endpoint, "--s3-secret", "s3-keys", "-n", ns, env=keys)  # fmt: skip
+    in_bucket = yaml.safe_load(to_bucket.stdout)["spec"]["dataset"]["s3"]
+    assert in_bucket["key"].startswith("cli/") and in_bucket["endpoint"] == s3.endpoint
+    assert in_bucket["credentialsSecretRef"] == {"name": "s3-keys"}
+    got = s3.client().get_object(Bucket=BUCKET, Key=in_bucket["key"])["Body"].read()
+    assert got == big_jsonl.read_bytes()
     up = plugin(c, "upload", str(big_jsonl), "--to", "pvc://datasets", "--size", "1Gi",
                 "-n", ns, *PLACEMENT_FLAGS)  # fmt: skip
     source = yaml.safe_load(up.stdout)["spec"]["dataset"]["volume"]
