@@ -44,7 +44,7 @@ IMAGE_LOCK := $(UV) pip compile -q pyproject.toml --python-version 3.11 \
 TRAINER_TORCH_BACKEND ?=
 
 lock: | $(UV) ## re-resolve the locks from pyproject.toml (dev venv, operator image, trainer image)
-	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra dev \
+	$(UV) pip compile -q pyproject.toml --extra operator --extra trainer --extra client --extra dev \
 		--python-version 3.11 -o requirements.lock
 	$(IMAGE_LOCK) --extra operator -o operator/requirements.lock
 	$(IMAGE_LOCK) --extra trainer --extra qlora --extra hub-datasets \

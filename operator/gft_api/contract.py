@@ -35,6 +35,9 @@ HUB_EXPORT_TOKEN_ENV = "GFT_HUB_EXPORT_TOKEN"
 """The token the trainer pushes to the hub with (write access; apart from the read token)."""
 S3_CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 """The S3 credentials, as environment variables (and keys of the Secret that holds them)."""
+DATASET_S3_CREDENTIAL_ENV = ("GFT_DATASET_AWS_ACCESS_KEY_ID", "GFT_DATASET_AWS_SECRET_ACCESS_KEY")
+"""The dataset bucket's credentials (``S3_CREDENTIAL_ENV``'s keys of its own Secret), apart from
+the export's: the two may be different stores with different keys."""
 CONFIG_DIR = "/etc/gft"  # where the operator mounts the rendered config
 TRAINER_COMMAND: tuple[str, ...] = ("gft-train", "--config", f"{CONFIG_DIR}/{CONFIG_FILE_NAME}")
 """How the operator starts the trainer in the training pod."""
@@ -110,8 +113,51 @@ class ModelSource(ApiModel):
     for its logit soft-capping."""
 
 
+S3_BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$"
+S3_KEY_PATTERN = r"^[^/].*$"
+DATASET_S3_ONE_OF = "give exactly one of dataset.s3.key and dataset.s3.prefix"
+
+
+class S3Dataset(ApiModel):
+    """Training records in an S3-compatible bucket, streamed by the trainer."""
+
+    bucket: Annotated[str, Field(min_length=3, max_length=63, pattern=S3_BUCKET_PATTERN)]
+    """Bucket name."""
+
+    key: Annotated[str, Field(min_length=1, max_length=1024, pattern=S3_KEY_PATTERN)] | None = None
+    """One object (JSONL, JSON or Parquet) holding the training records."""
+
+    prefix: Annotated[str, Field(min_length=1, max_length=1024, pattern=S3_KEY_PATTERN)] | None = (
+        None
+    )
+    """Every ``.jsonl``, ``.json`` and ``.parquet`` object under this key prefix, in key order."""
+
+    eval_key: (
+        Annotated[str, Field(min_length=1, max_length=1024, pattern=S3_KEY_PATTERN)] | None
+    ) = None
+    """One object holding separate evaluation records (else ``evalFraction`` of the training
+    records)."""
+
+    endpoint: Annotated[str, Field(max_length=1024, pattern=r"^https?://[^\s]+$")] | None = None
+    """URL of an S3-compatible service (MinIO, SeaweedFS, Ceph, GCS interoperability); AWS
+    when empty."""
+
+    region: Annotated[str, Field(min_length=1, max_length=64)] = "us-east-1"
+    """The bucket's region."""
+
+    @model_validator(mode="after")
+    def _key_or_prefix(self) -> S3Dataset:
+        if (self.key is None) == (self.prefix is None):
+            raise ValueError(DATASET_S3_ONE_OF)
+        return self
+
+    def uri(self, key: str | None = None) -> str:
+        """``s3://bucket/key`` of an object (of the key or prefix given when ``key`` is None)."""
+        return f"s3://{self.bucket}/{key if key is not None else (self.key or self.prefix)}"
+
+
 class DataSource(ApiModel):
-    """Where the trainer reads examples: local files or a hub dataset."""
+    """Where the trainer reads examples: local files, a hub dataset or an S3 bucket."""
 
     train_files: Annotated[list[Annotated[str, Field(max_length=1024)]], Field(max_length=256)] = (
         Field(default_factory=list)
@@ -130,13 +176,16 @@ class DataSource(ApiModel):
     hub_train_split: Annotated[str, Field(max_length=64)] = "train"
     hub_eval_split: Annotated[str, Field(max_length=64)] | None = None
 
+    s3: S3Dataset | None = None
+    """Objects of an S3-compatible bucket, instead of files; credentials from
+    ``GFT_DATASET_AWS_ACCESS_KEY_ID`` and ``GFT_DATASET_AWS_SECRET_ACCESS_KEY`` (anonymous
+    requests without them)."""
+
 
 class S3Target(ApiModel):
     """An S3-compatible bucket the artifacts are copied to after training."""
 
-    bucket: Annotated[
-        str, Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]*[a-z0-9]$")
-    ]
+    bucket: Annotated[str, Field(min_length=3, max_length=63, pattern=S3_BUCKET_PATTERN)]
     """Bucket name (it must exist)."""
 
     prefix: Annotated[str, Field(max_length=512, pattern=r"^([^/].*)?$")] = ""
@@ -413,6 +462,7 @@ class TrainerSummary(ApiModel):
 
 __all__ = [
     "CONFIG_FILE_NAME",
+    "DATASET_S3_CREDENTIAL_ENV",
     "HF_TOKEN_ENV",
     "HUB_EXPORT_TOKEN_ENV",
     "NON_RETRYABLE_EXIT_CODES",
@@ -432,6 +482,7 @@ __all__ = [
     "Observability",
     "Outcome",
     "OutputSettings",
+    "S3Dataset",
     "S3Target",
     "Sample",
     "TrainerConfig",

@@ -19,7 +19,14 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from gft_api.base import ApiModel
-from gft_api.contract import HUB_MERGED_NEEDS_MERGE, HubTarget, S3Target, TrainerSummary
+from gft_api.contract import (
+    DATASET_S3_ONE_OF,
+    HUB_MERGED_NEEDS_MERGE,
+    HubTarget,
+    S3Dataset,
+    S3Target,
+    TrainerSummary,
+)
 from gft_api.training import DataShaping, ExportChoice, Hyperparameters, Method, MethodType
 
 # ---------------------------------------------------------------------------------------------
@@ -118,6 +125,13 @@ class SecretKeyRef(ApiModel):
 
     key: ConfigKey = "token"
     """Key within the Secret."""
+
+
+class SecretRef(ApiModel):
+    """A Secret in the GemmaFineTune's namespace."""
+
+    name: DnsSubdomain
+    """Name of the Secret."""
 
 
 class ConfigMapKeyRef(ApiModel):
@@ -234,10 +248,33 @@ class DatasetHub(ApiModel):
     """Split holding separate evaluation records."""
 
 
+_ONE_DATASET_SOURCE = (
+    "give exactly one dataset source: dataset.volume, dataset.configMap, dataset.hub, "
+    "dataset.s3 or dataset.path"
+)
+
+
+class DatasetS3(S3Dataset):
+    """Training records in an S3-compatible bucket (any size), streamed by the trainer and
+    checked as files are: a bad record fails the run naming its object and line."""
+
+    credentials_secret_ref: SecretRef | None = None
+    """A Secret with the keys ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY`` that may read
+    the objects; anonymous requests (a public bucket) when empty."""
+
+    model_config = ConfigDict(
+        json_schema_extra=_rules(
+            _cel(
+                "has(self.key) != has(self.prefix)", DATASET_S3_ONE_OF, reason="FieldValueRequired"
+            )
+        )
+    )
+
+
 class DatasetSpec(DataShaping):
-    """Where the examples come from (exactly one of ``volume``, ``configMap``, ``hub``, ``path``)
-    and how they are shaped. A separate eval source (``evalPath``, ``evalKey``, ``evalSplit``)
-    takes precedence over ``evalFraction``."""
+    """Where the examples come from (exactly one of ``volume``, ``configMap``, ``hub``, ``s3``,
+    ``path``) and how they are shaped. A separate eval source (``evalPath``, ``evalKey``,
+    ``evalSplit``, ``s3.evalKey``) takes precedence over ``evalFraction``."""
 
     volume: DatasetVolume | None = None
     """Records on an existing PersistentVolumeClaim."""
@@ -247,6 +284,10 @@ class DatasetSpec(DataShaping):
 
     hub: DatasetHub | None = None
     """Records from a hub dataset."""
+
+    s3: DatasetS3 | None = None
+    """Records in an S3-compatible bucket, of any size (``kubectl gft upload FILE --to
+    s3://BUCKET/PREFIX`` puts a local file there)."""
 
     path: AbsolutePath | None = None
     """Records at this path inside the trainer's image (or its node)."""
@@ -258,9 +299,9 @@ class DatasetSpec(DataShaping):
         json_schema_extra=_rules(
             _cel(
                 "(has(self.volume) ? 1 : 0) + (has(self.configMap) ? 1 : 0)"
-                " + (has(self.hub) ? 1 : 0) + (has(self.path) ? 1 : 0) == 1",
-                "give exactly one dataset source: dataset.volume, dataset.configMap, dataset.hub "
-                "or dataset.path",
+                " + (has(self.hub) ? 1 : 0) + (has(self.s3) ? 1 : 0) + (has(self.path) ? 1 : 0)"
+                " == 1",
+                _ONE_DATASET_SOURCE,
                 reason="FieldValueRequired",
             ),
             _cel(
@@ -273,12 +314,9 @@ class DatasetSpec(DataShaping):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        given = [x for x in (self.volume, self.config_map, self.hub, self.path) if x is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "give exactly one dataset source: dataset.volume, dataset.configMap, "
-                "dataset.hub or dataset.path"
-            )
+        sources = (self.volume, self.config_map, self.hub, self.s3, self.path)
+        if len([x for x in sources if x is not None]) != 1:
+            raise ValueError(_ONE_DATASET_SOURCE)
         if self.eval_path is not None and self.path is None:
             raise ValueError("dataset.evalPath needs dataset.path")
         return self
@@ -402,13 +440,6 @@ class OutputClaim(ApiModel):
     reclaim_policy: ReclaimPolicy = ReclaimPolicy.RETAIN
     """``Retain`` keeps the claim (and the trained weights) when the GemmaFineTune is deleted;
     ``Delete`` lets garbage collection remove it with the GemmaFineTune."""
-
-
-class SecretRef(ApiModel):
-    """A Secret in the GemmaFineTune's namespace."""
-
-    name: DnsSubdomain
-    """Name of the Secret."""
 
 
 class S3Export(S3Target):

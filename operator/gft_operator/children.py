@@ -24,6 +24,7 @@ from gft_api import API_VERSION, KIND
 from gft_api.contract import (
     CONFIG_DIR,
     CONFIG_FILE_NAME,
+    DATASET_S3_CREDENTIAL_ENV,
     HF_TOKEN_ENV,
     HUB_EXPORT_TOKEN_ENV,
     NON_RETRYABLE_EXIT_CODES,
@@ -37,6 +38,7 @@ from gft_api.contract import (
     ModelSource,
     Observability,
     OutputSettings,
+    S3Dataset,
     S3Target,
     TrainerConfig,
 )
@@ -177,6 +179,8 @@ def trainer_config(owner: Owner, spec: GemmaFineTuneSpec) -> TrainerConfig:
             train_files=[f"{DATASET_CONFIGMAP_DIR}/{cm.key}"],
             eval_files=[f"{DATASET_CONFIGMAP_DIR}/{cm.eval_key}"] if cm.eval_key else [],
         )
+    elif ds.s3 is not None:
+        source = DataSource(s3=_narrowed(S3Dataset, ds.s3))
     elif ds.hub is not None:
         source = DataSource(
             hub_id=ds.hub.id,
@@ -567,6 +571,11 @@ def _trainer_env(owner: Owner, spec: GemmaFineTuneSpec) -> list[Manifest]:
         secret = spec.output.s3.credentials_secret_ref.name
         for name in S3_CREDENTIAL_ENV:
             env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": name}}})
+    dataset_s3 = spec.dataset.s3
+    if dataset_s3 is not None and dataset_s3.credentials_secret_ref is not None:
+        secret = dataset_s3.credentials_secret_ref.name
+        for name, key in zip(DATASET_S3_CREDENTIAL_ENV, S3_CREDENTIAL_ENV, strict=True):
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
     if spec.output.hub is not None:
         ref = spec.output.hub.token_secret_ref
         env.append(

@@ -39,7 +39,9 @@ class S3:
 
 
 @contextmanager
-def seaweedfs(root: Path, timeout: float = 120.0) -> Iterator[S3]:
+def seaweedfs(root: Path, timeout: float = 120.0, host: str = "127.0.0.1") -> Iterator[S3]:
+    """SeaweedFS on ``host``: loopback, or the proving ground's node address for pods on the
+    runner to reach it (their network namespaces do not see this machine's loopback)."""
     weed = tool("weed")
     if not weed.is_file():
         raise RuntimeError(f"{weed} is missing: run `make tools` (it builds SeaweedFS once)")
@@ -50,9 +52,9 @@ def seaweedfs(root: Path, timeout: float = 120.0) -> Iterator[S3]:
         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))  # fmt: skip
-    port = {k: component_port() for k in ("m", "mg", "v", "vg", "f", "fg", "s", "sg")}
+    port = {k: component_port(host) for k in ("m", "mg", "v", "vg", "f", "fg", "s", "sg")}
     cmd = [
-        str(weed), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        str(weed), "server", f"-dir={root / 'data'}", f"-ip={host}", f"-ip.bind={host}",
         f"-master.port={port['m']}", f"-master.port.grpc={port['mg']}",
         f"-volume.port={port['v']}", f"-volume.port.grpc={port['vg']}",
         "-filer", f"-filer.port={port['f']}", f"-filer.port.grpc={port['fg']}",
@@ -62,7 +64,7 @@ def seaweedfs(root: Path, timeout: float = 120.0) -> Iterator[S3]:
     (root / "data").mkdir(exist_ok=True)
     log = (root / "weed.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    s3 = S3(endpoint=f"http://127.0.0.1:{port['s']}")
+    s3 = S3(endpoint=f"http://{host}:{port['s']}")
     try:
         _wait_ready(s3, proc, root / "weed.log", timeout)
         yield s3

@@ -178,6 +178,11 @@ def read_hub(source: DataSource, split: str) -> list[Record]:
 
 def stream(source: DataSource, split: str) -> Iterator[Record]:
     """The records of the ``train`` or ``eval`` source, read afresh each time."""
+    if source.s3 is not None:
+        from gft_trainer import s3_data
+
+        yield from s3_data.stream(source.s3, split)
+        return
     if source.hub_id:
         hub_split = source.hub_train_split if split == "train" else source.hub_eval_split
         yield from read_hub(source, hub_split or source.hub_train_split)
@@ -187,6 +192,8 @@ def stream(source: DataSource, split: str) -> Iterator[Record]:
 
 
 def has_eval_source(source: DataSource) -> bool:
+    if source.s3 is not None:
+        return source.s3.eval_key is not None
     return bool(source.eval_files) if not source.hub_id else bool(source.hub_eval_split)
 
 
@@ -667,10 +674,10 @@ class PreparedData:
 def read_and_check(source: DataSource, shaping: DataShaping, seed: int) -> Records:
     """Read and validate every record before any model is loaded: bad data fails in seconds,
     at the first bad record, named by file and line."""
-    if not (source.hub_id or source.train_files):
+    if not (source.hub_id or source.train_files or source.s3):
         from gft_api.contract import ConfigError
 
-        raise ConfigError("dataset: give trainFiles or hubId")
+        raise ConfigError("dataset: give trainFiles, hubId or s3")
     fmt = shaping.format if shaping.format != DatasetFormat.AUTO else None
     count = 0
     for r in stream(source, "train"):
@@ -718,7 +725,8 @@ def prepare(
         if folder is not None and _rank() == 0:
             _write_cache(folder, train, evals, cut)
     if not len(train):
-        where = records.source.hub_id or ", ".join(records.source.train_files)
+        s3 = records.source.s3
+        where = records.source.hub_id or (s3.uri() if s3 else ", ".join(records.source.train_files))
         raise DataError(
             f"{where}: no example has anything to learn after truncation to "
             f"{shaping.max_seq_length} tokens (data.maxSeqLength)"
@@ -759,6 +767,10 @@ def cache_key(tok: Tokenizer, records: Records, shaping: DataShaping) -> str:
         (str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
         for p in expand_paths([*source.train_files, *source.eval_files])
     ]
+    if source.s3 is not None:  # the objects' versions, as the files' sizes and times above
+        from gft_trainer import s3_data
+
+        files += s3_data.fingerprint(source.s3)
     h = hashlib.sha256()
     for part in (
         CACHE_VERSION,
