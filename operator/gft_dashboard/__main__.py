@@ -46,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         "--group-prefix", default="",
         help="proxy mode: prepended to each group (the API server's --oidc-groups-prefix)",
     )  # fmt: skip
+    parser.add_argument(
+        "--grafana-url", default="",
+        help="Grafana's address (with the chart's dashboard): each run page links to it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--try-idle-seconds", type=int, default=600,
+        help="a Try-it pod ends after this long without a question (its GPU is freed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--try-deadline-seconds", type=int, default=7200,
+        help="a Try-it pod ends after this long in any case (its activeDeadlineSeconds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     host, _, port = args.address.rpartition(":")
@@ -73,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         streams_per_user=args.streams_per_user,
         user_prefix=args.user_prefix,
         group_prefix=args.group_prefix,
+        grafana_url=args.grafana_url,
+        try_idle_seconds=args.try_idle_seconds,
+        try_deadline_seconds=args.try_deadline_seconds,
     )
     app = make_app(ApiServer.from_config(args.kubeconfig), settings)
     print(

@@ -38,6 +38,9 @@ class Settings:
     # (its --oidc-username-prefix / --oidc-groups-prefix), so that RBAC bindings match.
     user_prefix: str = ""
     group_prefix: str = ""
+    grafana_url: str = ""  # where the chart's Grafana dashboard is, to link each run to it
+    try_idle_seconds: int = 600  # a Try-it pod ends after this long without a question
+    try_deadline_seconds: int = 7200  # and after this long in any case
 
     @property
     def cookie_path(self) -> str:
