@@ -79,11 +79,22 @@ export async function showCompare(view, hash) {
   const body = document.getElementById("compare-body");
   body.querySelector("#axis").value = axis;
   body.querySelector("#axis").onchange = (e) => { location.hash = compareHash(runs, e.target.value); };
-  // Each run's curves from its own TensorBoard, by ticket; drawn once all have answered.
-  const curves = await Promise.all(got.runs.map(async (r) => {
-    const base = await ticket(r.summary.namespace, r.summary.name);
-    return base ? scalars(base, r.summary.namespace, r.summary.name, Object.values(TAGS).flat()) : {};
-  }));
+  // Each run's curves from its own TensorBoard, by ticket (a TensorBoard not up yet is asked
+  // again every 5 s, a while, while the tab is visible).
+  const curves = got.runs.map(() => ({}));
+  let closed = false, timer = null, tries = 0;
+  const load = async () => {
+    if (closed) return;
+    if (!document.hidden) {
+      await Promise.all(got.runs.map(async (r, i) => {
+        if (Object.keys(curves[i]).length) return;
+        const base = await ticket(r.summary.namespace, r.summary.name);
+        if (base) curves[i] = await scalars(base, r.summary.namespace, r.summary.name, Object.values(TAGS).flat());
+      }));
+      draw();
+    }
+    if (curves.some((c) => !Object.keys(c).length) && tries++ < 60) timer = setTimeout(load, 5000);
+  };
   const draw = () => {
     const el = document.getElementById("compare-curves");
     if (!el) return;
@@ -96,6 +107,6 @@ export async function showCompare(view, hash) {
     if (!el.childElementCount) el.innerHTML = `<p class="muted">No curves: these runs' TensorBoards do not answer (a run's TensorBoard stays up for a while after it ends).</p>`;
   };
   wireControls(body, draw);
-  draw();
-  return () => clearCharts(view);
+  await load();
+  return () => { closed = true; clearTimeout(timer); clearCharts(view); };
 }

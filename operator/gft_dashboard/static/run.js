@@ -184,22 +184,34 @@ export function showRun(view, ns, name, ctx) {
 
   // Curves, GPUs and samples, read again only while someone looks and the run is not over
   // (after it ends, once more).
+  let loading = false;
   async function refresh() {
-    if (!page || !refreshDue || document.hidden) return;
+    if (!page || !refreshDue || document.hidden || loading) return;
     refreshDue = false;
+    loading = true;  // one round at a time: a slow TensorBoard never piles requests up
     const ended = TERMINAL.includes(page.summary.phase);
     if (ended) finishedLoaded = true;
-    loadCurves();
-    loadSamples();
-    if (!ended) loadGpus(); else document.getElementById("gpus").innerHTML = `<p class="muted">The run has ended: no GPU in use.</p>`;
+    try {
+      await Promise.all([loadCurves(), loadSamples(),
+        ended ? (document.getElementById("gpus").innerHTML = `<p class="muted">The run has ended: no GPU in use.</p>`) : loadGpus()]);
+    } finally { loading = false; }
+    if (refreshDue) refresh();
   }
   const onVisible = () => { if (!document.hidden) refresh(); };
   document.addEventListener("visibilitychange", onVisible);
 
+  // TensorBoard may not answer yet (a new trainer, or the one the operator starts after the
+  // run): asked again every 5 s, a while, while the tab is visible.
+  let curveTries = 0, retry = null;
   async function loadCurves() {
     if (!tb) return;
-    series = await scalars(tb, ns, name, Object.values(TAGS).flat());
-    drawCurves();
+    const got = await scalars(tb, ns, name, Object.values(TAGS).flat());
+    const answered = Object.keys(got).length > 0;
+    if (answered || !series) { series = got; drawCurves(); }  // what was drawn stays meanwhile
+    clearTimeout(retry);
+    if (!answered && curveTries++ < 60) {
+      retry = setTimeout(() => { refreshDue = true; refresh(); }, 5000);
+    }
   }
 
   function drawCurves() {
@@ -254,6 +266,7 @@ export function showRun(view, ns, name, ctx) {
 
   connect();
   return () => {
+    clearTimeout(retry);
     if (source) source.close();
     tryPanel.close();
     document.removeEventListener("visibilitychange", onVisible);
