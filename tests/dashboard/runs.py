@@ -24,7 +24,7 @@ FAKE_NVML = Path(__file__).resolve().parents[1] / "operator" / "fake_nvml"
 PROMPTS = ["Capital of Spain?", "What colour is sky?"]
 
 # Prints 30,000 numbered steps at once (more than a megabyte), then one more every half second.
-CHATTY = """
+CHATTY = r"""
 import itertools, sys, time
 def line(i):
     return f"step {i}: loss {3.0 / (i + 1):.6f} and some more words to make the line longer"
