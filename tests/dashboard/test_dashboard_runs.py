@@ -3,8 +3,10 @@ headless Chromium and through its API, on real runs that train on the runner nod
 real operator (tests/dashboard/runs.py): a log that opens at the present of a long run, two
 runs compared (curves overlaid, the settings that differ, results, cost, answers), a run page
 that follows its run to its end (Stop), a Try-it answer from a finished run's adapter, the
-list as a workbench, readable charts, troubleshooting, and the page used without a mouse, in
-the dark and at phone width. ``GFT_SCREENSHOTS=1`` writes the README's screenshots."""
+list as a workbench, and the page used without a mouse, in the dark and at phone width.
+``GFT_SCREENSHOTS=1`` writes the README's screenshots of the list, a live run page and a
+comparison (docs/dashboard-{workbench,live-run,compare}.png; the demo's own,
+docs/dashboard-{list,run}.png, come from tests/e2e/test_demo_flow.py)."""
 
 from __future__ import annotations
 
@@ -52,12 +54,19 @@ def trained(lab, cluster, model_dir):  # noqa: F811 (the fixture imported above)
 
 
 def signed_in(chromium, base: str, token: str, **context):
-    page = chromium.new_context(viewport={"width": 1280, "height": 900}, **context).new_page()
+    context = {"viewport": {"width": 1280, "height": 900}, **context}  # a test's own wins
+    page = chromium.new_context(**context).new_page()
     page.goto(f"{base}/")
     page.fill("#token", token)
     page.click("#signin")
     page.wait_for_selector("#list")
     return page
+
+
+def labelled(page, label: str):
+    """The control a label names: by the label's first words, as a label wrapping a select, a
+    range's output or a checkbox also holds the control's own text ("Namespace any ...")."""
+    return page.get_by_label(re.compile(rf"^\s*{label}\b"))  # labels are plain words
 
 
 def shot(page, name: str, **kw) -> None:
@@ -130,7 +139,7 @@ def test_two_real_runs_compared_side_by_side(trained, setup, cluster, chromium):
     page = signed_in(chromium, setup["base"], trained["tokens"]["editor"])
     for name in ("calm", "bold"):
         page.check(f"tr.row[data-key='{ns}/{name}'] input[type=checkbox]")
-    shot(page, "dashboard-list.png")
+    shot(page, "dashboard-workbench.png")
     page.click("#compare")
     expect(page.locator("#compare-title")).to_contain_text("Comparing 2 runs")
     loss = page.locator("figure.chart", has_text="Training loss")
@@ -197,7 +206,7 @@ def test_the_run_page_follows_its_run_to_the_end_on_one_connection(
         tab.close()
     tab = tabs[0][0]
     expect(tab.locator("#suspend")).to_be_visible()
-    shot(tab, "dashboard-run.png", full_page=True)
+    shot(tab, "dashboard-live-run.png", full_page=True)
     tab.click("#stop")
     expect(tab.locator("dialog#confirm")).to_be_visible()
     confirm = tab.locator("#confirm-text").inner_text()
@@ -263,4 +272,66 @@ def test_try_it_answers_with_the_runs_adapter_beside_the_base_model(
     wait_for("the Try-it pod to stop when idle", lambda: cluster.kubectl_json(
         "get", "pod", pod["metadata"]["name"], "-n", ns)["status"].get("phase") == "Succeeded",
         timeout=120)  # fmt: skip
+    page.context.close()
+
+
+# -- 5. The list as a workbench; 9. usable without a mouse, in the dark, at phone width ---------
+
+
+def test_the_list_is_a_workbench_for_the_keyboard_too(trained, setup, chromium):
+    ns = trained["ns"]
+    page = signed_in(chromium, setup["base"], trained["tokens"]["editor"])
+    row = lambda name: page.locator(f"tr.row[data-key='{ns}/{name}']")  # noqa: E731
+    expect(row("bold")).to_contain_text("tiny-gemma3")
+    expect(row("bold")).to_contain_text("lora")
+    expect(row("bold").locator("td.c-cost")).to_contain_text("Wh")  # its cost, from the trainer
+    assert re.search(r"\d", row("bold").locator("td.c-evalLoss").inner_text())
+    # Status in words, not by colour alone.
+    expect(row("bold").locator("td.c-phase")).to_contain_text("Succeeded")
+    page.get_by_label("Search").fill("bol")
+    expect(page.locator("tr.row")).to_have_count(1)
+    page.get_by_label("Search").fill("")
+    page.get_by_label("Phase").select_option("Succeeded")
+    expect(page.locator("tr.row")).to_have_count(3)
+    heading = page.locator("th[data-key=name]")
+    heading.locator("button").click()
+    expect(heading).to_have_attribute("aria-sort", "descending")  # it was sorted by name
+    expect(page.locator("tr.row").first).to_have_attribute("data-key", f"{ns}/long")
+    heading.locator("button").click()
+    expect(page.locator("tr.row").first).to_have_attribute("data-key", f"{ns}/bold")
+    # Rows are links: the keyboard reaches them and opens the run.
+    link = page.locator(f"a[href='#/ft/{ns}/bold']")
+    for _ in range(60):
+        page.keyboard.press("Tab")
+        if link.evaluate("a => a === document.activeElement"):
+            break
+    else:
+        pytest.fail("the keyboard never reached the run's link")
+    page.keyboard.press("Enter")
+    expect(page.locator("#run-title")).to_contain_text(f"{ns}/bold")
+    page.context.close()
+    # A viewer is offered no Start (no New, no Clone) and no controls.
+    viewer = signed_in(chromium, setup["base"], trained["tokens"]["viewer"])
+    expect(viewer.locator("#new-link")).to_be_hidden()
+    viewer.goto(f"{setup['base']}/#/ft/{ns}/bold")
+    expect(viewer.locator("#controls")).to_contain_text("not change it")
+    assert viewer.locator("#clone").count() == 0 and viewer.locator("#try").is_hidden()
+    viewer.context.close()
+
+
+def test_at_phone_width_in_the_dark_with_labels_for_every_control(trained, setup, chromium):
+    ns = trained["ns"]
+    page = signed_in(chromium, setup["base"], trained["tokens"]["viewer"],
+                     viewport={"width": 390, "height": 844}, color_scheme="dark")  # fmt: skip
+    background = page.locator("body").evaluate("b => getComputedStyle(b).backgroundColor")
+    assert background == "rgb(13, 17, 23)", background  # the dark palette, from the system
+    for label in ("Search", "Namespace", "Phase", "Model", "Method"):
+        expect(labelled(page, label)).to_be_visible()
+    fits = "() => document.documentElement.scrollWidth <= innerWidth"
+    assert page.evaluate(fits), "the list is wider than the phone"
+    page.goto(f"{setup['base']}/#/ft/{ns}/calm")
+    expect(page.locator("#curves figure.chart").first).to_be_visible(timeout=60_000)
+    for label in ("Smoothing", "Log scale", "From", "to", "Pod", "Previous container", "Wrap"):
+        expect(labelled(page, label)).to_be_attached()
+    assert page.evaluate(fits), "the run page is wider than the phone"
     page.context.close()

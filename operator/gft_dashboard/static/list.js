@@ -22,7 +22,10 @@ const COLUMNS = [
 
 const state = {q: "", namespace: "", phase: "", model: "", method: "", sort: "name", dir: 1, selected: new Set()};
 
-export function renderList(view, rows) {
+let current = new Map();  // the rows last given (the stream replaces the map on a snapshot)
+
+export function renderList(view, rows = current) {
+  current = rows;
   let table = view.querySelector("#list");
   if (!table) {
     view.innerHTML = `<h2 id="list-title" tabindex="-1">Fine-tunes</h2>
@@ -43,14 +46,14 @@ export function renderList(view, rows) {
     for (const key of ["q", "namespace", "phase", "model", "method"]) {
       const input = view.querySelector(`#f-${key}`);
       input.value = state[key];
-      input.addEventListener(key === "q" ? "input" : "change", (e) => { state[key] = e.target.value; renderList(view, rows); });
+      input.addEventListener(key === "q" ? "input" : "change", (e) => { state[key] = e.target.value; renderList(view); });
     }
     for (const th of table.querySelectorAll("th[data-key]")) {
       th.querySelector("button").onclick = () => {
         const key = th.dataset.key;
         state.dir = state.sort === key ? -state.dir : 1;
         state.sort = key;
-        renderList(view, rows);
+        renderList(view);
       };
     }
     view.querySelector("#compare").onclick = () => {
