@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m devcluster
 export PYTHONPATH := $(CURDIR):$(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast bench-gpu gpu-kit demo cluster-up cluster-down tools system-deps manifests
+.PHONY: help venv lock lint test test-fast bench-gpu gpu-kit demo cluster-up cluster-down tools system-deps manifests vendor
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -53,6 +53,13 @@ lock: | $(UV) ## re-resolve the locks from pyproject.toml (dev venv, operator im
 
 manifests: venv tools ## render the CRD template from the API model, and manifests/ from the chart
 	$(PY) -m chart.render --write
+
+UPLOT_VERSION := 1.6.32
+vendor: ## fetch the dashboard's one charting library (uPlot) from npm again, into static/vendor/uplot
+	work="$$(mktemp -d)" && cd "$$work" && npm pack -q uplot@$(UPLOT_VERSION) >/dev/null && \
+		tar xzf uplot-$(UPLOT_VERSION).tgz && \
+		cp package/dist/uPlot.esm.js package/dist/uPlot.min.css package/LICENSE \
+			$(CURDIR)/operator/gft_dashboard/static/vendor/uplot/ && rm -rf "$$work"
 
 system-deps: ## Debian packages the tests need: the proving ground's, Prometheus, Chromium (only when missing)
 	@missing=""; for t in openssl:openssl ip:iproute2 unshare:util-linux \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from enum import IntEnum, StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
@@ -352,6 +352,12 @@ class Sample(ApiModel):
     reference: Annotated[str, Field(max_length=1024)] | None = None
     """The evaluation record's own answer, when the prompt came from one."""
 
+    truncated: Literal["maxNewTokens", "timeBudget"] | None = None
+    """Why the answer ends before the model ended it, when it does: it reached
+    ``training.samples.maxNewTokens`` (raise it for longer answers), or the evaluation's time
+    budget ran out (``maxSeconds``, ``maxShare``; the run's final answers are never cut by
+    time). Absent: the model ended its answer itself."""
+
 
 SAMPLE_TEXT_LIMIT = 240
 """Characters of a sample's prompt, answer and reference kept in the summary."""
@@ -359,6 +365,22 @@ SAMPLE_TEXT_LIMIT = 240
 
 def trim(text: str, limit: int = SAMPLE_TEXT_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class RunCost(ApiModel):
+    """What the run used, over every attempt so far (each pod's trainer measures its own
+    GPUs from its start to its end, model loading included: the GPUs are held all along)."""
+
+    gpu_seconds: Annotated[float, Field(ge=0)]
+    """GPUs held times wall seconds, summed over the run's pods and attempts."""
+
+    gpu_hours: Annotated[float, Field(ge=0)]
+    """``gpuSeconds`` / 3600."""
+
+    energy_wh: Annotated[float, Field(ge=0)] | None = None
+    """Energy the GPUs drew, in watt-hours: NVML's energy counter where the GPU has one, else
+    its power readings integrated over the run. Absent where a GPU reports no power (and on
+    CPU runs)."""
 
 
 class TrainerSummary(ApiModel):
@@ -433,6 +455,9 @@ class TrainerSummary(ApiModel):
     ] = Field(default_factory=dict)
     """What was saved, e.g. ``{"adapter": "/output/adapter"}``."""
 
+    cost: RunCost | None = None
+    """GPU-seconds, GPU-hours and energy of the run so far."""
+
     def to_termination_message(self) -> str:
         """JSON that fits the kubelet's 4 KiB limit: samples go first, from the last, then the
         message is cut."""
@@ -482,6 +507,7 @@ __all__ = [
     "Observability",
     "Outcome",
     "OutputSettings",
+    "RunCost",
     "S3Dataset",
     "S3Target",
     "Sample",

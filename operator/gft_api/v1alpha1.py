@@ -662,6 +662,10 @@ PRIORITY_NEEDS_QUEUE = (
     "queuePriorityClass is Kueue's WorkloadPriorityClass and needs queueName: name the "
     "LocalQueue too, or use resources.priorityClassName for the pod's own priority"
 )
+STOP_IS_FINAL = (
+    "stop cannot be undone: a stopped run has ended; create a new GemmaFineTune with "
+    "resumeFrom naming its last checkpoint to train on"
+)
 _QLORA_NEEDS_GPU = "method.type qlora needs a GPU: set resources.gpus to 1 or more, or use lora"
 
 
@@ -767,6 +771,13 @@ class GemmaFineTuneSpec(ApiModel):
     suspend: bool = False
     """Pause the fine-tune: the trainer saves a checkpoint and stops; ``false`` resumes from it.
     With ``queueName`` set, Kueue owns the Job's suspension and this field is not passed on."""
+
+    stop: bool = False
+    """End the run now and keep what it has: the trainer saves a checkpoint and stops, and the
+    fine-tune ends as ``Succeeded`` with reason ``Stopped`` (its record, status.result and the
+    output volume kept; the checkpoint's adapter loads as a trained one does, and
+    ``resumeFrom`` it trains on). Unlike ``suspend`` it cannot be undone; unlike deleting the
+    GemmaFineTune it keeps the run. Set before the run starts, nothing is trained."""
 
     backoff_limit: Annotated[
         int, Field(ge=0, le=100, json_schema_extra=_immutable("backoffLimit"))
@@ -877,6 +888,12 @@ class GemmaFineTuneSpec(ApiModel):
                 NODES_NEED_SHARED_OUTPUT,
                 field_path=".resources.nodes",
                 reason="FieldValueInvalid",
+            ),
+            _cel(
+                "!has(oldSelf.stop) || !oldSelf.stop || (has(self.stop) && self.stop)",
+                STOP_IS_FINAL,
+                field_path=".stop",
+                reason="FieldValueForbidden",
             ),
             _cel(
                 "!has(self.queuePriorityClass) || has(self.queueName)",

@@ -52,6 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         "impersonate (its RBAC resourceNames); a user's other groups are not sent. Empty: any "
         "group but system: ones",
     )  # fmt: skip
+    parser.add_argument(
+        "--grafana-url", default="",
+        help="Grafana's address (with the chart's dashboard): each run page links to it",
+    )  # fmt: skip
+    parser.add_argument(
+        "--try-idle-seconds", type=int, default=600,
+        help="a Try-it pod ends after this long without a question (its GPU is freed)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--try-deadline-seconds", type=int, default=7200,
+        help="a Try-it pod ends after this long in any case (its activeDeadlineSeconds)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     host, _, port = args.address.rpartition(":")
@@ -80,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         user_prefix=args.user_prefix,
         group_prefix=args.group_prefix,
         allowed_groups=frozenset(g.strip() for g in args.allowed_groups.split(",") if g.strip()),
+        grafana_url=args.grafana_url,
+        try_idle_seconds=args.try_idle_seconds,
+        try_deadline_seconds=args.try_deadline_seconds,
     )
     app = make_app(ApiServer.from_config(args.kubeconfig), settings)
     print(

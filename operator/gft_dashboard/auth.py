@@ -46,6 +46,9 @@ class Settings:
     # proxy mode: the groups (as impersonated, prefix included) the dashboard may act with;
     # empty: any group but system: ones.
     allowed_groups: frozenset[str] = frozenset()
+    grafana_url: str = ""  # where the chart's Grafana dashboard is, to link each run to it
+    try_idle_seconds: int = 600  # a Try-it pod ends after this long without a question
+    try_deadline_seconds: int = 7200  # and after this long in any case
 
     @property
     def cookie_path(self) -> str:

@@ -31,6 +31,7 @@ def summarize(obj: Manifest) -> dict[str, Any]:
     """One row of the list: what ``kubectl get gft`` shows, plus the status light."""
     meta, spec, status = obj.get("metadata", {}), obj.get("spec", {}), obj.get("status") or {}
     progress, metrics = status.get("progress") or {}, status.get("metrics") or {}
+    result = status.get("result") or {}
     phase = status.get("phase") or "Pending"
     trouble = next(
         (
@@ -69,10 +70,13 @@ def summarize(obj: Manifest) -> dict[str, Any]:
         "percent": 100.0 if phase == "Succeeded" else progress.get("percent"),
         "etaSeconds": progress.get("etaSeconds"),
         "loss": metrics.get("loss"),
-        "evalLoss": metrics.get("evalLoss"),
+        "evalLoss": metrics.get("evalLoss", result.get("evalLoss")),
         "gpuUtilization": metrics.get("gpuUtilization"),
         "lastCheckpoint": status.get("lastCheckpoint"),
         "tensorboardURL": status.get("tensorboardURL"),
+        "stop": bool(spec.get("stop")),
+        "cost": result.get("cost"),
+        "bestEvalLoss": result.get("bestEvalLoss"),
     }
 
 

@@ -11,7 +11,6 @@ import logging
 import secrets
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +19,32 @@ import yarl
 from aiohttp import web
 from gft_api.conventions import NAME_LABEL, running_pods
 
-from gft_dashboard import auth, manifest, names, tensorboard
+from gft_dashboard import auth, compare, live, logs, manifest, names, runpage, tensorboard, tryit
 from gft_dashboard.apiserver import (
     GROUP,
     VERSION,
     ApiError,
     ApiServer,
     Identity,
-    Manifest,
     read_at_most,
 )
 from gft_dashboard.auth import CSRF_COOKIE, CSRF_HEADER, SESSION_COOKIE, Settings
-from gft_dashboard.gpus import GpuReader
-from gft_dashboard.hub import FineTuneHub, Visibility, summarize
-from gft_dashboard.limits import InFlight, Rate, StreamLimits, TooManyStreams
-from gft_dashboard.sessions import MAX_AGE, Sessions
+from gft_dashboard.context import (
+    PROXY_STREAM_SECONDS,
+    SIGN_INS_PER_MINUTE,
+    Dashboard,
+    event,
+    ns_of,
+    rights,
+)
+from gft_dashboard.hub import summarize
+from gft_dashboard.limits import TooManyStreams
+from gft_dashboard.sessions import MAX_AGE
 
 __all__ = ["Settings", "make_app"]
 log = logging.getLogger("gft_dashboard")
 STATIC = Path(__file__).parent / "static"
-LOG_CAP_BYTES = 1 << 20  # a followed log stops after 1 MiB: the page is not an archive
-LOG_IDLE_SECONDS = 1800  # a followed log that says nothing for this long is ended
 KEEP_ALIVE_SECONDS = 15
-PROXY_STREAM_SECONDS = 900  # behind oauth2-proxy, a live list reconnects through it this often
-CLIENT_GONE_SECONDS = 5  # how often a quiet followed log looks whether its reader has gone
-SIGN_INS_PER_MINUTE = 60  # per user
 SECURITY_HEADERS = {
     # Our own code only: no CDN; framed by nobody; TensorBoard framed from here (sandboxed).
     "Content-Security-Policy": (
@@ -55,77 +55,6 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
 }
-
-
-@dataclass
-class Caller:
-    """Who a request is for, and (token mode) the session that holds their token."""
-
-    identity: Identity
-    session_id: str | None = None
-    user: str | None = None  # the name shown, where it is known without asking
-    expires: float | None = None  # Unix time the session ends
-
-
-@dataclass
-class Dashboard:
-    api: ApiServer
-    settings: Settings
-    hub: FineTuneHub = field(init=False)
-    visibility: Visibility = field(init=False)
-    sessions: Sessions = field(default_factory=Sessions)
-    tickets: tensorboard.Tickets = field(default_factory=tensorboard.Tickets)
-    limits: StreamLimits = field(init=False)
-    plain: aiohttp.ClientSession | None = None  # to pods' TensorBoards (GpuReader has its own)
-    gpus: GpuReader = field(default_factory=GpuReader)
-    manifests: manifest.Reader = field(default_factory=manifest.Reader)
-    tensorboard_turns: InFlight = field(init=False)
-    sign_ins: Rate = field(default_factory=lambda: Rate(SIGN_INS_PER_MINUTE))
-
-    def __post_init__(self) -> None:
-        self.hub = FineTuneHub(self.api)
-        # However many streams of one user ask again each recheck, one answer serves them.
-        self.visibility = Visibility(self.api, fresh_within=self.settings.recheck_seconds / 2)
-        self.limits = StreamLimits(self.settings.streams_per_user)
-        self.tensorboard_turns = InFlight(
-            tensorboard.PER_USER_REQUESTS, tensorboard.WAITING_REQUESTS,
-            tensorboard.TOTAL_REQUESTS, "TensorBoard requests",
-        )  # fmt: skip
-
-    # -- who is asking ----------------------------------------------------------------------
-
-    def caller(self, request: web.Request) -> Caller:
-        """The caller, per ``--auth``; 401 when the request names no one (nothing about the
-        request has been read yet)."""
-        mode = self.settings.auth
-        if mode == "kubeconfig":
-            return Caller(Identity())
-        if mode == "proxy":
-            try:
-                who = auth.proxied_identity(request.headers, self.settings)
-            except auth.NotSignedIn as e:
-                raise web.HTTPUnauthorized(text=str(e)) from None
-            except auth.Refused as e:
-                raise web.HTTPForbidden(text=str(e)) from None
-            return Caller(who, user=who.user)
-        session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
-        if session is None:
-            raise web.HTTPUnauthorized(text="sign in with a Kubernetes bearer token")
-        return Caller(session.identity, session.id, session.user, session.expires)
-
-    def session_over(self, caller: Caller) -> bool:
-        return caller.session_id is not None and self.sessions.get(caller.session_id) is None
-
-    async def visible(self, who: Identity, fresh: bool = False) -> set[str] | None:
-        """Namespaces (of those holding fine-tunes) where the user may list them; None: all."""
-        return await self.visibility.namespaces(who, self.hub.namespaces(), fresh=fresh)
-
-    def stream_slot(self, caller: Caller) -> contextlib.ExitStack:
-        """One of the caller's live streams (429 past their limit), held until it exits."""
-        try:
-            return self.limits.hold(caller.identity.owner)
-        except TooManyStreams as e:
-            raise web.HTTPTooManyRequests(text=str(e)) from None
 
 
 # -- middleware ------------------------------------------------------------------------------
@@ -244,10 +173,20 @@ async def logout(request: web.Request) -> web.Response:
 
 
 async def whoami(request: web.Request) -> web.Response:
+    """Who the user is, and where they may start a fine-tune: ``createIn`` is ``"*"``
+    (anywhere), or the namespaces holding fine-tunes they see where they may (the page offers
+    *New* and *Clone* only then)."""
     dash: Dashboard = request.app["dashboard"]
     caller = dash.caller(request)
-    user = caller.user or await dash.api.whoami(caller.identity)
-    return web.json_response({"user": user, "auth": dash.settings.auth})
+    who = caller.identity
+    user = caller.user or await dash.api.whoami(who)
+    create_in: str | list[str] = "*"
+    if not await dash.api.may(who, "create", None):
+        seen = await dash.visible(who)
+        candidates = sorted(seen if seen is not None else dash.hub.namespaces())
+        allowed = await asyncio.gather(*(dash.api.may(who, "create", ns) for ns in candidates))
+        create_in = [ns for ns, ok in zip(candidates, allowed, strict=True) if ok]
+    return web.json_response({"user": user, "auth": dash.settings.auth, "createIn": create_in})
 
 
 # -- reads -----------------------------------------------------------------------------------
@@ -257,7 +196,7 @@ async def finetunes(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
     caller = dash.caller(request)
     allowed = await dash.visible(caller.identity)
-    items = [summarize(o) for o in dash.hub.objects() if allowed is None or _ns(o) in allowed]
+    items = [summarize(o) for o in dash.hub.objects() if allowed is None or ns_of(o) in allowed]
     return web.json_response({"items": items})
 
 
@@ -279,7 +218,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
         queue = dash.hub.subscribe()
         started = time.monotonic()
         try:
-            await response.write(_event("snapshot", _visible(dash, allowed)))
+            await response.write(event("snapshot", _visible(dash, allowed)))
             recheck = started + dash.settings.recheck_seconds
             while (
                 dash.settings.auth != "proxy" or time.monotonic() - started < PROXY_STREAM_SECONDS
@@ -292,28 +231,28 @@ async def stream(request: web.Request) -> web.StreamResponse:
                         await response.write(b": keep-alive\n\n")
                         continue
                     recheck = time.monotonic() + dash.settings.recheck_seconds
-                    now_allowed = await _rights(dash, caller, dash.visible, caller.identity, True)
+                    now_allowed = await rights(dash, caller, dash.visible, caller.identity, True)
                     if now_allowed == "expired":
-                        await response.write(_event("expired", {"reason": "session expired"}))
+                        await response.write(event("expired", {"reason": "session expired"}))
                         break
                     if now_allowed != allowed:
                         allowed = now_allowed
-                        await response.write(_event("snapshot", _visible(dash, allowed)))
+                        await response.write(event("snapshot", _visible(dash, allowed)))
                     continue
                 if kind is None:  # shutting down
                     break
                 if kind == "resync":  # this page fell behind: what it may see, afresh
-                    await response.write(_event("snapshot", _visible(dash, allowed)))
+                    await response.write(event("snapshot", _visible(dash, allowed)))
                     continue
-                if allowed is not None and _ns(obj) not in allowed:
+                if allowed is not None and ns_of(obj) not in allowed:
                     # A namespace with its first fine-tune: asked about once (then cached).
-                    now_allowed = await _rights(dash, caller, dash.visible, caller.identity)
+                    now_allowed = await rights(dash, caller, dash.visible, caller.identity)
                     if now_allowed == "expired":
-                        await response.write(_event("expired", {"reason": "session expired"}))
+                        await response.write(event("expired", {"reason": "session expired"}))
                         break
                     allowed = now_allowed
-                if allowed is None or _ns(obj) in allowed:
-                    await response.write(_event(kind, summarize(obj)))
+                if allowed is None or ns_of(obj) in allowed:
+                    await response.write(event(kind, summarize(obj)))
         except ConnectionResetError:
             pass
         except (ApiError, TimeoutError, aiohttp.ClientError) as e:
@@ -324,139 +263,18 @@ async def stream(request: web.Request) -> web.StreamResponse:
         return response
 
 
-async def _rights(dash: Dashboard, caller: Caller, check, *args):
-    """``check(*args)`` as the user, or "expired" when their session or token is over."""
-    if dash.session_over(caller) or (caller.expires and caller.expires <= time.time()):
-        return "expired"
-    try:
-        return await check(*args)
-    except ApiError as e:
-        if e.status == 401:
-            if caller.session_id:
-                dash.sessions.end(caller.session_id)
-                dash.tickets.end_session(caller.session_id)
-            return "expired"
-        raise
-
-
 def _visible(dash: Dashboard, allowed: set[str] | None) -> list[dict[str, Any]]:
-    return [summarize(o) for o in dash.hub.objects() if allowed is None or _ns(o) in allowed]
+    return [summarize(o) for o in dash.hub.objects() if allowed is None or ns_of(o) in allowed]
 
 
 async def detail(request: web.Request) -> web.Response:
+    """The run page's content as the user sees it (the page itself follows ``.../live``)."""
     dash: Dashboard = request.app["dashboard"]
     who = dash.caller(request).identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
-    obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
-    events = await dash.api.request(
-        "GET", f"/api/v1/namespaces/{ns}/events", who,
-        params={"fieldSelector": f"involvedObject.name={name},involvedObject.kind=GemmaFineTune"},
-    )  # fmt: skip
-    can = dict(
-        zip(
-            ("delete", "patch", "create"),
-            await asyncio.gather(
-                dash.api.may(who, "delete", ns, name=name),
-                dash.api.may(who, "patch", ns, name=name),
-                dash.api.may(who, "create", ns),
-            ),
-            strict=True,
-        )
-    )
-    events_out = sorted(
-        (
-            {
-                "type": e.get("type"),
-                "reason": e.get("reason"),
-                "message": e.get("message"),
-                "count": e.get("count", 1),
-                "time": e.get("lastTimestamp") or e.get("eventTime"),
-            }
-            for e in events.get("items", [])
-        ),
-        key=lambda e: e["time"] or "",
-    )
     return web.json_response(
-        {"object": obj, "summary": summarize(obj), "events": events_out, "can": can}
+        await runpage.gather(dash.api, who, ns, name, dash.settings.grafana_url)
     )
-
-
-async def trainer_log(request: web.Request) -> web.StreamResponse:
-    """The trainer's log, followed, from the Kubernetes log API (as the user), at most
-    LOG_CAP_BYTES; it ends when the user may no longer read it (asked again every
-    ``recheck_seconds``) or their session is over, and says which."""
-    dash: Dashboard = request.app["dashboard"]
-    caller = dash.caller(request)
-    who = caller.identity
-    ns, name = request.match_info["namespace"], request.match_info["name"]
-    follow = request.query.get("follow") != "0"
-    params = {
-        "container": "trainer",
-        "limitBytes": str(LOG_CAP_BYTES),
-        "follow": str(follow).lower(),
-    }
-    with dash.stream_slot(caller):
-        obj = await dash.api.request("GET", dash.api.finetunes_path(ns, name), who)
-        pod = (obj.get("status") or {}).get("podName")
-        if not pod:
-            raise web.HTTPNotFound(text="no trainer pod yet")
-        try:
-            names.name(pod, "status.podName")
-        except names.BadName as e:
-            raise web.HTTPBadGateway(text=str(e)) from None
-        chunks = dash.api.stream(f"/api/v1/namespaces/{ns}/pods/{pod}/log", who, params,
-                                 idle_timeout=LOG_IDLE_SECONDS)  # fmt: skip
-        first = await anext(chunks, b"")  # a refusal (403, 404) raises here, before the reply
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/plain; charset=utf-8", "Cache-Control": "no-store"}
-        )
-        await response.prepare(request)
-
-        async def pump() -> str:
-            await response.write(first)
-            async for chunk in chunks:
-                await response.write(chunk)
-            return ""
-
-        async def may_read() -> bool:
-            return await dash.api.may(who, "get", ns, resource="pods", group="", name=pod,
-                                      subresource="log")  # fmt: skip
-
-        copying = asyncio.create_task(pump())
-        gone = asyncio.create_task(_client_gone(request))
-        ending = ""
-        try:
-            while True:
-                done, _ = await asyncio.wait(
-                    {copying, gone}, timeout=dash.settings.recheck_seconds,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )  # fmt: skip
-                if gone in done:  # the tab closed on a quiet log: its slot is free now
-                    break
-                if done:
-                    copying.result()
-                    break
-                verdict = await _rights(dash, caller, may_read)
-                if verdict is not True:
-                    ending = ("\n[session expired: sign in again]\n" if verdict == "expired"
-                              else "\n[you may no longer read this log]\n")  # fmt: skip
-                    break
-        except aiohttp.ServerTimeoutError:  # the log's idle timeout
-            ending = f"\n[no new lines for {LOG_IDLE_SECONDS // 60} minutes: reload to follow]\n"
-        except (ApiError, TimeoutError) as e:  # rights that cannot be asked are not assumed
-            ending = f"\n[your rights to this log could not be checked ({e!r}): reload]\n"
-        except (ConnectionResetError, aiohttp.ClientError):
-            pass
-        finally:
-            copying.cancel()
-            gone.cancel()
-            with contextlib.suppress(BaseException):
-                await copying
-            await chunks.aclose()
-        if ending:
-            with contextlib.suppress(ConnectionResetError):
-                await response.write(ending.encode())
-        return response
 
 
 async def gpus(request: web.Request) -> web.Response:
@@ -670,6 +488,19 @@ async def set_suspend(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "summary": summarize(patched)})
 
 
+async def stop(request: web.Request) -> web.Response:
+    """Stop: checkpoint, then end the run as finished (``spec.stop``), keeping its record and
+    output. It cannot be undone."""
+    dash: Dashboard = request.app["dashboard"]
+    who = dash.caller(request).identity
+    ns, name = request.match_info["namespace"], request.match_info["name"]
+    patched = await dash.api.request(
+        "PATCH", dash.api.finetunes_path(ns, name), who,
+        body={"spec": {"stop": True}}, content_type="application/merge-patch+json",
+    )  # fmt: skip
+    return web.json_response({"ok": True, "summary": summarize(patched)})
+
+
 async def delete(request: web.Request) -> web.Response:
     dash: Dashboard = request.app["dashboard"]
     who = dash.caller(request).identity
@@ -706,12 +537,20 @@ def make_app(api: ApiServer, settings: Settings) -> web.Application:
         web.get(p + "/api/finetunes", finetunes),
         web.post(p + "/api/finetunes", create),
         web.get(p + "/api/stream", stream),
+        web.get(p + "/api/compare", compare.compare),
         web.get(ft, detail),
         web.delete(ft, delete),
-        web.get(ft + "/log", trainer_log),
+        web.get(ft + "/live", live.live),
+        web.get(ft + "/log", logs.follow),
+        web.get(ft + "/log/earlier", logs.earlier),
         web.get(ft + "/gpus", gpus),
         web.get(ft + "/tensorboard", tensorboard_ticket),
         web.post(ft + "/{action:suspend|resume}", set_suspend),
+        web.post(ft + "/stop", stop),
+        web.get(ft + "/try", tryit.status),
+        web.post(ft + "/try", tryit.start),
+        web.delete(ft + "/try", tryit.stop),
+        web.post(ft + "/try/ask", tryit.ask),
         web.get(tb, tensorboard_proxy),
         web.post(tb, tensorboard_proxy),
         web.options(tb, tensorboard_proxy),
@@ -739,18 +578,3 @@ def make_app(api: ApiServer, settings: Settings) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
     return app
-
-
-async def _client_gone(request: web.Request) -> None:
-    """Returns once the client has closed its connection (aiohttp goes on running a handler
-    whose client has gone: a stream that writes nothing would never notice)."""
-    while request.transport is not None and not request.transport.is_closing():
-        await asyncio.sleep(CLIENT_GONE_SECONDS)
-
-
-def _ns(obj: Manifest) -> str:
-    return obj.get("metadata", {}).get("namespace", "")
-
-
-def _event(kind: str, data: Any) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()

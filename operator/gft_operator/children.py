@@ -747,7 +747,7 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
     nodes = spec.resources.nodes
     job_spec: Manifest = {
         # With a Kueue queue the Job starts suspended and Kueue alone unsuspends it.
-        "suspend": True if spec.queue_name else spec.suspend,
+        "suspend": True if spec.queue_name else paused(spec),
         "completions": nodes,
         "parallelism": nodes,
         "backoffLimit": spec.backoff_limit,
@@ -775,6 +775,13 @@ def job(owner: Owner, spec: GemmaFineTuneSpec, defaults: Defaults = Defaults()) 
     )
 
 
+def paused(spec: GemmaFineTuneSpec) -> bool:
+    """Whether no trainer should run: suspended, or stopped for good (``spec.stop``: the
+    trainer stops the way it does for a suspend, saving a checkpoint, and the status then
+    ends the run)."""
+    return spec.suspend or spec.stop
+
+
 def job_patch(spec: GemmaFineTuneSpec, live: Manifest, finished: bool) -> Manifest | None:
     """The merge patch that brings a live Job in line with the spec, or ``None``.
 
@@ -784,8 +791,8 @@ def job_patch(spec: GemmaFineTuneSpec, live: Manifest, finished: bool) -> Manife
     """
     live_spec = live.get("spec", {})
     patch: Manifest = {}
-    if not spec.queue_name and not finished and bool(live_spec.get("suspend")) != spec.suspend:
-        patch["suspend"] = spec.suspend
+    if not spec.queue_name and not finished and bool(live_spec.get("suspend")) != paused(spec):
+        patch["suspend"] = paused(spec)
     if live_spec.get("ttlSecondsAfterFinished") is not None:
         patch["ttlSecondsAfterFinished"] = None
     return {"spec": patch} if patch else None
@@ -797,9 +804,9 @@ def workload_patch(spec: GemmaFineTuneSpec, workload: Manifest) -> Manifest | No
     Job suspended, the trainer saving a checkpoint) and waits; active again, it queues for
     admission like any other."""
     active = (workload.get("spec") or {}).get("active", True)
-    if active == (not spec.suspend):
+    if active == (not paused(spec)):
         return None
-    return {"spec": {"active": not spec.suspend}}
+    return {"spec": {"active": not paused(spec)}}
 
 
 def desired_children(

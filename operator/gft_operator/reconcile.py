@@ -371,6 +371,7 @@ def _reconcile(w: Writer, namespace: str, name: str) -> None:
     observed = status.Observed(
         generation=generation,
         suspend=spec.suspend if spec is not None else bool(raw_spec.get("suspend")),
+        stop=spec.stop if spec is not None else bool(raw_spec.get("stop")),
         queue_name=spec.queue_name if spec is not None else raw_spec.get("queueName"),
         nodes=spec.resources.nodes if spec is not None else 1,
         kueue=CACHE.watches_workloads(),

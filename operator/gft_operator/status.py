@@ -73,6 +73,8 @@ class Observed:
     pods_confirmed: bool = False
     """``pods`` was read from the API server itself (not the watch), so pods missing from it
     are gone: an ended Job is then decided from its own record."""
+    stop: bool = False
+    """``spec.stop``: end the run once its trainer has saved a checkpoint and stopped."""
 
 
 @dataclass
@@ -395,6 +397,7 @@ def should_create_job(obs: Observed) -> bool:
         obs.job is None
         and obs.spec_error is None
         and obs.old_status.get("phase") not in TERMINAL_PHASES
+        and not obs.stop
         and obs.blocked is None
         and not any(alive(p) for p in obs.earlier_pods)
         and not any(trainer_succeeded(p) for p in obs.earlier_pods)
@@ -436,6 +439,8 @@ def _verdict(obs: Observed) -> _Verdict:
                 f"{newest_pod(stopping)['metadata']['name']}) is still stopping, saving its "
                 "checkpoint. A new Job starts once it has exited",
             )
+        if obs.stop:
+            return stopped(obs.earlier_pods)
         if obs.spec_error:
             return _Verdict(Phase.PENDING, "InvalidSpec", obs.spec_error)
         return _Verdict(Phase.PENDING, "CreatingJob", "creating the training Job")
@@ -484,8 +489,20 @@ def _verdict(obs: Observed) -> _Verdict:
     # An ended pod kept by a finalizer is not stopping any more.
     terminating = [p for p in pods if p["metadata"].get("deletionTimestamp") and alive(p)]
     if job.get("spec", {}).get("suspend"):
-        if obs.queue_name and not obs.suspend:
+        if obs.queue_name and not (obs.suspend or obs.stop):
             return queued(obs, stopping=bool(live or terminating))
+        if obs.stop:
+            if old_phase == Phase.SUCCEEDED:
+                # Said once, when the trainer's summary was at hand (its pod may be gone now).
+                return _Verdict(Phase.SUCCEEDED, "Stopped", obs.old_status.get("message") or "")
+            if any(alive(p) for p in pods):
+                return _Verdict(
+                    Phase.RUNNING,
+                    "Stopping",
+                    "stopping (spec.stop): the trainer is saving a checkpoint; the run then "
+                    "ends as Succeeded",
+                )
+            return stopped(pods)
         if live or terminating:
             return _Verdict(
                 Phase.SUSPENDED,
@@ -528,6 +545,26 @@ def _verdict(obs: Observed) -> _Verdict:
     if old_phase == Phase.RUNNING:
         return _Verdict(Phase.PENDING, "WaitingForPod", "waiting for the next training pod")
     return _Verdict(Phase.PENDING, "WaitingForPod", "waiting for the Job to create its pod")
+
+
+def stopped(pods: list[Manifest]) -> _Verdict:
+    """The run ended by ``spec.stop``: where it got to, from its last trainer's summary."""
+    last = newest_pod([p for p in leaders(pods) if _terminated(p)])
+    summary = summary_of(last) if last is not None else None
+    if summary is None or not summary.global_step:
+        return _Verdict(Phase.SUCCEEDED, "Stopped", "stopped (spec.stop) before any step")
+    planned = f" of {summary.total_steps}" if summary.total_steps else ""
+    kept = (
+        f"; its checkpoint {summary.last_checkpoint} is kept (the adapter in it loads with "
+        "peft; resumeFrom it to train on)"
+        if summary.last_checkpoint
+        else ""
+    )
+    return _Verdict(
+        Phase.SUCCEEDED,
+        "Stopped",
+        f"stopped (spec.stop) at step {summary.global_step}{planned}{kept}",
+    )
 
 
 def queued(obs: Observed, stopping: bool) -> _Verdict:

@@ -77,7 +77,8 @@ def setup(cluster, tmp_path_factory):
     # Streams ask again every 2 s whether their user may (60 s by default), so that the tests
     # see a right taken away end its stream quickly.
     proc, root = start_dashboard(cluster, log, "--auth", "token", "--path-prefix", PREFIX,
-                                 "--recheck-seconds", "2")  # fmt: skip
+                                 "--recheck-seconds", "2",
+                                 "--try-idle-seconds", "30")  # fmt: skip
     yield {
         "base": root + PREFIX,
         "root": root,

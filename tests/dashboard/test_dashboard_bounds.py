@@ -381,6 +381,58 @@ def test_closed_followed_logs_give_their_slots_back(setup, cluster):
     wait_for("a live stream for the user whose log tabs are closed", stream_opens, timeout=45)
 
 
+CHATTY = (
+    "import time\nfor i in range(6000): print(f'{i:05d} ' + 'x' * 1000, flush=True)\n"
+    "time.sleep(3600)"
+)
+
+
+def test_a_followed_log_ends_after_its_cap_and_says_how_to_go_on(setup, cluster):
+    """The plain-text log opens at the tail and follows; one connection sends at most
+    logs.LOG_CAP_BYTES (4 MiB), then says so and ends (a reload follows from the present)."""
+    from gft_dashboard import logs
+
+    team, base = setup["team"], setup["base"]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetune("capped", team)))
+    cluster.kubectl("patch", "gft", "capped", "-n", team, "--subresource=status", "--type=merge",
+                    "-p", json.dumps({"status": {"podName": "capped"}}))  # fmt: skip
+    chatty = pods.pod("capped", team, ["python", "-c", CHATTY], container_name="trainer")
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(chatty))
+    wait_for("the chatty pod's last line", lambda: "05999 x" in cluster.kubectl(
+        "logs", "capped", "-n", team, "--tail=1", check=False).stdout, timeout=90)  # fmt: skip
+    user = Browser(base, setup["tokens"]["viewer"])
+    got, deadline = b"", time.monotonic() + 120
+    with user.get(f"/api/finetunes/{team}/capped/log?tailLines=10000", stream=True) as r:
+        assert r.status_code == 200, r.text
+        for chunk in r.iter_content(chunk_size=None):  # ends only if the dashboard ends it
+            got += chunk
+            assert time.monotonic() < deadline, f"still following after {len(got)} bytes"
+    assert logs.LOG_CAP_BYTES <= len(got) < logs.LOG_CAP_BYTES + (256 << 10), len(got)
+    assert got.rstrip().endswith(b"MiB shown: reload to follow from the present, or download "
+                                 b"the whole log]"), got[-200:]  # fmt: skip
+    whole = user.get(f"/api/finetunes/{team}/capped/log?download=1")
+    assert whole.status_code == 200 and whole.content.count(b"\n") == 6000, len(whole.content)
+
+
+def test_closed_run_pages_give_their_slots_back(setup, cluster):
+    """A run page's one stream (``.../live``, issue 27) holds a slot too; a closed tab frees it
+    at the stream's next keep-alive, however still the run."""
+    team, base = setup["team"], setup["base"]
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(finetune("still", team)))
+    (token,) = _service_account(cluster, team, "pager")
+    user = Browser(base, token)
+    for _ in range(12):  # twelve run pages opened, then closed
+        with user.get(f"/api/finetunes/{team}/still/live?log=0", stream=True) as r:
+            assert r.status_code == 200, r.text
+            assert b"event: run" in next(r.iter_content(chunk_size=None))
+
+    def stream_opens() -> bool:
+        with user.get("/api/stream", stream=True) as r:
+            return r.status_code == 200
+
+    wait_for("a live stream for the user whose run pages are closed", stream_opens, timeout=45)
+
+
 # -- 12. The list survives objects with large annotations -------------------------------------
 
 

@@ -270,6 +270,20 @@ def test_a_multi_node_run_is_an_indexed_job_behind_a_headless_service():
     }
 
 
+def test_stop_suspends_the_job_or_deactivates_the_workload_for_good():
+    """spec.stop stops the trainer the way suspend does (a checkpoint first); suspend: false
+    cannot bring a stopped run back."""
+    live = {"spec": {"suspend": False}}
+    assert children.job_patch(_spec(stop=True), live, finished=False) == {"spec": {"suspend": True}}
+    assert children.job_patch(_spec(stop=True), {"spec": {"suspend": True}}, False) is None
+    assert children.job_patch(_spec(stop=True), live, finished=True) is None
+    active = {"spec": {"active": True}}
+    assert children.workload_patch(_spec(queueName="q", stop=True), active) == {
+        "spec": {"active": False}
+    }
+    assert children.paused(_spec(stop=True, suspend=False))
+
+
 def test_job_patch_touches_only_suspend_and_the_operator_owns_the_ttl():
     live = children.job(OWNER, _spec(ttlSecondsAfterFinished=60))
     assert "ttlSecondsAfterFinished" not in live["spec"]  # the operator deletes it itself

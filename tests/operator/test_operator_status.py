@@ -320,6 +320,62 @@ def test_suspend_and_queue():
     assert r["phase"] == "Running" and conditions(r)["Suspended"]["status"] == "False"
 
 
+def test_stop_checkpoints_then_ends_the_run_as_succeeded_and_keeps_it_ended():
+    """spec.stop: the trainer stops as for a suspend (its checkpoint first), then the run is
+    over: Succeeded/Stopped with where it got to, no new Job, whatever happens to the pods."""
+    stopping = pod("demo-a", deleting=True, trainer={"running": {}})
+    suspended = job(("Suspended", "JobSuspended", ""), suspend=True, active=1)
+    obs = observe(suspended, [stopping])
+    obs.stop = True
+    s = decide(obs, NOW).status
+    assert (s["phase"], s["reason"]) == ("Running", "Stopping"), s
+    ended = pod(
+        "demo-a",
+        phase="Failed",
+        trainer={
+            "terminated": {
+                "exitCode": int(ExitCode.STOPPED),
+                "message": TrainerSummary(
+                    outcome=Outcome.STOPPED,
+                    exit_code=int(ExitCode.STOPPED),
+                    reason="StoppedAfterCheckpoint",
+                    message="stopped by SIGTERM after a checkpoint",
+                    global_step=12,
+                    total_steps=40,
+                    last_checkpoint="/output/runs/u/checkpoints/checkpoint-12",
+                    last_checkpoint_step=12,
+                ).to_termination_message(),
+            }
+        },
+    )
+    obs = observe(job(("Suspended", "JobSuspended", ""), suspend=True), [ended], old=s)
+    obs.stop = True
+    d = decide(obs, NOW)
+    s = d.status
+    assert (s["phase"], s["reason"]) == ("Succeeded", "Stopped"), s
+    assert "at step 12 of 40" in s["message"] and "checkpoint-12" in s["message"]
+    assert s["result"]["outcome"] == "Stopped" and s["completionTime"] == NOW
+    assert s["lastCheckpoint"]["step"] == 12 and s["progress"]["percent"] == 30.0
+    assert conditions(s)["Complete"]["status"] == "True" and d.transition.reason == "Stopped"
+    assert not should_create_job(obs)
+    # Its pods released and gone, the Job deleted (TTL): it stays as it was said.
+    obs = observe(job(("Suspended", "JobSuspended", ""), suspend=True), [], old=s)
+    obs.stop = True
+    assert decide(obs, "2026-01-01T01:00:00Z").status == s
+    obs = observe(None, [], old=s)
+    obs.stop = True
+    assert decide(obs, "2026-01-01T01:00:00Z").status == s and not should_create_job(obs)
+    # Stopped before a Job was made: nothing is trained.
+    fresh = observe()
+    fresh.stop = True
+    s = decide(fresh, NOW).status
+    assert (s["phase"], s["reason"]) == ("Succeeded", "Stopped") and not should_create_job(fresh)
+    # With a queue, a stop is not "waiting for admission": the run ends.
+    queued_stop = observe(job(suspend=True), [], queue="gpu")
+    queued_stop.stop = True
+    assert decide(queued_stop, NOW).status["reason"] == "Stopped"
+
+
 def workload(*conditions, active=True):
     """A Kueue Workload with conditions given as (type, status, reason, message)."""
     return {

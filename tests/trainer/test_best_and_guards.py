@@ -163,3 +163,43 @@ def test_samples_take_at_most_their_share_of_the_run() -> None:
 class _FakeTok:
     eos_id = 1
     pad_id = 0
+
+
+def test_a_sample_answer_is_never_cut_silently(tiny_gemma3: Path) -> None:
+    """Issue 27, item 11: a held-out run's answers were cut after 14 tokens by the time budget
+    and looked wrong. An answer the budget cuts says so (and is not scored for exact match);
+    the run's final answers are whole, up to maxNewTokens, and say when that cut them."""
+    tok = data.Tokenizer(AutoTokenizer.from_pretrained(tiny_gemma3), 3)
+    records = data.read_file(CHAT)
+    # A random model rarely says end-of-text: its answers run to maxNewTokens unless cut.
+    settings = Samples(count=2, maxNewTokens=300, maxSeconds=0.05, exactMatchExamples=2)
+    prompts = samples.collect(tok, settings, DatasetFormat.CHAT, records)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gemma3)
+    long_ago = time.monotonic() - 1000
+    sampler = samples.Sampler(tok, prompts, settings, [tok.eos_id], 512, started=long_ago)
+    cut = sampler.run(model, 1)
+    assert cut.samples and all(s.truncated == "timeBudget" for s in cut.samples), cut.samples
+    assert cut.scored == 0 and cut.exact_match is None  # a cut answer is no answer to score
+    whole = sampler.run(model, 2, whole=True)  # the run's last word: no time budget
+    assert len(whole.samples) == 2
+    for s in whole.samples:  # 300 tokens, trimmed to 240 characters for the status
+        assert s.truncated == "maxNewTokens" and s.answer.endswith("..."), s
+    # What the page and TensorBoard show says so too.
+    assert "cut at training.samples.maxNewTokens" in samples.markdown(whole.samples[0])
+
+
+def test_the_runs_final_samples_are_whole_whatever_the_budget(tmp_path: Path, tiny_gemma3: Path):
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_gemma3,
+        out,
+        training={
+            "maxSteps": 4,
+            "evalEverySteps": 2,
+            "samples": {"count": 2, "maxNewTokens": 40, "maxSeconds": 0.001, "maxShare": 0.001},
+        },
+    )
+    code, summary = run_cli(cfg)
+    assert code == 0 and len(summary.samples) == 2, summary
+    assert all(s.truncated != "timeBudget" and s.answer for s in summary.samples), summary.samples

@@ -36,6 +36,11 @@ def _nvml() -> Any | None:
         return None
 
 
+def nvml() -> Any | None:
+    """The ``pynvml`` module, initialised; None when there is no NVML (no GPU, no driver)."""
+    return _nvml()
+
+
 def read_gpus() -> list[GpuReading]:
     """One reading per visible GPU; an empty list when NVML is absent or fails."""
     nv = _nvml()

@@ -3,8 +3,10 @@
 The prompts are the ones the user gave, then the first evaluation records (their last model
 turn, or their completion, is the reference). Answers are greedy, so two evaluations differ
 only because the weights did. A time budget bounds the answers (``maxSeconds`` per evaluation,
-``maxShare`` of the run's wall time in all), so samples never make a run slow: answers are cut
-short when it runs out, and prompts left are skipped and counted.
+``maxShare`` of the run's wall time in all), so samples never make a run slow: prompts left when
+it runs out are skipped and counted, and an answer it cuts short says so (``truncated:
+timeBudget``) and is not scored. An answer is never cut silently: one that reached
+``maxNewTokens`` says that too, and the run's final answers (``whole``) get no time budget.
 """
 
 from __future__ import annotations
@@ -130,10 +132,13 @@ class Sampler:
         elapsed = time.monotonic() - self.started
         return min(self.settings.max_seconds, self.settings.max_share * elapsed - self.spent)
 
-    def answer(self, model: Any, prompts: list[list[int]], seconds: float) -> list[str]:
-        """Greedy answers to a batch of prompts, left-padded into one ``generate`` call: a
+    def answer(
+        self, model: Any, prompts: list[list[int]], seconds: float | None
+    ) -> list[tuple[str, str | None]]:
+        """Greedy answers to a batch of prompts, left-padded into one ``generate`` call (a
         batch costs about what one prompt does, where decoding is bound by reading the
-        weights."""
+        weights), each with what cut it short (see ``cut_by``); ``seconds`` None: no time
+        limit."""
         from transformers import GenerationConfig
 
         config = GenerationConfig(
@@ -154,41 +159,49 @@ class Sampler:
         answers = []
         for row in out[:, width:].tolist():
             end = next((i for i, t in enumerate(row) if t in self.stops), len(row))
-            answers.append(self.tok.hf.decode(row[:end], skip_special_tokens=True))
+            text = self.tok.hf.decode(row[:end], skip_special_tokens=True)
+            answers.append((text, cut_by(row, self.stops, self.settings.max_new_tokens)))
         return answers
 
-    def run(self, model: Any, step: int) -> Answers:
+    def run(self, model: Any, step: int, whole: bool = False) -> Answers:
+        """Answer the prompts within the budget. ``whole``: only the shown ones, each in full
+        (up to ``maxNewTokens``) whatever the budget: the run's last answers, after training,
+        cost the run nothing it could have trained with."""
         start = time.monotonic()
-        deadline = start + self.budget()
+        deadline = None if whole else start + self.budget()
+        prompts = self.prompts[: self.settings.count] if whole else self.prompts
         result = Answers()
-        texts: list[str] = []
+        texts: list[tuple[str, str | None]] = []
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                for first in range(0, len(self.prompts), BATCH):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        result.skipped = len(self.prompts) - first
+                for first in range(0, len(prompts), BATCH):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        result.skipped = len(prompts) - first
                         break
-                    batch = self.prompts[first : first + BATCH]
+                    batch = prompts[first : first + BATCH]
                     texts += self.answer(model, [p.ids for p in batch], left)
         finally:
             model.train(was_training)
         hits = 0
-        for i, (prompt, text) in enumerate(zip(self.prompts, texts, strict=False)):
+        for i, (prompt, (text, cut)) in enumerate(zip(prompts, texts, strict=False)):
             if i < self.settings.count:
                 result.samples.append(
                     Sample(
                         prompt=trim(prompt.shown),
                         answer=trim(text),
                         reference=trim(prompt.reference) if prompt.reference else None,
+                        truncated=cut,
                     )
                 )
             scored = 0 <= i - self.fixed < self.settings.exact_match_examples
-            if scored and prompt.reference is not None:
+            if scored and prompt.reference is not None and cut != TIME_BUDGET:
                 result.scored += 1
                 hits += exact(text, prompt.reference)
+            elif scored and prompt.reference is not None:
+                result.skipped += 1
         if self.settings.exact_match_examples and result.scored:
             result.exact_match = hits / result.scored
         result.seconds = time.monotonic() - start
@@ -198,7 +211,10 @@ class Sampler:
 
     def _report(self, step: int, result: Answers) -> None:
         for i, s in enumerate(result.samples, 1):
-            log.info("sample %d at step %d: %r -> %r", i, step, trim(s.prompt, 80), s.answer)
+            note = f" (cut: {CUT_NOTES[s.truncated]})" if s.truncated else ""
+            log.info(
+                "sample %d at step %d: %r -> %r%s", i, step, trim(s.prompt, 80), s.answer, note
+            )
         if result.skipped:
             log.warning(
                 "samples: %d prompt(s) skipped at step %d: the time budget was spent "
@@ -212,9 +228,29 @@ class Sampler:
             self.on_answers(step, result.samples)
 
 
+MAX_NEW_TOKENS, TIME_BUDGET = "maxNewTokens", "timeBudget"
+CUT_NOTES = {
+    MAX_NEW_TOKENS: "cut at training.samples.maxNewTokens",
+    TIME_BUDGET: "cut by the evaluation's time budget (training.samples.maxSeconds, maxShare)",
+}
+
+
+def cut_by(row: list[int], stops: list[int], max_new_tokens: int) -> str | None:
+    """What ended a generated row before the model ended it: ``maxNewTokens`` when it is that
+    long, ``timeBudget`` when it is shorter (``generate`` ran out of time), None when it holds
+    a stop token. Rows of a batch are equally long; one that ended early is padded after its
+    stop token."""
+    if any(t in stops for t in row):
+        return None
+    return MAX_NEW_TOKENS if len(row) >= max_new_tokens else TIME_BUDGET
+
+
 def markdown(sample: Sample) -> str:
     """One sample as TensorBoard's text tab shows it."""
-    parts = [f"**prompt**\n\n{_quote(sample.prompt)}", f"**answer**\n\n{_quote(sample.answer)}"]
+    answer = f"**answer**\n\n{_quote(sample.answer)}"
+    if sample.truncated:
+        answer += f"\n\n*({CUT_NOTES[sample.truncated]})*"
+    parts = [f"**prompt**\n\n{_quote(sample.prompt)}", answer]
     if sample.reference is not None:
         parts.append(f"**reference**\n\n{_quote(sample.reference)}")
     return "\n\n".join(parts)

@@ -26,6 +26,7 @@ from transformers import PrinterCallback, Trainer, TrainerState, TrainingArgumen
 
 from gft_trainer import (
     checkpoints,
+    cost,
     data,
     export,
     judge,
@@ -424,6 +425,11 @@ def run(
     if rank == 0:
         export.check_credentials(config.output.s3, config.output.hub)
         resume.keep_config(out, config_text)
+    # Each pod's first process measures what its GPUs cost, from the start (they are held
+    # while the model loads).
+    meter = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        meter = cost.Meter(out / "cost", cost.pod_name(), started).start()
     hw = modeling.Hardware.detect()
     modeling.check_gpus(config.resources.gpus, hw.cuda, modeling.Driver.detect())
     records = data.read_and_check(config.dataset, config.data, config.training.seed)
@@ -505,6 +511,8 @@ def run(
             args.torch_compile_backend,
         )
     prometheus = PrometheusMetrics(config.run_name)
+    if meter is not None:
+        prometheus.registry.register(meter)
     prometheus.set_data(prepared.train_examples + prepared.eval_examples, prepared.truncated)
     tb_root = Path(config.observability.tensorboard_dir or out / "tensorboard")
     tb_dir = tensorboard_run_dir(tb_root, config.run_name)
@@ -594,7 +602,7 @@ def run(
                 summary.eval_loss = metrics.get("eval_loss")
                 summary.eval_token_accuracy = metrics.get("eval_token_accuracy")
                 summary.eval_exact_match = metrics.get("eval_exact_match")
-            summary.samples = trainer.latest_samples
+            summary.samples = final_samples(trainer)
             top = judge.best(trainer.state.log_history, h.metric_for_best)
             if top is not None:
                 summary.best_step = top.step
@@ -615,12 +623,25 @@ def run(
             summary.last_checkpoint_step = checkpoints.step_of(ckpt)
         if summary.train_tokens and summary.runtime_seconds:
             summary.tokens_per_second = round(summary.train_tokens / summary.runtime_seconds, 2)
+        if meter is not None:
+            summary.cost = meter.stop()
     finally:
         for cb in callbacks:
             if isinstance(cb, TensorBoardScalars):
                 cb.close()
         prometheus.shutdown()
     return summary
+
+
+def final_samples(trainer: GemmaTrainer) -> list[Any]:
+    """The run's last answers, whole: the last evaluation's, unless its time budget cut or
+    skipped them; then the shown prompts are answered once more without one (after training,
+    so it costs the run no step)."""
+    latest = trainer.latest_samples
+    cut = not latest or any(s.truncated == samples.TIME_BUDGET for s in latest)
+    if trainer.sampler is not None and cut and trainer.is_world_process_zero():
+        latest = trainer.sampler.run(trainer.model, trainer.state.global_step, whole=True).samples
+    return latest
 
 
 def make_sampler(
