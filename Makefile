@@ -17,7 +17,7 @@ PY := $(VENV)/bin/python
 PG := $(PY) -m devcluster
 export PYTHONPATH := $(CURDIR):$(CURDIR)/tests
 
-.PHONY: help venv lock lint test test-fast bench-gpu gpu-kit demo cluster-up cluster-down tools system-deps manifests vendor
+.PHONY: help venv lock lint test test-notebook test-fast bench-gpu gpu-kit demo cluster-up cluster-down tools system-deps manifests vendor
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -82,12 +82,15 @@ test: venv tools ## set up everything and run the whole suite (what CI runs)
 	@rest_log=$$(mktemp); \
 	$(VENV)/bin/pytest -m "not cluster" -p no:cacheprovider --durations=15 >$$rest_log 2>&1 & \
 	rest=$$!; \
-	$(VENV)/bin/pytest -m cluster --durations=25 && cluster=0 || cluster=$$?; \
+	$(VENV)/bin/pytest -m "cluster and not notebook" --durations=25 && cluster=0 || cluster=$$?; \
 	wait $$rest && other=0 || other=$$?; \
 	echo "=== the tests without the proving ground (run beside the ones above) ==="; \
 	cat $$rest_log; rm -f $$rest_log; \
 	echo "make test: proving-ground tests exit $$cluster, the others exit $$other"; \
 	test $$cluster -eq 0 -a $$other -eq 0
+
+test-notebook: venv tools ## run the example notebook (the real Gemma 3 270M through the Python client) on the proving ground
+	$(VENV)/bin/pytest -m notebook
 
 test-fast: venv ## the suite without the slow end-to-end tests
 	$(VENV)/bin/pytest -m "not slow"

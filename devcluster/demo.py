@@ -38,6 +38,7 @@ TENSORBOARD_PORT = 6006
 # whose pods really run), and reads the trainer's metrics every 2 s so the row moves visibly.
 ON_RUNNER = [
     "--set-string", "nodeSelector.gft\\.dev/runner=true",
+    "--set-string", "trainer.tensorBoardNodeSelector.gft\\.dev/runner=true",
     "--set", "tolerations[0].key=gft.dev/runner",
     "--set", "tolerations[0].operator=Exists",
     "--set", "tolerations[0].effect=NoSchedule",

@@ -14,11 +14,13 @@ else
     install() { "$venv/bin/pip" install --no-cache-dir -q "$@"; }
 fi
 install --require-hashes --no-deps -r "$root/operator/requirements.lock"
-# The operator's packages only: pyproject.toml declares the trainer's too, so a stub stands in.
+# The operator's packages only: pyproject.toml declares the trainer's and the client's too, so
+# stubs stand in.
 work="$(mktemp -d)"
 cp "$root/pyproject.toml" "$root/README.md" "$work/"
-mkdir -p "$work/operator" "$work/trainer-image/gft_trainer"
+mkdir -p "$work/operator" "$work/trainer-image/gft_trainer" "$work/client/gft"
 cp -r "$root/operator/gft_api" "$root/operator/gft_operator" "$root/operator/gft_dashboard" "$work/operator/"
-touch "$work/trainer-image/gft_trainer/__init__.py"
+touch "$work/trainer-image/gft_trainer/__init__.py" "$work/client/gft/__init__.py"
 install --no-deps "$work"
-rm -rf "$work" "$venv/lib/python3"*/site-packages/gft_trainer "$venv/bin/gft-train"
+rm -rf "$work" "$venv/lib/python3"*/site-packages/gft_trainer "$venv/bin/gft-train" \
+    "$venv/bin/gft-try" "$venv/lib/python3"*/site-packages/gft "$venv/bin/kubectl-gft"

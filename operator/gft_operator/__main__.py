@@ -61,6 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="numeric user of the training pods",
     )
     p.add_argument(
+        "--tensorboard-node-selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="node label that TensorBoard after a run must match (repeatable; default: any "
+        "node where the run's output volume can be mounted)",
+    )
+    p.add_argument(
         "--resync-seconds",
         type=float,
         default=10.0,
@@ -212,6 +220,17 @@ def policy_of(args: argparse.Namespace, operator_namespace: str) -> Policy:
     )
 
 
+def _labels(pairs: list[str]) -> dict[str, str]:
+    """KEY=VALUE flags as a node selector; a flag without '=' stops the operator, named."""
+    selector = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--tensorboard-node-selector {pair!r}: expected KEY=VALUE")
+        selector[key] = value
+    return selector
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -221,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("kopf").setLevel(logging.WARNING)
+    tensorboard_nodes = _labels(args.tensorboard_node_selector)  # a bad flag stops it first
     kubeconfig = args.kubeconfig  # None: in cluster (service account), else ~/.kube/config
     kube = Kube(load_config(kubeconfig))
     handlers.RUNTIME.kube = kube
@@ -228,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         image=args.trainer_image,
         run_as_user=args.run_as_user,
         policy=policy_of(args, args.leader_election_namespace),
+        tensorboard_node_selector=tensorboard_nodes,
     )
     handlers.RUNTIME.resync_seconds = args.resync_seconds
     access = _access(args.metrics_access, kubeconfig)

@@ -94,6 +94,10 @@ class Defaults:
     policy: Policy = field(default_factory=Policy)
     """The admin's bounds on what a fine-tune may ask for, and the NetworkPolicy settings."""
 
+    tensorboard_node_selector: dict[str, str] = field(default_factory=dict)
+    """Where TensorBoard runs after a run (the admin's choice, say a CPU pool): not the run's
+    own node selector, which would hold a GPU node for as long as it is kept."""
+
 
 @dataclass(frozen=True)
 class Owner:
@@ -473,6 +477,8 @@ def tensorboard_deployment(
         ],
     }
     _place(pod_spec, spec, trainer=False)
+    if defaults.tensorboard_node_selector:
+        pod_spec["nodeSelector"] = dict(defaults.tensorboard_node_selector)
     return _adopt(
         {
             "apiVersion": "apps/v1",
@@ -679,8 +685,9 @@ def _pod_security(defaults: Defaults) -> Manifest:
 def _place(pod_spec: Manifest, spec: GemmaFineTuneSpec, trainer: bool = True) -> None:
     """Node selector and tolerations of the spec. TensorBoard after the run keeps only the
     tolerations: it needs no GPU node (the node selector would hold one for as long as it is
-    kept), and the scheduler places it where the claim's volume can be mounted; the
-    tolerations let it go to a tainted node where the volume is bound to one."""
+    kept), and the scheduler places it where the claim's volume can be mounted (within the
+    admin's ``--tensorboard-node-selector``); the tolerations let it go to a tainted node where
+    the volume is bound to one."""
     res = spec.resources
     if res.node_selector and trainer:
         pod_spec["nodeSelector"] = dict(res.node_selector)

@@ -114,6 +114,9 @@ class LeaderElector:
         self._observed: tuple | None = None
         self._observed_at = 0.0  # monotonic time the record above was first seen
         self._guard = threading.Lock()
+        # Set by release(): a replica shutting down never takes the Lease back (the run loop
+        # would otherwise see it free and acquire it again, and the standby wait it out).
+        self._released = False
 
     @property
     def path(self) -> str:
@@ -124,7 +127,7 @@ class LeaderElector:
             return self._leading and time.monotonic() < self._leading_until
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and not self._released:
             started = time.monotonic()
             try:
                 held = self._try_acquire_or_renew()
@@ -166,6 +169,8 @@ class LeaderElector:
             self._observed, self._observed_at = seen, time.monotonic()
 
     def _try_acquire_or_renew(self) -> bool:
+        if self._released:
+            return False
         now = time.time()
         spec = {
             "holderIdentity": self.identity,
@@ -217,6 +222,7 @@ class LeaderElector:
         the Lease free."""
         with self._guard:
             leading, self._leading = self._leading, False
+            self._released = True
         if not leading:
             return
         if self.before_release is not None:

@@ -251,6 +251,11 @@ def test_the_chart_passes_a_server_side_dry_run(cluster):
     docs = run_helm("template", "gft", str(CHART), "-n", "gft-dry-run", "--skip-tests").stdout
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "gft-dry-run"}}
     cluster.kubectl("apply", "-f", "-", input=json.dumps(namespace))
+    # The uninstall hook's pod runs as the operator's ServiceAccount, which admission looks up
+    # and a dry run does not create: it is made for real in this throwaway namespace.
+    account = {"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": "gft-operator", "namespace": "gft-dry-run"}}  # fmt: skip
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(account))
     try:
         result = cluster.kubectl(
             "apply", "--dry-run=server", "--server-side", "-f", "-", input=docs, check=False

@@ -33,6 +33,8 @@ SERVICE_ACCOUNT = f"system:serviceaccount:{NAMESPACE}:gft-operator"
 ON_RUNNER = [
     "--set-string",
     "nodeSelector.gft\\.dev/runner=true",
+    "--set-string",
+    "trainer.tensorBoardNodeSelector.gft\\.dev/runner=true",
     "--set",
     "tolerations[0].key=gft.dev/runner",
     "--set",

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import wait_for
-from operator_process import installed, start_operator  # noqa: F401 (fixtures)
+from operator_process import TENSORBOARD_ON_RUNNER, installed, start_operator  # noqa: F401
 from runner_runs import DATA, model_dir, output_dir  # noqa: F401 (model_dir is a fixture)
 from trainer.s3_server import S3, seaweedfs
 
@@ -42,7 +42,9 @@ FINISHED = 300  # seconds: a trainer starts (torch, the tiny model), reads 1 MiB
 @pytest.fixture(scope="module")
 def operator(installed, tmp_path_factory):
     """The operator, reading the trainers' metrics every second (the progress bar moves)."""
-    op = start_operator(installed, tmp_path_factory, "--metrics-interval", "1")
+    op = start_operator(
+        installed, tmp_path_factory, "--metrics-interval", "1", *TENSORBOARD_ON_RUNNER
+    )
     yield op
     op.kill(signal.SIGTERM)
 

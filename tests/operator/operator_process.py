@@ -234,6 +234,11 @@ def installed(cluster):
     return cluster
 
 
+# TensorBoard after a run goes where the admin says (--tensorboard-node-selector); on the
+# proving ground only the runner node's pods really serve.
+TENSORBOARD_ON_RUNNER = ("--tensorboard-node-selector", "gft.dev/runner=true")
+
+
 def start_operator(
     cluster, tmp_path_factory, *extra: str, venv: Path | None = None
 ) -> OperatorProcess:

@@ -485,3 +485,9 @@ def test_tensorboard_after_the_run_does_not_pin_the_trainers_gpu_nodes():
     assert "nodeSelector" not in pod_spec and "affinity" not in pod_spec
     # The toleration stays: where the claim's volume is bound to a tainted node, it may go.
     assert pod_spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    # The admin may send it to a pool of its own (--tensorboard-node-selector).
+    pooled = children.Defaults(tensorboard_node_selector={"pool": "cpu"})
+    deployment = children.tensorboard_deployment(OWNER, spec, pooled)
+    assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
+    trainer = children.job(OWNER, spec, pooled)["spec"]["template"]["spec"]
+    assert trainer["nodeSelector"] == {"nvidia.com/gpu.present": "true"}  # the run's own

@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 from operator_process import (  # noqa: F401 (fixtures)
+    TENSORBOARD_ON_RUNNER,
     apply,
     get_gft,
     installed,
@@ -54,6 +55,7 @@ def live_operator(request, installed, tmp_path_factory):
         access,
         "--metrics-startup-grace",
         str(STARTUP_GRACE),
+        *TENSORBOARD_ON_RUNNER,
     )
     op.access = access  # type: ignore[attr-defined]
     yield op
