@@ -64,6 +64,8 @@ def test_the_energy_counter_wins_and_a_gpu_without_power_leaves_energy_unknown(
     m = meter(tmp_path / "a", "p", 1, 123.0, counter=lambda: next(readings)).start()
     m.sample(now=110.0)
     assert m.totals().energy_joules == pytest.approx(900.0)
+    m.energy_counter = lambda n: None  # its two readings are spent; stop() reads once more
+    m.stop(now=110.0)
     blind = meter(tmp_path / "b", "p", 1, None).start()
     blind.sample(now=110.0)
     assert blind.stop(now=110.0).energy_wh is None
