@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
 import time
 from typing import Any
 
@@ -29,8 +30,10 @@ from gft_dashboard import names
 from gft_dashboard.apiserver import GROUP, VERSION, ApiError, ApiServer, Identity, Manifest
 from gft_dashboard.context import dash_of
 from gft_dashboard.runpage import TRY_LABEL, newest_first, pod_row
+from gft_dashboard.tensorboard import host_port
 
 PORT = 8000
+TOKEN = "GFT_TRY_TOKEN"  # what gft-try answers to (an env var of the pod, sent as a bearer)
 CONFIG = "/etc/gft/config.yaml"  # where the operator mounts the run's trainer config
 MAX_PROMPT_CHARS = 8000
 MAX_ANSWER_BYTES = 1 << 20
@@ -47,8 +50,17 @@ class CannotTry(ValueError):
 
 
 def pod(finetune: Manifest, job: Manifest, idle_seconds: int, deadline_seconds: int) -> Manifest:
-    """The Try-it pod of a finished run, from its Job's pod template (pure)."""
+    """The Try-it pod of a finished run, from its Job's pod template, with a token of its own
+    (GFT_TRY_TOKEN: gft-try answers only whoever sends it; another team's pod can reach the
+    port but cannot read this pod's spec)."""
     meta = finetune["metadata"]
+    owners = (job.get("metadata") or {}).get("ownerReferences") or []
+    if not any(o.get("uid") == meta.get("uid") and o.get("controller") for o in owners):
+        # Someone who may write Jobs here replaced it: its template is theirs, not the run's.
+        raise CannotTry(
+            f"the Job {(job.get('metadata') or {}).get('name')} is not this run's (its owner is "
+            "not the fine-tune): Try it starts only from the run's own Job"
+        )
     template = (job.get("spec") or {}).get("template") or {}
     spec = template.get("spec") or {}
     trainer = next((c for c in spec.get("containers") or [] if c.get("name") == "trainer"), None)
@@ -62,8 +74,9 @@ def pod(finetune: Manifest, job: Manifest, idle_seconds: int, deadline_seconds: 
         if m.get("mountPath") != "/tmp":
             m["readOnly"] = True  # it reads the run; it writes nothing but scratch
         mounts.append(m)
-    env = [e for e in trainer.get("env") or [] if e.get("name") != "HF_HUB_OFFLINE"]
+    env = [e for e in trainer.get("env") or [] if e.get("name") not in ("HF_HUB_OFFLINE", TOKEN)]
     env.append({"name": "HF_HUB_OFFLINE", "value": "1"})  # the run's cache has the base model
+    env.append({"name": TOKEN, "value": secrets.token_urlsafe(32)})
     container: Manifest = {
         "name": "try",
         "image": trainer["image"],
@@ -213,7 +226,10 @@ async def ask(request: web.Request) -> web.StreamResponse:
     caller = dash.caller(request)
     who = caller.identity
     ns, name = request.match_info["namespace"], request.match_info["name"]
-    body = await request.json() if request.can_read_body else {}
+    try:
+        body = await request.json() if request.can_read_body else {}
+    except ValueError:
+        raise web.HTTPBadRequest(text='send JSON: {"prompt": "..."}') from None
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if not isinstance(prompt, str) or not prompt.strip() or len(prompt) > MAX_PROMPT_CHARS:
         raise web.HTTPBadRequest(text=f"ask a question (1 to {MAX_PROMPT_CHARS} characters)")
@@ -230,11 +246,30 @@ async def ask(request: web.Request) -> web.StreamResponse:
                          subresource="proxy"):  # fmt: skip
         raise web.HTTPForbidden(text=f"you may not talk to pod {pod_name} (create pods/proxy "
                                 f"in {ns})")  # fmt: skip
+    token = pod_token(target)
+    address = host_port(target["status"]["podIP"], PORT)
+    if token is None or address is None:
+        raise web.HTTPConflict(
+            text=f"pod {pod_name} is not a Try-it pod this dashboard started (no token, or no "
+            "usable address): stop it and start again"
+        )
     with dash.stream_slot(caller):
-        return await _relay(request, dash, target["status"]["podIP"], prompt)
+        return await _relay(request, dash, address, token, prompt)
 
 
-async def _relay(request: web.Request, dash, ip: str, prompt: str) -> web.StreamResponse:
+def pod_token(found: Manifest) -> str | None:
+    """The token in the Try-it container's environment (read as the user, with the pod)."""
+    for container in (found.get("spec") or {}).get("containers") or []:
+        if container.get("name") == "try":
+            for e in container.get("env") or []:
+                if e.get("name") == TOKEN and isinstance(e.get("value"), str):
+                    return e["value"]
+    return None
+
+
+async def _relay(
+    request: web.Request, dash, address: str, token: str, prompt: str
+) -> web.StreamResponse:
     assert dash.plain is not None
     response = web.StreamResponse(
         headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"}
@@ -243,7 +278,8 @@ async def _relay(request: web.Request, dash, ip: str, prompt: str) -> web.Stream
     started = time.monotonic()
     try:
         async with dash.plain.post(
-            f"http://{ip}:{PORT}/generate", json={"prompt": prompt}, allow_redirects=False,
+            f"http://{address}/generate", json={"prompt": prompt}, allow_redirects=False,
+            headers={"Authorization": f"Bearer {token}"},
             timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT, sock_connect=10),
         ) as r:  # fmt: skip
             if r.status != 200:

@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import sys
 
 import kopf
+from gft_api.v1alpha1 import LABEL_VALUE_PATTERN, QUALIFIED_NAME_PATTERN
 
 from gft_operator import children, handlers, monitoring
 from gft_operator.kube import Kube, load_config
@@ -221,12 +223,22 @@ def policy_of(args: argparse.Namespace, operator_namespace: str) -> Policy:
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
-    """KEY=VALUE flags as a node selector; a flag without '=' stops the operator, named."""
+    """KEY=VALUE flags as a node selector; one that is not a label stops the operator, named
+    (else every finished run's TensorBoard would be refused by the API server)."""
     selector = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--tensorboard-node-selector {pair!r}: expected KEY=VALUE")
+        if (
+            not sep
+            or len(key) > 317
+            or not re.fullmatch(QUALIFIED_NAME_PATTERN, key)
+            or len(value) > 63
+            or not re.fullmatch(LABEL_VALUE_PATTERN, value)
+        ):
+            raise SystemExit(
+                f"--tensorboard-node-selector {pair!r}: expected KEY=VALUE, a node label "
+                "(for example cloud.google.com/gke-nodepool=cpu-pool)"
+            )
         selector[key] = value
     return selector
 

@@ -117,6 +117,10 @@ class LeaderElector:
         # Set by release(): a replica shutting down never takes the Lease back (the run loop
         # would otherwise see it free and acquire it again, and the standby wait it out).
         self._released = False
+        # Held by each attempt and by a whole release: an attempt cannot read the Lease before
+        # the release and write it after, and a second release() (the loop ending, then kopf's
+        # cleanup) returns only once the first has written the Lease free.
+        self._turn = threading.Lock()
 
     @property
     def path(self) -> str:
@@ -129,15 +133,18 @@ class LeaderElector:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set() and not self._released:
             started = time.monotonic()
-            try:
-                held = self._try_acquire_or_renew()
-            except ApiError as e:
-                held = False
-                log.warning("leader election: %s", e)
-            except Exception:  # a bug must not freeze the leader in place
-                held = False
-                log.exception("leader election failed")
-            self._after_attempt(held, started)
+            with self._turn:
+                if self._released:
+                    break
+                try:
+                    held = self._try_acquire_or_renew()
+                except ApiError as e:
+                    held = False
+                    log.warning("leader election: %s", e)
+                except Exception:  # a bug must not freeze the leader in place
+                    held = False
+                    log.exception("leader election failed")
+                self._after_attempt(held, started)
             stop.wait(self.retry)
         self.release()
 
@@ -220,6 +227,10 @@ class LeaderElector:
         """Give the Lease up (on shutdown), so that a standby need not wait for it to expire:
         first stop leading and let the writes in flight end (``before_release``), then write
         the Lease free."""
+        with self._turn:
+            self._release()
+
+    def _release(self) -> None:
         with self._guard:
             leading, self._leading = self._leading, False
             self._released = True

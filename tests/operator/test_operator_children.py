@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 from gft_api.contract import (
     HF_TOKEN_ENV,
@@ -491,3 +492,14 @@ def test_tensorboard_after_the_run_does_not_pin_the_trainers_gpu_nodes():
     assert deployment["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "cpu"}
     trainer = children.job(OWNER, spec, pooled)["spec"]["template"]["spec"]
     assert trainer["nodeSelector"] == {"nvidia.com/gpu.present": "true"}  # the run's own
+
+
+def test_the_tensorboard_node_selector_flag_takes_node_labels_only():
+    """A flag the API server would refuse on every after-run TensorBoard stops the operator
+    at its start, naming the flag."""
+    from gft_operator.__main__ import _labels
+
+    assert _labels(["gft.dev/runner=true", "pool=cpu"]) == {"gft.dev/runner": "true", "pool": "cpu"}
+    for bad in ("no-equals", "a/b/c=x", "x=not ok!", "=v"):
+        with pytest.raises(SystemExit, match="--tensorboard-node-selector"):
+            _labels([bad])

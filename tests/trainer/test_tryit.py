@@ -51,12 +51,15 @@ def test_a_finished_runs_adapter_answers_beside_the_base(tmp_path: Path, tiny_ge
     )
     assert run_cli(cfg)[0] == 0
     port = free_port()
+    token = "t0ken-only-the-dashboard-knows"
     proc = subprocess.Popen(
         [sys.executable, "-m", "gft_trainer.tryit", "--config", str(cfg), "--address",
          "127.0.0.1", "--port", str(port), "--idle-seconds", "6", "--max-new-tokens", "12"],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env={**child_env(), "GFT_TRY_TOKEN": token}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     base_url = f"http://127.0.0.1:{port}"
+    key = {"Authorization": f"Bearer {token}"}
     try:
 
         def up():
@@ -68,10 +71,17 @@ def test_a_finished_runs_adapter_answers_beside_the_base(tmp_path: Path, tiny_ge
                 return False
 
         wait_for("gft-try to load the run", up, timeout=120)
-        info = requests.get(f"{base_url}/info", timeout=5).json()
+        # Any pod of the cluster reaches this port: without the pod's token, nothing is
+        # answered (before: another team's pod asked this run's adapter whatever it liked).
+        for path in ("/info", "/generate"):
+            stranger = requests.request("GET" if path == "/info" else "POST", base_url + path,
+                                        json={"prompt": "Capital of Spain?"}, timeout=10,
+                                        headers={"Authorization": "Bearer guess"})  # fmt: skip
+            assert stranger.status_code == 401, (path, stranger.text)
+        info = requests.get(f"{base_url}/info", headers=key, timeout=5).json()
         assert info["artifact"] == str(out / "adapter") and info["chat"] is True
         with requests.post(f"{base_url}/generate", json={"prompt": "Capital of Spain?"},
-                           stream=True, timeout=60) as r:  # fmt: skip
+                           headers=key, stream=True, timeout=60) as r:  # fmt: skip
             lines = [json.loads(line) for line in r.iter_lines() if line]
         said = {m: "".join(x.get("text", "") for x in lines if x.get("model") == m)
                 for m in ("tuned", "base")}  # fmt: skip
@@ -86,7 +96,8 @@ def test_a_finished_runs_adapter_answers_beside_the_base(tmp_path: Path, tiny_ge
         plain = AutoModelForCausalLM.from_pretrained(tiny_gemma3)
         assert said["base"] == greedy(plain, tok, ids, served.stops, 12)
         assert said["tuned"] != said["base"], said  # the adapter changed what it says
-        refused = requests.post(f"{base_url}/generate", json={"prompt": ""}, timeout=10)
+        refused = requests.post(f"{base_url}/generate", json={"prompt": ""}, headers=key,
+                                timeout=10)  # fmt: skip
         assert refused.status_code == 400 and "prompt" in refused.json()["error"]
         # Quiet for --idle-seconds: it ends by itself, with 0.
         started = time.monotonic()

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -174,8 +176,11 @@ def load(config: TrainerConfig) -> Served:
 class Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], served: Served, max_new_tokens: int) -> None:
+    def __init__(
+        self, address: tuple[str, int], served: Served, max_new_tokens: int, token: str
+    ) -> None:
         super().__init__(address, Handler)
+        self.token = token
         self.served = served
         self.max_new_tokens = max_new_tokens
         self.turn = threading.Lock()  # one generation at a time
@@ -186,9 +191,21 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: Server
 
+    def _allowed(self) -> bool:
+        """Whether the request carries the pod's token (GFT_TRY_TOKEN, which the dashboard put
+        in the pod and sends): any pod of the cluster may reach this port, and the adapter was
+        trained on its team's data. Answers 401 when not."""
+        sent = self.headers.get("Authorization") or ""
+        if hmac.compare_digest(sent.encode(), f"Bearer {self.server.token}".encode()):
+            return True
+        self._json(401, {"error": "send the pod's token: Authorization: Bearer GFT_TRY_TOKEN"})
+        return False
+
     def do_GET(self) -> None:
         if self.path == "/healthz":
             self._json(200, {"ok": True})
+        elif not self._allowed():
+            return
         elif self.path == "/info":
             s = self.server.served
             self._json(
@@ -204,6 +221,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": "no such page: GET /healthz, /info; POST /generate"})
 
     def do_POST(self) -> None:
+        if not self._allowed():
+            return
         if self.path != "/generate":
             self._json(404, {"error": "POST /generate"})
             return
@@ -301,13 +320,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     setup_logging()
+    token = os.environ.get("GFT_TRY_TOKEN", "")
+    if len(token) < 16:
+        log.error("set GFT_TRY_TOKEN (16 characters or more): only whoever holds it is answered")
+        return 2
     try:
         config = TrainerConfig.load(args.config)
         served = load(config)
     except Exception as e:
         log.error("cannot serve the run: %s", e)
         return 1
-    server = Server((args.address, args.port), served, args.max_new_tokens)
+    server = Server((args.address, args.port), served, args.max_new_tokens, token)
     log.info(
         "serving %s (base %s, %s prompts) on http://%s:%d/; stops after %.0f s without a question",
         served.folder,
