@@ -21,9 +21,11 @@ from dashboard.client import finetune, start_dashboard
 PREFIX = "/gft"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def chromium():
-    """One headless Chromium for the browser tests of this folder."""
+    """One headless Chromium for the browser tests of this folder. Package-scoped: Playwright's
+    sync API runs its own event loop in this thread while it is open, so a later test's
+    browser (the demo's) could not start while this one lived on to the session's end."""
     import browser
 
     with browser.chromium() as launched:

@@ -147,7 +147,7 @@ def test_the_demo_path(demo):
         # The demo's user may edit the namespace; a finished run offers Delete, not Stop.
         page.locator("#delete").wait_for(timeout=10_000)
         assert page.locator("#stop").count() == 0
-        page.get_by_text("trained 30 steps").first.wait_for(timeout=10_000)  # the result
+        page.locator("#result", has_text="30 of 30").wait_for(timeout=10_000)  # its steps
         # The latest sample answers, from TensorBoard's text tab (their time budget, a share
         # of the run's, may have left some evaluations without).
         sample = page.locator("#samples .sample").first

@@ -395,6 +395,16 @@ def admission_policy(installed):
     )
     yield
     installed.kubectl("delete", "-f", "-", input=rendered, check=False)
+    # The API server's policy cache lets the deleted policy refuse for a moment longer: the
+    # next test's fine-tune (an image outside ghcr.io/ok/) must not meet it.
+    wait_for(
+        "the policy to be gone",
+        lambda: installed.kubectl(
+            "create", "-n", "default", "--dry-run=server", "-f", "-",
+            input=json.dumps(probe), check=False,
+        ).returncode == 0,
+        timeout=30,
+    )  # fmt: skip
 
 
 def test_the_admin_policy_is_enforced_at_admission(installed, namespace, admission_policy):
@@ -474,8 +484,20 @@ def test_finished_runs_cost_nothing_per_resync(operator, namespace):
     """Before: every finished run without a TTL was reconciled at every resync, forever (here
     12 runs every 3 s)."""
     c = operator.cluster
+
+    def window() -> float:
+        # Reconciles over three resync periods of the test operator (3 s).
+        first = reconciles(operator)
+        time.sleep(10)
+        return reconciles(operator) - first
+
+    # The proving ground is shared: runs other modules left unfinished are the operator's to
+    # look at every resync too. What they cost is measured first and allowed for.
+    before = window()
     names = [f"done-{i}" for i in range(12)]
-    items = [on_kwok(n) for n in names]
+    # No TensorBoard after the run: its Deployment's pods on the simulated nodes change, and a
+    # change of a child is a reason to look; the resync alone is what is measured here.
+    items = [on_kwok(n, tensorboard={"keepAfterFinishSeconds": 0}) for n in names]
     c.kubectl(
         "apply",
         "-n",
@@ -486,16 +508,13 @@ def test_finished_runs_cost_nothing_per_resync(operator, namespace):
     )
     for name in names:
         wait_phase(c, namespace, name, "Succeeded", timeout=90)
-
-    def quiet() -> bool:
-        # Three resync periods of the test operator (3 s). The operator is shared with the
-        # module's other tests, whose namespaces may still be going away: a quiet window is
-        # waited for; with the fault (12 runs every 3 s) none ever comes.
-        first = reconciles(operator)
-        time.sleep(10)
-        return reconciles(operator) - first <= 2
-
-    wait_for("three resyncs that reconcile none of the finished runs", quiet, timeout=120)
+    # With the fault, 12 runs x 3 resyncs = 36 more than before; the last events of the runs
+    # may still arrive in the first window, so a few windows are allowed to settle.
+    wait_for(
+        "three resyncs that reconcile none of the finished runs",
+        lambda: window() - before <= 6,
+        timeout=120,
+    )
 
 
 def test_the_operator_keeps_only_what_it_needs(operator, namespace):
