@@ -152,7 +152,7 @@ def test_the_demo_path(demo):
         # of the run's, may have left some evaluations without).
         sample = page.locator("#samples .sample").first
         sample.wait_for(timeout=60_000)
-        assert "answer" in sample.inner_text()
+        assert "Answer" in sample.inner_text() and "Prompt" in sample.inner_text()
         if shots:
             page.screenshot(path=str(shots / "dashboard-run.png"), full_page=True)
         page.close()
