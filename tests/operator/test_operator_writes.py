@@ -376,35 +376,18 @@ def admission_policy(installed):
         cmd += ["--set", value]
     rendered = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     installed.kubectl("apply", "-f", "-", input=rendered)
-    probe = finetune("probe", image="evil.example/trainer:1")
-    wait_for(
-        "the policy to refuse",
-        lambda: (
-            installed.kubectl(
-                "create",
-                "-n",
-                "default",
-                "--dry-run=server",
-                "-f",
-                "-",
-                input=json.dumps(probe),
-                check=False,
-            ).returncode
-        ),
-        timeout=30,
-    )
+    probe = json.dumps(finetune("probe", image="evil.example/trainer:1"))
+
+    def refused() -> bool:
+        return installed.kubectl("create", "-n", "default", "--dry-run=server", "-f", "-",
+                                 input=probe, check=False).returncode != 0  # fmt: skip
+
+    wait_for("the policy to refuse", refused, timeout=30)
     yield
     installed.kubectl("delete", "-f", "-", input=rendered, check=False)
     # The API server's policy cache lets the deleted policy refuse for a moment longer: the
     # next test's fine-tune (an image outside ghcr.io/ok/) must not meet it.
-    wait_for(
-        "the policy to be gone",
-        lambda: installed.kubectl(
-            "create", "-n", "default", "--dry-run=server", "-f", "-",
-            input=json.dumps(probe), check=False,
-        ).returncode == 0,
-        timeout=30,
-    )  # fmt: skip
+    wait_for("the policy to be gone", lambda: not refused(), timeout=30)
 
 
 def test_the_admin_policy_is_enforced_at_admission(installed, namespace, admission_policy):
