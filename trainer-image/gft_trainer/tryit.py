@@ -174,7 +174,10 @@ def load(config: TrainerConfig) -> Served:
 
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True
+    # server_close() joins the handler threads: none may still write (a log line, an answer)
+    # while the interpreter shuts down, which aborts the process (SIGABRT, exit -6).
+    daemon_threads = False
+    block_on_close = True
 
     def __init__(
         self, address: tuple[str, int], served: Served, max_new_tokens: int, token: str
@@ -190,6 +193,7 @@ class Server(ThreadingHTTPServer):
 
 class Handler(BaseHTTPRequestHandler):
     server: Server
+    timeout = 60  # seconds a client may stall mid-request: none keeps the pod from ending
 
     def _allowed(self) -> bool:
         """Whether the request carries the pod's token (GFT_TRY_TOKEN, which the dashboard put
