@@ -74,20 +74,28 @@ lint: venv ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-# Two sessions at once: the tests on the shared proving ground, one after another, and beside
-# them every other test (tests/conftest.py marks the first kind `cluster`). The second's report
-# follows the first's.
+# Three sessions at once: the proving-ground tests in two shares, each on its own proving
+# ground (tests/conftest.py splits them: GFT_TEST_SHARD), and beside them every other test. The
+# others' reports follow the first's. The operator share's KWOK pods take the other half of
+# RFC 2544's range (each proving ground routes its own as unreachable).
 test: venv tools ## set up everything and run the whole suite (what CI runs)
 	$(VENV)/bin/ruff check .
-	@rest_log=$$(mktemp); \
+	@rest_log=$$(mktemp); operator_log=$$(mktemp); \
 	$(VENV)/bin/pytest -m "not cluster" -p no:cacheprovider --durations=15 >$$rest_log 2>&1 & \
 	rest=$$!; \
-	$(VENV)/bin/pytest -m "cluster and not notebook" --durations=25 && cluster=0 || cluster=$$?; \
+	GFT_TEST_SHARD=operator GFT_KWOK_POD_CIDR=198.19.0.0/16 $(VENV)/bin/pytest \
+		-m "cluster and not notebook" -p no:cacheprovider --durations=20 >$$operator_log 2>&1 & \
+	operator=$$!; \
+	GFT_TEST_SHARD=main $(VENV)/bin/pytest -m "cluster and not notebook" --durations=20 \
+		&& cluster=0 || cluster=$$?; \
+	wait $$operator && operator=0 || operator=$$?; \
+	echo "=== the operator's proving-ground tests (run beside the ones above) ==="; \
+	cat $$operator_log; rm -f $$operator_log; \
 	wait $$rest && other=0 || other=$$?; \
 	echo "=== the tests without the proving ground (run beside the ones above) ==="; \
 	cat $$rest_log; rm -f $$rest_log; \
-	echo "make test: proving-ground tests exit $$cluster, the others exit $$other"; \
-	test $$cluster -eq 0 -a $$other -eq 0
+	echo "make test: proving-ground tests exit $$cluster and $$operator, the others exit $$other"; \
+	test $$cluster -eq 0 -a $$operator -eq 0 -a $$other -eq 0
 
 test-notebook: venv tools ## run the example notebook (the real Gemma 3 270M through the Python client) on the proving ground
 	$(VENV)/bin/pytest -m notebook

@@ -20,6 +20,7 @@ Ports are picked free at start; state lives in one folder; ``stop`` leaves no pr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -32,8 +33,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -585,43 +588,55 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
 
     t0 = time.monotonic()
     bin_dir = build.build(say=say)
-    _check_netns_permitted()
-    kwok_range = ipaddress.ip_network(KWOK_POD_CIDR)
-    hidden = [ns for ns in nameservers() if ipaddress.ip_address(ns) in kwok_range]
-    if hidden:
-        raise ClusterError(
-            f"this machine's DNS resolver {hidden[0]} (/etc/resolv.conf) is inside KWOK's pod "
-            f"range {KWOK_POD_CIDR}, which the proving ground routes as unreachable: every "
-            "lookup would fail while it runs; change KWOK_POD_CIDR in devcluster/cluster.py"
+    # Proving grounds that start at once (the suite's sessions) would pick the same free pod
+    # range before either made its bridge: one starts at a time.
+    with _starting_alone():
+        _check_netns_permitted()
+        kwok_range = ipaddress.ip_network(KWOK_POD_CIDR)
+        hidden = [ns for ns in nameservers() if ipaddress.ip_address(ns) in kwok_range]
+        if hidden:
+            raise ClusterError(
+                f"this machine's DNS resolver {hidden[0]} (/etc/resolv.conf) is inside KWOK's pod "
+                f"range {KWOK_POD_CIDR}, which the proving ground routes as unreachable: every "
+                "lookup would fail while it runs; change KWOK_POD_CIDR in devcluster/cluster.py"
+            )
+        pod_net = choose_pod_cidr(_routes(), [f"{ns}/32" for ns in nameservers()])
+        node_ip = str(next(pod_net.hosts()))
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / "logs").mkdir(exist_ok=True)
+        components = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
+        ports = {name: component_port() for name in components}
+        cluster = Cluster(
+            state_dir=state_dir,
+            bin_dir=bin_dir,
+            server=f"https://127.0.0.1:{ports['apiserver']}",
+            node_ip=node_ip,
+            pod_cidr=str(pod_net),
+            bridge=bridge_name(state_dir),
+            ports=ports,
         )
-    pod_net = choose_pod_cidr(_routes(), [f"{ns}/32" for ns in nameservers()])
-    node_ip = str(next(pod_net.hosts()))
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / "logs").mkdir(exist_ok=True)
-    ports = {
-        name: component_port()
-        for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
-    }
-    cluster = Cluster(
-        state_dir=state_dir,
-        bin_dir=bin_dir,
-        server=f"https://127.0.0.1:{ports['apiserver']}",
-        node_ip=node_ip,
-        pod_cidr=str(pod_net),
-        bridge=bridge_name(state_dir),
-        ports=ports,
-    )
-    cluster.save()
-    try:
-        _start_processes(cluster, runner)
-    except BaseException:
-        stop(state_dir, say=lambda *_: None)
-        raise
+        cluster.save()
+        try:
+            _start_processes(cluster, runner)
+        except BaseException:
+            stop(state_dir, say=lambda *_: None)
+            raise
     say(
         f"proving ground up in {time.monotonic() - t0:.1f}s: {cluster.server}, "
         f"runner node {RUNNER_NODE} on {cluster.pod_cidr}"
     )
     return cluster
+
+
+@contextlib.contextmanager
+def _starting_alone() -> Iterator[None]:
+    """Hold this machine's proving-ground start lock (in the system temp folder)."""
+    with open(Path(tempfile.gettempdir()) / "gft-proving-ground-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _start_processes(c: Cluster, runner: bool) -> None:
@@ -708,7 +723,7 @@ def _start_processes(c: Cluster, runner: bool) -> None:
             "manageAllNodes": False,
             "manageNodesWithAnnotationSelector": "kwok.x-k8s.io/node=fake",
             "cidr": KWOK_POD_CIDR,
-            "nodeIP": "198.18.255.254",
+            "nodeIP": str(ipaddress.ip_network(KWOK_POD_CIDR)[-2]),
             "serverAddress": f"127.0.0.1:{c.ports['kwok']}",
             "nodeLeaseDurationSeconds": 40,
         },

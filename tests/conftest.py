@@ -23,9 +23,25 @@ REPO = Path(__file__).resolve().parent.parent
 # its module's operator, the first cluster test for the proving ground.
 TIMEOUTS = {"unit": 60, "slow": 300, "cluster": 300}
 
+# `make test` runs the proving-ground tests as two sessions side by side, each on a proving
+# ground of its own (GFT_TEST_SHARD names the session's share; unset, a session takes them all).
+# Most of a cluster test's time is waiting on the cluster, so two at once fill the 2 cores.
+# One rule splits them, so that the shares always add up to the whole.
+SHARDS = ("operator", "main")
+
+
+def shard_of(item: pytest.Item) -> str:
+    """The operator's own modules in one share (test_multinode's long run in the other, which
+    has the demo), everything else on the proving ground in the other."""
+    parts = Path(str(item.path)).relative_to(REPO / "tests").parts
+    return "operator" if parts[0] == "operator" and parts[-1] != "test_multinode.py" else "main"
+
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    shard = os.environ.get("GFT_TEST_SHARD", "")
+    if shard and shard not in SHARDS:
+        raise pytest.UsageError(f"GFT_TEST_SHARD={shard!r}: say one of {', '.join(SHARDS)}")
     for item in items:
         # Every test on the shared proving ground is marked `cluster`, so that `make test` can
         # run them (-m cluster) beside the rest (-m "not cluster").
@@ -40,12 +56,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 else "unit"
             )
             item.add_marker(pytest.mark.timeout(TIMEOUTS[kind]))
+    if shard:
+        others = [i for i in items if i.get_closest_marker("cluster") and shard_of(i) != shard]
+        if others:
+            config.hook.pytest_deselected(items=others)
+            items[:] = [i for i in items if i not in others]
 
 
 def _test_state_dir() -> Path:
     """One state folder per checkout, apart from the one `make cluster-up` uses."""
     digest = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
-    return Path(os.environ.get("GFT_TEST_CLUSTER_DIR", f"/tmp/gft-pg-test-{digest}"))
+    shard = os.environ.get("GFT_TEST_SHARD", "")
+    default = f"/tmp/gft-pg-test-{digest}" + (f"-{shard}" if shard else "")
+    return Path(os.environ.get("GFT_TEST_CLUSTER_DIR", default))
 
 
 @pytest.fixture(scope="session")

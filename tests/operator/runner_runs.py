@@ -31,9 +31,15 @@ def model_dir() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+# One torch thread per trainer: a tiny model's step is no faster with two, and each thread
+# beyond the first spins on 2 cores shared by the suite's sessions (a third more CPU per run).
+ONE_THREAD = {"name": "OMP_NUM_THREADS", "value": "1"}
+
+
 def on_runner(name: str, model_dir: Path, max_steps: int = 30, gpus: int = 1, **spec):
     """A GemmaFineTune that really trains on the runner node."""
     spec.setdefault("output", {"checkpointEverySteps": 5, "pvc": {"size": "1Gi"}})
+    spec["env"] = [ONE_THREAD, *spec.get("env", [])]
     return finetune(
         name,
         model={"name": "tiny-gemma3", "path": str(model_dir)},

@@ -76,7 +76,7 @@ def test_two_pods_train_lose_one_restart_together_and_match_one_pod(
     c = operator.cluster
     two = on_runner("two", model_dir, max_steps=STEPS, output=SHARED)
     two["spec"]["resources"]["nodes"] = 2
-    two["spec"]["env"] = [{"name": "PYTHONPATH", "value": str(FAKE_NVML)}]
+    two["spec"]["env"].append({"name": "PYTHONPATH", "value": str(FAKE_NVML)})
     # The same two ranks in one pod: the reference curve.
     one = on_runner(
         "one", model_dir, max_steps=STEPS, output=SHARED, env=[{"name": "GFT_NPROC", "value": "2"}]
