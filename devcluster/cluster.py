@@ -34,6 +34,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -43,8 +44,10 @@ from typing import Any
 
 import yaml
 
-from devcluster import build, pki
+from devcluster import build, kubeapi, pki
 
+_APIS: dict[str, kubeapi.Api] = {}
+_APIS_LOCK = threading.Lock()
 RUNNER_NODE = "gft-runner"
 KWOK_CPU_NODES = ("kwok-cpu-0", "kwok-cpu-1")
 KWOK_GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
@@ -192,6 +195,17 @@ class Cluster:
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+    @property
+    def api(self) -> kubeapi.Api:
+        """An API client on a kept-alive connection pool, one per proving ground: what polling
+        loops read with (a kubectl process costs some 60 ms of CPU a call, so a wait reading
+        twice a second took a tenth of a core)."""
+        with _APIS_LOCK:
+            key = str(self.kubeconfig)
+            if key not in _APIS:
+                _APIS[key] = kubeapi.Api(key)
+            return _APIS[key]
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60

@@ -11,8 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import urllib3
 
 from devcluster import cluster as pg
+from devcluster.kubeapi import ApiError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,10 +140,11 @@ NEVER_STARTS = {
 def pod_that_cannot_start(cluster: pg.Cluster, namespace: str, selector: str = "") -> str | None:
     """The first container of the pods in ``namespace`` (matching ``selector``) that cannot
     start, named with the kubelet's reason and message; None when there is none."""
-    args = ["get", "pods", "-n", namespace, *(["-l", selector] if selector else [])]
     try:
-        pods = cluster.kubectl_json(*args)["items"]
-    except (subprocess.SubprocessError, ValueError):
+        pods = cluster.api.request(
+            "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": selector or None}
+        )["items"]
+    except (ApiError, OSError, urllib3.exceptions.HTTPError, ValueError):
         return None  # an API hiccup is not a verdict on the pods
     for pod in pods:
         status = pod.get("status") or {}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from gft_api import GROUP, PLURAL, VERSION
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFESTS = REPO / "manifests"
@@ -139,7 +140,8 @@ def apply(cluster, namespace: str, manifest: dict, check: bool = True):
 
 
 def get_gft(cluster, namespace: str, name: str) -> dict:
-    return cluster.kubectl_json("get", "gft", name, "-n", namespace)
+    """The fine-tune as the API server has it (read on a kept-alive connection: tests poll it)."""
+    return cluster.api.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
 
 
 def wait_phase(cluster, namespace, name, phase, reason=None, timeout=60) -> dict:
