@@ -86,6 +86,7 @@ test: venv tools ## set up everything and run the whole suite (what CI runs)
 	GFT_TEST_SHARD=operator GFT_KWOK_POD_CIDR=198.19.0.0/16 $(VENV)/bin/pytest \
 		-m "cluster and not notebook" -p no:cacheprovider --durations=20 >$$operator_log 2>&1 & \
 	operator=$$!; \
+	trap 'kill $$rest $$operator 2>/dev/null; rm -f $$rest_log $$operator_log' INT TERM; \
 	GFT_TEST_SHARD=main $(VENV)/bin/pytest -m "cluster and not notebook" --durations=20 \
 		&& cluster=0 || cluster=$$?; \
 	wait $$operator && operator=0 || operator=$$?; \

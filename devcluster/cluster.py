@@ -33,18 +33,20 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from devcluster import build, kubeapi, pki
+from devcluster import build, pki
+
+if TYPE_CHECKING:  # kubeapi needs the kubernetes package, which a GPU kit's pytest lacks
+    from devcluster import kubeapi
 
 _APIS: dict[str, kubeapi.Api] = {}
 _APIS_LOCK = threading.Lock()
@@ -201,6 +203,8 @@ class Cluster:
         """An API client on a kept-alive connection pool, one per proving ground: what polling
         loops read with (a kubectl process costs some 60 ms of CPU a call, so a wait reading
         twice a second took a tenth of a core)."""
+        from devcluster import kubeapi
+
         with _APIS_LOCK:
             key = str(self.kubeconfig)
             if key not in _APIS:
@@ -604,7 +608,7 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
     bin_dir = build.build(say=say)
     # Proving grounds that start at once (the suite's sessions) would pick the same free pod
     # range before either made its bridge: one starts at a time.
-    with _starting_alone():
+    with starting_alone():
         _check_netns_permitted()
         kwok_range = ipaddress.ip_network(KWOK_POD_CIDR)
         hidden = [ns for ns in nameservers() if ipaddress.ip_address(ns) in kwok_range]
@@ -643,9 +647,12 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
 
 
 @contextlib.contextmanager
-def _starting_alone() -> Iterator[None]:
-    """Hold this machine's proving-ground start lock (in the system temp folder)."""
-    with open(Path(tempfile.gettempdir()) / "gft-proving-ground-start.lock", "w") as lock:
+def starting_alone() -> Iterator[None]:
+    """Hold this machine's proving-ground start lock (beside the built binaries: one place
+    whatever TMPDIR a session has)."""
+    path = build.cache_root() / "proving-ground-start.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -879,17 +886,22 @@ def stop(state_dir: Path | None = None, say=print) -> None:
     say(f"proving ground at {state_dir} stopped")
 
 
-def _other_control_planes(c: Cluster) -> bool:
-    """Whether another proving ground's API server runs on this machine."""
+def _kwok_range_shared(c: Cluster) -> bool:
+    """Whether another proving ground on this machine runs KWOK on the same pod range (its
+    config file, named on its command line, says which)."""
     ours = str(c.state_dir)
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not args[0].endswith("kwok") or any(ours in a for a in args):
+                continue
+            config = next(a.split("=", 1)[1] for a in args if a.startswith("--config="))
+            options = next(yaml.safe_load_all(Path(config).read_text()))["options"]
+        except (OSError, StopIteration, KeyError, TypeError, yaml.YAMLError):
             continue
-        if "kube-apiserver" in cmdline.split("\0", 1)[0] and ours not in cmdline:
+        if options.get("cidr") == KWOK_POD_CIDR:
             return True
     return False
 
@@ -897,7 +909,7 @@ def _other_control_planes(c: Cluster) -> bool:
 def _remove_network_leftovers(c: Cluster) -> None:
     """The runner removes its bridge and namespaces on exit; this catches a crashed runner."""
     subprocess.run(["ip", "link", "del", c.bridge], capture_output=True)
-    if not _other_control_planes(c):  # the KWOK range's route is shared by every proving ground
+    if not _kwok_range_shared(c):  # the range's route is every proving ground's that uses it
         subprocess.run(["ip", "route", "del", "unreachable", KWOK_POD_CIDR], capture_output=True)
     marker = c.state_dir / "runner" / "netns.txt"
     if marker.exists():

@@ -32,7 +32,10 @@ from pathlib import Path
 
 from devcluster.cluster import KWOK_POD_CIDR
 
-LINK_NET = ("169.254.231.1", "169.254.231.2")  # a /30 between this machine and the namespace
+# A /30 between this machine and the namespace, one per KWOK range: two proving grounds' fake
+# trainers (the suite's two shares) would otherwise route one address to two links.
+_LINK_BASE = 4 * (int(ipaddress.ip_network(KWOK_POD_CIDR).network_address) >> 16 & 0x3F)
+LINK_NET = tuple(str(ipaddress.ip_address("169.254.231.0") + _LINK_BASE + i) for i in (1, 2))
 
 
 def offset(ip: str) -> float:

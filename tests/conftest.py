@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import urllib3
 
 from devcluster import cluster as pg
-from devcluster.kubeapi import ApiError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +33,10 @@ SHARDS = ("operator", "main")
 def shard_of(item: pytest.Item) -> str:
     """The operator's own modules in one share (test_multinode's long run in the other, which
     has the demo), everything else on the proving ground in the other."""
-    parts = Path(str(item.path)).relative_to(REPO / "tests").parts
+    try:
+        parts = Path(str(item.path)).resolve().relative_to(REPO / "tests").parts
+    except ValueError:
+        return "main"  # a cluster test outside tests/
     return "operator" if parts[0] == "operator" and parts[-1] != "test_multinode.py" else "main"
 
 
@@ -69,8 +70,8 @@ def _test_state_dir() -> Path:
     """One state folder per checkout, apart from the one `make cluster-up` uses."""
     digest = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
     shard = os.environ.get("GFT_TEST_SHARD", "")
-    default = f"/tmp/gft-pg-test-{digest}" + (f"-{shard}" if shard else "")
-    return Path(os.environ.get("GFT_TEST_CLUSTER_DIR", default))
+    base = os.environ.get("GFT_TEST_CLUSTER_DIR", f"/tmp/gft-pg-test-{digest}")
+    return Path(base + (f"-{shard}" if shard else ""))
 
 
 @pytest.fixture(scope="session")
@@ -140,6 +141,10 @@ NEVER_STARTS = {
 def pod_that_cannot_start(cluster: pg.Cluster, namespace: str, selector: str = "") -> str | None:
     """The first container of the pods in ``namespace`` (matching ``selector``) that cannot
     start, named with the kubelet's reason and message; None when there is none."""
+    import urllib3
+
+    from devcluster.kubeapi import ApiError
+
     try:
         pods = cluster.api.request(
             "GET", f"/api/v1/namespaces/{namespace}/pods", query={"labelSelector": selector or None}

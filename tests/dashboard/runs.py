@@ -51,7 +51,7 @@ def runs(model_dir: Path) -> dict[str, dict]:
             samples={"count": 2, "prompts": PROMPTS, "maxNewTokens": 16, "maxShare": 0.5},
             **training,
         )
-        spec["env"] = [{"name": "PYTHONPATH", "value": str(FAKE_NVML)}]
+        spec["env"].append({"name": "PYTHONPATH", "value": str(FAKE_NVML)})
         spec["tensorboard"] = {"keepAfterFinishSeconds": 3600}
         return ft
 

@@ -9,6 +9,7 @@ sidecars and PVC data that outlives its pod.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -881,6 +882,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def test_runner_cleans_up_on_sigterm_and_after_a_crash(cluster, namespace, tmp_path):
+    # Until this runner's bridge is up, no proving ground starting meanwhile may take its range.
+    choosing = contextlib.ExitStack()
+    choosing.enter_context(pg.starting_alone())
     routes = subprocess.run(
         ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True
     ).stdout.splitlines()
@@ -935,7 +939,10 @@ def test_runner_cleans_up_on_sigterm_and_after_a_crash(cluster, namespace, tmp_p
         return pod, pid
 
     try:
-        runner = start()
+        try:
+            runner = start()
+        finally:
+            choosing.close()
         assert _link_exists(bridge)
         pod, pid = sleeper("before-crash")
         ns_name = "gft-" + pod["metadata"]["uid"].replace("-", "")[:10]

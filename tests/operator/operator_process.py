@@ -141,7 +141,8 @@ def apply(cluster, namespace: str, manifest: dict, check: bool = True):
 
 def get_gft(cluster, namespace: str, name: str) -> dict:
     """The fine-tune as the API server has it (read on a kept-alive connection: tests poll it)."""
-    return cluster.api.get(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}")
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{name}"
+    return cluster.api.request("GET", path, timeout=10)  # one try, as a kubectl get was
 
 
 def wait_phase(cluster, namespace, name, phase, reason=None, timeout=60) -> dict:

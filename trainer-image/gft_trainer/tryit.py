@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,22 @@ class Served:
     def answer(self, text: str, tuned: bool, max_new_tokens: int) -> Iterator[str | dict]:
         """The answer's pieces as they come, then a dict: ``truncated`` and ``tokens``."""
         import torch
-        from transformers import GenerationConfig, TextIteratorStreamer
+        from transformers import (
+            GenerationConfig,
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
+
+        cancelled = threading.Event()
+
+        class Cancelled(StoppingCriteria):
+            """Ends the generation once nobody reads it (the asker went away)."""
+
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                return torch.full(
+                    (input_ids.shape[0],), cancelled.is_set(), device=input_ids.device
+                )
 
         model = self.model if tuned or self.base is None else self.base
         device = next(model.parameters()).device
@@ -122,6 +137,7 @@ class Served:
                             attention_mask=torch.ones_like(ids),
                             generation_config=config,
                             streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([Cancelled()]),
                         )
                     )
             except BaseException as e:  # said to the asker, not lost in a thread
@@ -130,8 +146,13 @@ class Served:
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        yield from streamer
-        worker.join()
+        try:
+            yield from streamer
+        finally:
+            # Closed early (the asker went away): the model is free for the next question
+            # only once this generation has stopped, not when the turn is given back.
+            cancelled.set()
+            worker.join()
         if failed:
             raise failed[0]
         row = produced[0][0, ids.shape[1] :].tolist()
@@ -174,10 +195,18 @@ def load(config: TrainerConfig) -> Served:
 
 
 class Server(ThreadingHTTPServer):
-    # server_close() joins the handler threads: none may still write (a log line, an answer)
-    # while the interpreter shuts down, which aborts the process (SIGABRT, exit -6).
-    daemon_threads = False
-    block_on_close = True
+    # Handler threads stay daemons (a client trickling bytes cannot keep the process, and the
+    # pod's GPU, alive), and server_close waits a while for them: none should still be writing
+    # (a log line, an answer) when the interpreter shuts down, which aborts it (SIGABRT, -6).
+    daemon_threads = True
+    block_on_close = True  # socketserver keeps the threads in self._threads
+    join_seconds = 30.0
+
+    def server_close(self) -> None:
+        HTTPServer.server_close(self)  # the socket; not ThreadingMixIn's join without an end
+        deadline = time.monotonic() + self.join_seconds
+        for thread in list(getattr(self, "_threads", [])):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def __init__(
         self, address: tuple[str, int], served: Served, max_new_tokens: int, token: str
@@ -249,8 +278,8 @@ class Handler(BaseHTTPRequestHandler):
                             self._line({"model": which, "done": True, **piece})
                         elif piece:
                             self._line({"model": which, "text": piece})
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the asker went away
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the asker went away, or stopped reading
         except Exception as e:
             log.exception("generation failed")
             with contextlib.suppress(OSError):
@@ -352,8 +381,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entrypoint() -> None:
-    sys.exit(main())
+    """``gft-try``: main, then out without the interpreter's finalization. Its work is done,
+    and torch's C++ thread pools, used by the generation threads, can abort in their static
+    destructors as the interpreter shuts down ("terminate called without an active exception",
+    SIGABRT: exit -6 instead of 0, seen in the suite with 3 sessions on 2 cores)."""
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entrypoint()
