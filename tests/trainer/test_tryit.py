@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -93,6 +94,13 @@ def test_a_finished_runs_adapter_answers_beside_the_base(tmp_path: Path, tiny_ge
         tok = data.Tokenizer(AutoTokenizer.from_pretrained(out / "adapter"), 3)
         ids = served.prompt_ids("Capital of Spain?")
         assert said["tuned"] == greedy(served.model, tok, ids, served.stops, 12)
+        # An answer nobody reads any more (the asker went away) stops generating before the
+        # next question may use the model (before: its thread went on beside the next one).
+        threads = threading.active_count()
+        pieces = served.answer("Capital of Spain?", True, 4000)
+        next(pieces)
+        pieces.close()
+        assert threading.active_count() == threads
         plain = AutoModelForCausalLM.from_pretrained(tiny_gemma3)
         assert said["base"] == greedy(plain, tok, ids, served.stops, 12)
         assert said["tuned"] != said["base"], said  # the adapter changed what it says
