@@ -213,11 +213,13 @@ def main() -> int:
                 if run.finished is None and phase in TERMINAL:
                     run.finished = moment
                 if run.ended is None and moment - run.created >= run.runs_for:
-                    run.ended = moment
                     if run.fate == "delete-running":
                         delete_finetune(api, run.namespace, run.name)
                         run.deleted = True
+                        run.ended = moment
                     elif run.fate == "succeed":
+                        # Ended once its pod was told to complete: a pod the operator has not
+                        # made yet is told at a later look (before, such a run ran forever).
                         pods = api.list(
                             "Pod",
                             run.namespace,
@@ -228,6 +230,9 @@ def main() -> int:
                                 api.strategic_patch(
                                     "Pod", run.namespace, pod["metadata"]["name"], END_POD
                                 )
+                                run.ended = moment
+                    else:
+                        run.ended = moment
                 if run.deleted and key not in phases:
                     del live[key]
                 elif (
