@@ -117,6 +117,12 @@ def main() -> int:
     p.add_argument("--retention", type=float, default=60.0)
     p.add_argument("--window", type=float, default=60.0)
     p.add_argument("--first", type=int, default=300, help="RSS is compared with after these")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "gft-bench-soak",
+        help="the proving ground's folder (the suite's smoke run keeps apart from a real soak)",
+    )
     args = p.parse_args()
     from gft_operator.kube import Kube, NotFound, load_config
 
@@ -135,7 +141,7 @@ def main() -> int:
                 keep=rng.random() < 0.1,
             )
         )
-    state = Path(tempfile.gettempdir()) / "gft-bench-soak"
+    state = args.state_dir
     work = Path(tempfile.mkdtemp(prefix="gft-bench-"))
     c = pg.start(state, say=lambda m: print(f"[proving ground] {m}", flush=True), runner=False)
     op = None

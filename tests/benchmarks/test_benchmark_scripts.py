@@ -72,13 +72,16 @@ def test_packed_attention_benchmark_reports_both_layouts():
     assert "rows / flattened: step time" in out, out
 
 
-def test_soak_benchmark_smoke_run():
+def test_soak_benchmark_smoke_run(tmp_path):
     """A tiny soak (its own proving ground, KWOK nodes, fake trainers): the script runs end to
     end and reports what docs/benchmarks.md quotes."""
     out = run(
         "benchmarks.soak",
         *("--finetunes", "24", "--minutes", "0.4", "--namespaces", "2", "--first", "10"),
         *("--run-seconds", "8", "--retention", "5", "--window", "10"),
+        # Its own folder: a real soak running on this machine meanwhile is not stopped or met
+        # (before: "a proving ground is already running from /tmp/gft-bench-soak").
+        *("--state-dir", str(tmp_path / "proving-ground")),
     )
     result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
     assert result["finetunes"] == 24 and result["duplicate_jobs"] == 0, result
