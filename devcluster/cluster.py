@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import json
@@ -33,7 +34,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -48,8 +48,6 @@ from devcluster import build, pki
 if TYPE_CHECKING:  # kubeapi needs the kubernetes package, which a GPU kit's pytest lacks
     from devcluster import kubeapi
 
-_APIS: dict[str, kubeapi.Api] = {}
-_APIS_LOCK = threading.Lock()
 RUNNER_NODE = "gft-runner"
 KWOK_CPU_NODES = ("kwok-cpu-0", "kwok-cpu-1")
 KWOK_GPU_NODES = ("kwok-gpu-0", "kwok-gpu-1")
@@ -203,13 +201,7 @@ class Cluster:
         """An API client on a kept-alive connection pool, one per proving ground: what polling
         loops read with (a kubectl process costs some 60 ms of CPU a call, so a wait reading
         twice a second took a tenth of a core)."""
-        from devcluster import kubeapi
-
-        with _APIS_LOCK:
-            key = str(self.kubeconfig)
-            if key not in _APIS:
-                _APIS[key] = kubeapi.Api(key)
-            return _APIS[key]
+        return _api(str(self.kubeconfig))
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
@@ -644,6 +636,13 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
         f"runner node {RUNNER_NODE} on {cluster.pod_cidr}"
     )
     return cluster
+
+
+@functools.cache
+def _api(kubeconfig: str) -> kubeapi.Api:
+    from devcluster import kubeapi
+
+    return kubeapi.Api(kubeconfig)
 
 
 @contextlib.contextmanager

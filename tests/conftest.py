@@ -60,10 +60,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
             item.add_marker(pytest.mark.timeout(TIMEOUTS[kind]))
     if shard:
-        others = [i for i in items if i.get_closest_marker("cluster") and shard_of(i) != shard]
+        ours, others = [], []
+        for item in items:
+            theirs = item.get_closest_marker("cluster") and shard_of(item) != shard
+            (others if theirs else ours).append(item)
         if others:
             config.hook.pytest_deselected(items=others)
-            items[:] = [i for i in items if i not in others]
+            items[:] = ours
 
 
 def _test_state_dir() -> Path:

@@ -196,8 +196,8 @@ def load(config: TrainerConfig) -> Served:
 
 class Server(ThreadingHTTPServer):
     # Handler threads stay daemons (a client trickling bytes cannot keep the process, and the
-    # pod's GPU, alive), and server_close waits a while for them: none should still be writing
-    # (a log line, an answer) when the interpreter shuts down, which aborts it (SIGABRT, -6).
+    # pod's GPU, alive), and server_close waits a while for them, so that an answer being sent
+    # is finished before entrypoint() ends the process.
     daemon_threads = True
     block_on_close = True  # socketserver keeps the threads in self._threads
     join_seconds = 30.0
