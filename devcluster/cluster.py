@@ -201,7 +201,7 @@ class Cluster:
         """An API client on a kept-alive connection pool, one per proving ground: what polling
         loops read with (a kubectl process costs some 60 ms of CPU a call, so a wait reading
         twice a second took a tenth of a core)."""
-        return _api(str(self.kubeconfig))
+        return _api(str(self.kubeconfig), self.server)
 
     def kubectl(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
@@ -639,7 +639,8 @@ def start(state_dir: Path | None = None, say=print, runner: bool = True) -> Clus
 
 
 @functools.cache
-def _api(kubeconfig: str) -> kubeapi.Api:
+def _api(kubeconfig: str, server: str) -> kubeapi.Api:
+    """``server`` keys it too: a proving ground started again in the same folder has new ports."""
     from devcluster import kubeapi
 
     return kubeapi.Api(kubeconfig)
