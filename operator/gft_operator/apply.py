@@ -64,6 +64,11 @@ class Refused(Exception):
         super().__init__(self.message)
 
 
+class Gone(Exception):
+    """The API server says the fine-tune is not there (404) while the cache still shows it:
+    its watch is behind. It is hidden from the cache until the watch catches up."""
+
+
 class StatusConflict(Exception):
     """The object changed between the read a status was computed from and its write (made
     from the version ``seen``; 0 when something else than the status changed under it)."""
@@ -196,6 +201,9 @@ class Writer:
             )
         except Conflict as e:
             raise StatusConflict(str(e), version(body)) from e
+        except NotFound as e:
+            CACHE.deleted({**body, "kind": KIND})
+            raise Gone(str(e)) from e
         monitoring.STATUS_WRITES.labels(kind).inc()
         CACHE.wrote({**stored, "kind": KIND})
         return {**stored, "kind": KIND}

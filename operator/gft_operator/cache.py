@@ -11,10 +11,11 @@ ConfigMap data; the Warning events of the operator's own Jobs and pods, not the 
 
 A watch echoes a write a moment after it succeeded. So that a reconcile right after a write
 does not act on the older version, what this operator wrote is kept (``wrote``) until the watch
-delivers that version or a newer one (``seen``), and what it deleted is hidden (``deleted``)
-until the watch no longer has it (for ``WRITE_MEMORY_SECONDS`` at most); a write whose object the
-watch no longer shows is forgotten after that long (``expire``). This is the one memory of the
-operator's own writes: one entry per object at most, none once the watch has caught up.
+delivers that version or a newer one (``seen``), and what it deleted, or found deleted (a 404),
+is hidden (``deleted``) while the watch still shows that object at that version or an older one:
+a watch minutes behind must not bring a deleted fine-tune back. A write whose object the watch
+no longer shows is forgotten after ``WRITE_MEMORY_SECONDS`` (``expire``). This is the one memory
+of the operator's own writes: one entry per object at most, none once the watch has caught up.
 """
 
 from __future__ import annotations
@@ -94,11 +95,18 @@ def version(obj: Manifest | None) -> int:
         return 0
 
 
+def _deletion_seen(shown: Manifest | None, gone: tuple[float, str, int]) -> bool:
+    """Whether the watch has caught up with a deletion: it no longer shows the object, shows
+    another of that name (a new uid), or a newer version of it (its deletionTimestamp set)."""
+    meta = (shown or {}).get("metadata") or {}
+    return shown is None or meta.get("uid") != gone[1] or version(shown) > gone[2]
+
+
 class Cache:
     def __init__(self) -> None:
         self._indices: Mapping[str, Any] = {}
         self._written: dict[Key, tuple[float, Manifest]] = {}
-        self._deleted: dict[Key, tuple[float, str]] = {}  # -> (when, uid)
+        self._deleted: dict[Key, tuple[float, str, int]] = {}  # -> (when, uid, version)
         self._echoed: dict[tuple[str, str], int] = {}  # fine-tune -> version of its own write
         self._events: dict[tuple[str, str], dict[str, Manifest]] = {}
         self._changed = threading.Condition()
@@ -128,8 +136,7 @@ class Cache:
         with self._changed:
             gone = self._deleted.get(key)
             if gone is not None:
-                uid = ((found or {}).get("metadata") or {}).get("uid")
-                if uid != gone[1] or time.monotonic() - gone[0] > WRITE_MEMORY_SECONDS:
+                if _deletion_seen(found, gone):
                     del self._deleted[key]  # the watch caught up (or a new one of that name)
                 else:
                     found = None
@@ -281,12 +288,13 @@ class Cache:
             )
 
     def deleted(self, obj: Manifest) -> None:
-        """Remember that this operator deleted the object (uid and all)."""
+        """Remember that the object is gone (this operator deleted it, or the API server said
+        404): hidden while the watch shows that uid at this version or an older one."""
         meta = obj["metadata"]
         key = (obj["kind"], meta["namespace"], meta["name"])
         with self._changed:
             self._written.pop(key, None)
-            self._deleted[key] = (time.monotonic(), meta["uid"])
+            self._deleted[key] = (time.monotonic(), meta["uid"], version(obj))
 
     def seen(self, kind: str, body: Mapping[str, Any]) -> None:
         """Called by the index handlers for every object a watch delivers: the echo of an own
@@ -319,37 +327,34 @@ class Cache:
         """Forget the writes whose echo will never come: the object is gone from the watch
         (deleted meanwhile) for ``WRITE_MEMORY_SECONDS``. A write of an object the watch still
         shows is kept until its echo (a watch that is behind, or reconnecting after the API
-        server or etcd restarted, must not make the operator act on an older version)."""
+        server or etcd restarted, must not make the operator act on an older version). A
+        deletion is forgotten once the watch has caught up with it."""
         cutoff = time.monotonic() - WRITE_MEMORY_SECONDS
         with self._changed:
             old = [k for k, (at, _) in self._written.items() if at < cutoff]
-            deletes = [k for k, (at, _) in self._deleted.items() if at < cutoff]
-        gone = [k for k in old if not self._watched(*k)]
+            deletes = [(k, g) for k, g in self._deleted.items() if g[0] < cutoff]
+        gone = [k for k in old if self._shown(*k) is None]
+        caught_up = [k for k, g in deletes if _deletion_seen(self._shown(*k), g)]
         with self._changed:
             for key in gone:
                 written = self._written.get(key)
                 if written is not None and written[0] < cutoff:
                     del self._written[key]
-            for key in deletes:
+            for key in caught_up:
                 self._deleted.pop(key, None)
 
-    def _watched(self, kind: str, namespace: str, name: str) -> bool:
-        """Whether the watch shows the object (a pod by its name among its fine-tune's)."""
-        if kind == "Pod":
-            return any(
-                p["metadata"]["name"] == name
-                for pods in list(self._indices.get(PODS_INDEX, {}).values())
-                for p in list(pods)
-                if p["metadata"].get("namespace") == namespace
-            )
-        if kind == "Workload":
-            return any(
-                w["metadata"]["name"] == name
-                for found in list(self._indices.get(WORKLOADS_INDEX, {}).values())
-                for w in list(found)
-                if w["metadata"].get("namespace") == namespace
-            )
-        return bool(self._values(INDEX_OF_KIND[kind], (namespace, name)))
+    def _shown(self, kind: str, namespace: str, name: str) -> Manifest | None:
+        """The object as the watch shows it (a pod by its name among its fine-tune's)."""
+        if kind in ("Pod", "Workload"):
+            index = PODS_INDEX if kind == "Pod" else WORKLOADS_INDEX
+            for found in list(self._indices.get(index, {}).values()):
+                for obj in list(found):
+                    meta = obj["metadata"]
+                    if meta["name"] == name and meta.get("namespace") == namespace:
+                        return obj
+            return None
+        seen = self._values(INDEX_OF_KIND[kind], (namespace, name))
+        return seen[0] if seen else None
 
     def counts(self) -> dict[str, int]:
         """How much is held, for the operator's own metrics."""

@@ -17,7 +17,7 @@ from gft_api import KIND
 from gft_api.v1alpha1 import Phase
 
 from gft_operator import children, monitoring, status, trainer_metrics
-from gft_operator.apply import StatusConflict, Writer
+from gft_operator.apply import Gone, StatusConflict, Writer
 from gft_operator.cache import CACHE
 from gft_operator.kube import Manifest, NotLeader
 from gft_operator.scraper import Problem, Scraper, Target
@@ -106,6 +106,8 @@ class Live:
                         return False  # gone, or the watch is behind: the next reading tries
                 except NotLeader:
                     return False
+                except Gone:
+                    return False  # deleted: the reconcile that follows forgets it
         return False
 
     def _write(

@@ -36,7 +36,7 @@ from gft_api.v1alpha1 import TERMINAL_PHASES, GemmaFineTuneSpec
 from pydantic import ValidationError
 
 from gft_operator import children, monitoring, policy, status
-from gft_operator.apply import Refused, StatusConflict, Writer
+from gft_operator.apply import Gone, Refused, StatusConflict, Writer
 from gft_operator.cache import CACHE
 from gft_operator.kube import ApiUnavailable, Manifest
 from gft_operator.live import LIVE
@@ -67,6 +67,10 @@ def reconcile(namespace: str, name: str) -> None:
         for _ in range(3):
             try:
                 _reconcile(writer, namespace, name)
+                return
+            except Gone:
+                log.info("%s/%s: deleted (the watch has not said so yet)", namespace, name)
+                gone(writer, namespace, name, None)
                 return
             except StatusConflict as e:
                 monitoring.STATUS_CONFLICTS.inc()

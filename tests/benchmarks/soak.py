@@ -6,9 +6,10 @@ trainers of ``devcluster.fake_trainers``), ``--finetunes`` fine-tunes are create
 rate over ``--minutes``. Each runs for a while and ends: most succeed (the script lets its pod
 complete), some fail at once with a non-retryable exit, some are deleted while they run. A
 third carry ``ttlSecondsAfterFinished`` (the operator deletes their Jobs); finished fine-tunes
-are deleted ``--retention`` seconds after they end, but one in ten is kept to the end (finished
-runs without a TTL, which must cost nothing per resync). All fine-tunes write to one claim per
-namespace (``existingClaim``), so the claims the operator would retain do not pile up.
+are deleted ``--retention`` seconds after they end, but one in ten (``--keep``) is kept to the
+end (finished runs without a TTL, which must cost nothing per resync). All fine-tunes write to
+one claim per namespace (``existingClaim``), so the claims the operator would retain do not pile
+up.
 
 Measured: the operator's resident memory (RSS) when the first 300 have been created and at
 the end, its reconciles per second over a window once every fine-tune has finished, what it
@@ -115,6 +116,12 @@ def main() -> int:
     p.add_argument("--namespaces", type=int, default=5)
     p.add_argument("--run-seconds", type=float, default=60.0, help="longest a run lasts")
     p.add_argument("--retention", type=float, default=60.0)
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=0.1,
+        help="the share of fine-tunes kept to the end (finished runs without a TTL)",
+    )
     p.add_argument("--window", type=float, default=60.0)
     p.add_argument("--first", type=int, default=300, help="RSS is compared with after these")
     p.add_argument(
@@ -138,7 +145,7 @@ def main() -> int:
                 name=f"soak-{i:05d}",
                 fate=fate,
                 runs_for=rng.uniform(args.run_seconds / 4, args.run_seconds),
-                keep=rng.random() < 0.1,
+                keep=rng.random() < args.keep,
             )
         )
     state = args.state_dir
@@ -274,6 +281,7 @@ def main() -> int:
     result = {
         "finetunes": len(runs),
         "minutes": args.minutes,
+        "kept": sum(r.keep and not r.deleted for r in runs),
         "fates": dict(Counter(r.fate for r in runs)),
         "all_finished_after_s": round(all_done, 1),
         "rss_after_first_mb": round(rss_first or 0.0, 1),

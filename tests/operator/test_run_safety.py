@@ -592,6 +592,57 @@ def test_a_stale_status_writer_gets_a_conflict_not_a_clobber(operator, namespace
         operator.start()
 
 
+def test_a_finetune_deleted_behind_a_late_watch_is_not_built_again(
+    operator, namespace, monkeypatch
+):
+    """Found by the soak benchmark with the operator slowed down (tracemalloc on): the
+    fine-tunes' watch fell minutes behind, and a fine-tune deleted meanwhile stayed in the
+    cache. Every reconcile made its ConfigMap, Service and Job again (garbage collection took
+    them away: their owner was gone) and failed on the status write's 404, for minutes, 410
+    times in one run. Now the 404 says it is gone: hidden from the cache until the watch
+    shows it gone, however late that is."""
+    from gft_operator import cache, reconcile
+    from gft_operator.apply import Writer
+    from gft_operator.cache import CACHE
+    from gft_operator.kube import Kube, load_config
+    from gft_operator.runtime import RUNTIME
+
+    c = operator.cluster
+    operator.kill()  # this test plays the operator, with a watch that is behind
+    # "Minutes" behind: no time alone may bring it back.
+    monkeypatch.setattr(cache, "WRITE_MEMORY_SECONDS", 0.0)
+    kube = Kube(load_config(str(c.kubeconfig)))
+    made = ("get", "jobs,configmaps,services", "-n", namespace, "-o", "name",
+            "-l", "finetune.gemma.dev/name=late")  # fmt: skip
+    try:
+        apply(c, namespace, on_kwok("late"))
+        seen = get_gft(c, namespace, "late")
+        c.kubectl("delete", "gemmafinetune", "late", "-n", namespace, "--wait=true")
+        # The watch has delivered the fine-tune, not yet its deletion.
+        CACHE.attach({"gft_finetunes": {(namespace, "late"): [seen]}})
+        RUNTIME.kube, RUNTIME.writer = kube, Writer(kube, "gft-operator", "test")
+
+        reconcile.reconcile(namespace, "late")  # before: the API server's 404 came out of here
+        assert CACHE.finetune(namespace, "late") is None
+        c.kubectl("delete", *made[1:], "--wait=true")  # what that one reconcile made
+
+        CACHE.expire()
+        reconcile.reconcile(namespace, "late")  # the watch still shows it: nothing is made
+        assert c.kubectl(*made).stdout.strip() == ""
+        assert not CACHE.has("GemmaFineTune", namespace, "late")
+
+        # The watch catches up, then a new fine-tune of that name (a new uid) is seen as new.
+        CACHE.attach({"gft_finetunes": {}})
+        CACHE.expire()
+        again = {**seen, "metadata": {**seen["metadata"], "uid": "another-uid"}}
+        CACHE.attach({"gft_finetunes": {(namespace, "late"): [again]}})
+        assert CACHE.finetune(namespace, "late")["metadata"]["uid"] == "another-uid"
+    finally:
+        RUNTIME.kube = RUNTIME.writer = None
+        CACHE.attach({})
+        operator.start()
+
+
 # ---------------------------------------------------------------------------------------------
 # 9. The flaky test's cause: an event from before the pod was placed
 # ---------------------------------------------------------------------------------------------
