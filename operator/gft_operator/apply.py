@@ -208,6 +208,20 @@ class Writer:
         CACHE.wrote({**stored, "kind": KIND})
         return {**stored, "kind": KIND}
 
+    def confirm(self, body: Manifest) -> None:
+        """Before a known run's child or Job is made again: one read (a list by name, as
+        the operator's role allows) says whether the fine-tune is still there, or only in a
+        cache whose watch is behind (``Gone``; hidden from the cache until the watch says so)."""
+        meta = body["metadata"]
+        found = self.kube.request(
+            "GET",
+            self.kube.custom_path(meta["namespace"]),
+            query={"fieldSelector": f"metadata.name={meta['name']}"},
+        ).get("items")
+        if not any(f["metadata"].get("uid") == meta["uid"] for f in found or []):
+            CACHE.deleted({**body, "kind": KIND})
+            raise Gone(f"{meta['namespace']}/{meta['name']} is no longer there")
+
     def release(self, obj: Manifest, who: str) -> None:
         """Take the operator's outcome finalizer off a Job or pod."""
         if children.OUTCOME_FINALIZER not in (obj["metadata"].get("finalizers") or []):

@@ -290,13 +290,17 @@ def _ingress(
 
 
 def _children(
-    w: Writer, owner: children.Owner, understood: Understood, finished: bool, who: str
+    w: Writer, body: Manifest, understood: Understood, finished: bool, who: str
 ) -> ChildOutcome:
-    """Every child but the Job (side by side when several are missing: one round trip)."""
+    """Every child but the Job (side by side when several are missing: one round trip).
+    A known run's missing child is made again only once the run is confirmed to exist."""
+    owner = children.Owner.from_body(body)
     others = [d for d in understood.desired[:-1] if d["kind"] != "Ingress"]
     missing = [
         c for c in others if not CACHE.has(c["kind"], owner.namespace, c["metadata"]["name"])
     ]
+    if missing and not finished and (body.get("status") or {}).get("phase"):
+        w.confirm(body)
     run = _CHILDREN_POOL.map if len(missing) > 1 else map
     outcomes = list(run(lambda child: _sync_child(w, child, owner, finished, who), others))
     outcomes.append(_ingress(w, owner, understood, finished, who))
@@ -331,7 +335,7 @@ def _reconcile(w: Writer, namespace: str, name: str) -> None:
         reason = "refused by the cluster's policy: " + "; ".join(understood.refused)
         outcome = ChildOutcome(blocked=("PolicyViolation", reason))
     elif spec is not None:
-        outcome = _children(w, owner, understood, finished, who)
+        outcome = _children(w, body, understood, finished, who)
     blocked, refusal = outcome.blocked, outcome.refusal
 
     # Observe the Job: this run's, another's of the same name, or none.
@@ -392,6 +396,7 @@ def _reconcile(w: Writer, namespace: str, name: str) -> None:
     desired_job = understood.desired[-1] if spec is not None and not blocked else None
     if desired_job is not None and status.should_create_job(observed):
         if old_status.get("jobName"):
+            w.confirm(body)  # or is it the cache that is behind?
             log.info("%s: Job %s is gone while the run is live; recreating it", who, name)
         try:
             created = w.create(desired_job, who)

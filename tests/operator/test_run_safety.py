@@ -637,6 +637,23 @@ def test_a_finetune_deleted_behind_a_late_watch_is_not_built_again(
         again = {**seen, "metadata": {**seen["metadata"], "uid": "another-uid"}}
         CACHE.attach({"gft_finetunes": {(namespace, "late"): [again]}})
         assert CACHE.finetune(namespace, "late")["metadata"]["uid"] == "another-uid"
+
+        # A known run (Running, its Job named) whose children and Job are gone with it: one
+        # read confirms it is gone before anything is made again (before: made at once, and
+        # if its status did not change, no 404 would ever have said so).
+        apply(c, namespace, on_kwok("known"))
+        running = {"phase": "Running", "reason": "TrainerRunning", "jobName": "known"}
+        seen = kube.request(
+            "PATCH",
+            kube.custom_path(namespace, "known", "status"),
+            body={"status": running},
+            content_type="application/merge-patch+json",
+        )
+        c.kubectl("delete", "gemmafinetune", "known", "-n", namespace, "--wait=true")
+        CACHE.attach({"gft_finetunes": {(namespace, "known"): [seen]}})
+        reconcile.reconcile(namespace, "known")
+        assert c.kubectl(*made[:-1], "finetune.gemma.dev/name=known").stdout.strip() == ""
+        assert CACHE.finetune(namespace, "known") is None
     finally:
         RUNTIME.kube = RUNTIME.writer = None
         CACHE.attach({})
