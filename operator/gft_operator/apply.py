@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+import time
 from typing import Any
 
 from gft_api import API_VERSION, KIND
@@ -42,6 +44,8 @@ log = logging.getLogger("gft_operator")
 APPLIED_ANNOTATION = "finetune.gemma.dev/applied"
 """On an applied child: a digest of what the operator last applied, so a change of what it
 wants (an annotation it no longer sets) is applied even when the rest still matches."""
+CONFIRMED_SECONDS = 30.0
+"""How long a fine-tune read to exist (``Writer.confirm``) is taken to exist without a new read."""
 
 
 class Refused(Exception):
@@ -117,6 +121,8 @@ class Writer:
         self.kube = kube
         self.component = component
         self.instance = instance
+        self._confirmed: dict[tuple[str, str, str], float] = {}  # (ns, name, uid) -> when
+        self._confirmed_guard = threading.Lock()
 
     def create(self, desired: Manifest, who: str) -> Manifest | None:
         """Create a child; ``None`` when one of that name exists already (409)."""
@@ -201,18 +207,27 @@ class Writer:
             )
         except Conflict as e:
             raise StatusConflict(str(e), version(body)) from e
-        except NotFound as e:
-            CACHE.deleted({**body, "kind": KIND})
-            raise Gone(str(e)) from e
+        except NotFound:
+            self.confirm(body, again=True)  # Gone if it is; else the 404 was about something else
+            raise
         monitoring.STATUS_WRITES.labels(kind).inc()
         CACHE.wrote({**stored, "kind": KIND})
         return {**stored, "kind": KIND}
 
-    def confirm(self, body: Manifest) -> None:
+    def confirm(self, body: Manifest, again: bool = False) -> None:
         """Before a known run's child or Job is made again: one read (a list by name, as
         the operator's role allows) says whether the fine-tune is still there, or only in a
-        cache whose watch is behind (``Gone``; hidden from the cache until the watch says so)."""
+        cache whose watch is behind (``Gone``; hidden from the cache until the watch says so).
+        A run confirmed within ``CONFIRMED_SECONDS`` is not read again (a child refused and
+        retried with back-off, a name conflict looked at every resync), unless ``again``."""
         meta = body["metadata"]
+        key = (meta["namespace"], meta["name"], meta["uid"])
+        now = time.monotonic()
+        with self._confirmed_guard:
+            fresh = {k: t for k, t in self._confirmed.items() if now - t < CONFIRMED_SECONDS}
+            self._confirmed = fresh
+            if not again and key in self._confirmed:
+                return
         found = self.kube.request(
             "GET",
             self.kube.custom_path(meta["namespace"]),
@@ -221,6 +236,8 @@ class Writer:
         if not any(f["metadata"].get("uid") == meta["uid"] for f in found or []):
             CACHE.deleted({**body, "kind": KIND})
             raise Gone(f"{meta['namespace']}/{meta['name']} is no longer there")
+        with self._confirmed_guard:
+            self._confirmed[key] = now
 
     def release(self, obj: Manifest, who: str) -> None:
         """Take the operator's outcome finalizer off a Job or pod."""

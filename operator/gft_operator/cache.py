@@ -293,8 +293,11 @@ class Cache:
         meta = obj["metadata"]
         key = (obj["kind"], meta["namespace"], meta["name"])
         with self._changed:
-            self._written.pop(key, None)
-            self._deleted[key] = (time.monotonic(), meta["uid"], version(obj))
+            # The operator's own last write of it (a finalizer taken off just before) is a
+            # version the watch delivers before the deletion: that one must not show it again.
+            written = self._written.pop(key, None)
+            known = max(version(obj), version(written[1]) if written is not None else 0)
+            self._deleted[key] = (time.monotonic(), meta["uid"], known)
 
     def seen(self, kind: str, body: Mapping[str, Any]) -> None:
         """Called by the index handlers for every object a watch delivers: the echo of an own

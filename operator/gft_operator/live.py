@@ -20,6 +20,7 @@ from gft_operator import children, monitoring, status, trainer_metrics
 from gft_operator.apply import Gone, StatusConflict, Writer
 from gft_operator.cache import CACHE
 from gft_operator.kube import Manifest, NotLeader
+from gft_operator.runtime import RUNTIME
 from gft_operator.scraper import Problem, Scraper, Target
 
 log = logging.getLogger("gft_operator")
@@ -107,7 +108,9 @@ class Live:
                 except NotLeader:
                     return False
                 except Gone:
-                    return False  # deleted: the reconcile that follows forgets it
+                    if RUNTIME.requeue is not None:  # deleted: that reconcile forgets it
+                        RUNTIME.requeue.after((namespace, name), 0)
+                    return False
         return False
 
     def _write(
