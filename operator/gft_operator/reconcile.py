@@ -40,7 +40,7 @@ from gft_operator.apply import Gone, Refused, StatusConflict, Writer
 from gft_operator.cache import CACHE
 from gft_operator.kube import ApiUnavailable, Manifest
 from gft_operator.live import LIVE
-from gft_operator.runtime import RUNTIME, lock
+from gft_operator.runtime import RUNTIME, drop_lock, lock
 
 log = logging.getLogger("gft_operator")
 
@@ -61,6 +61,14 @@ class Retry(Exception):
 
 def reconcile(namespace: str, name: str) -> None:
     """Bring one GemmaFineTune's children and status in line with what exists."""
+    try:
+        _reconcile_locked(namespace, name)
+    finally:
+        if not CACHE.has(KIND, namespace, name):
+            drop_lock(namespace, name)  # gone: one lock per fine-tune there is, not per one ever
+
+
+def _reconcile_locked(namespace: str, name: str) -> None:
     writer = RUNTIME.writer
     assert writer is not None, "the operator's startup sets the writer"
     with lock(namespace, name):
