@@ -691,6 +691,10 @@ def test_steady_runs_cost_the_api_server_no_reads(operator, namespace):
                 # The trainers' /metrics through the pod proxy (metrics.access: proxy) are the
                 # trainers' numbers, not a read of the cluster's state.
                 and ref.get("subresource") != "proxy"
+                # Another test's namespace being deleted meanwhile: its children go first,
+                # and the operator confirms (one list by name) that their fine-tune still
+                # exists before making them again. Not a steady run's cost.
+                and ref.get("namespace") in (None, namespace)
             ):
                 reads.append(f"{entry['verb']} {entry['requestURI']}")
     assert reads == [], reads
