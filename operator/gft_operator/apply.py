@@ -224,9 +224,8 @@ class Writer:
         key = (meta["namespace"], meta["name"], meta["uid"])
         now = time.monotonic()
         with self._confirmed_guard:
-            fresh = {k: t for k, t in self._confirmed.items() if now - t < CONFIRMED_SECONDS}
-            self._confirmed = fresh
-            if not again and key in self._confirmed:
+            at = self._confirmed.get(key)
+            if not again and at is not None and now - at < CONFIRMED_SECONDS:
                 return
         found = self.kube.request(
             "GET",
@@ -236,8 +235,9 @@ class Writer:
         if not any(f["metadata"].get("uid") == meta["uid"] for f in found or []):
             CACHE.deleted({**body, "kind": KIND})
             raise Gone(f"{meta['namespace']}/{meta['name']} is no longer there")
-        with self._confirmed_guard:
-            self._confirmed[key] = now
+        with self._confirmed_guard:  # the old ones go when a new one comes: bounded by reads
+            kept = {k: t for k, t in self._confirmed.items() if now - t < CONFIRMED_SECONDS}
+            self._confirmed = {**kept, key: now}
 
     def release(self, obj: Manifest, who: str) -> None:
         """Take the operator's outcome finalizer off a Job or pod."""
